@@ -1,0 +1,152 @@
+"""The ``clbench`` command line: thin wrappers that parse, validate and call the library.
+
+Every error a user can cause ends in one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clbench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last).")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def run(
+    methods: Annotated[str, typer.Option(help="comma-separated method names (see 'clbench methods')")],
+    order: Annotated[int, typer.Option(help="task order, 1 or 2")] = 1,
+    benchmark: Annotated[str, typer.Option(help="synthetic (embedded) or mtil")] = "synthetic",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    preset: Annotated[str, typer.Option(help="smoke, default or paper")] = "default",
+    backbone: Annotated[str, typer.Option(help="'tiny' (embedded) or an open_clip model name")] = "tiny",
+    pretrained: Annotated[str, typer.Option(help="open_clip tag, weight file, or 'none'")] = "",
+    data_root: Annotated[str, typer.Option(help="folder holding the real datasets")] = "",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i]")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 or amp")] = "",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Run methods over a task sequence and write one results folder per method."""
+    from clbench.config import build_config
+    from clbench.progress import RunProgress
+    from clbench.runner import run_methods
+
+    names = _split(methods)
+    if not names:
+        raise UserError("--methods is empty; name at least one method, e.g. --methods lora")
+    options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
+               "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
+               "precision": precision or None}
+    cfg = build_config(preset, options, set_ or [], names)
+    if cfg.benchmark == "synthetic":
+        console.print("[dim]No MTIL data configured: running the embedded default "
+                      "(tiny backbone, synthetic sequence).[/dim]")
+    with RunProgress(quiet=quiet, console=console) as progress:
+        outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
+                               on_pretrain_step=progress.pretrain_step)
+    _print_summary(outcomes)
+    if any(o.status != "complete" for o in outcomes):
+        for o in outcomes:
+            if o.error:
+                console.print(f"[red]{o.method} failed:[/red] {o.error}")
+        raise typer.Exit(1)
+
+
+def _print_summary(outcomes) -> None:
+    table = Table(title="MTIL metrics (percent)")
+    for col in ("method", "Transfer", "Average", "Last", "BWT", "results"):
+        table.add_column(col, justify="left" if col in ("method", "results") else "right")
+    for o in outcomes:
+        m = o.metrics or {}
+        cells = [f"{m[k]:.1f}" if k in m else "-" for k in ("transfer", "average", "last", "bwt")]
+        table.add_row(o.method, *cells, str(o.path))
+    out_console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods, one line each."""
+    from clbench.methods import get_method, list_methods
+
+    for name in list_methods():
+        out_console.print(f"{name:12s} {get_method(name).summary}", highlight=False)
+
+
+@app.command()
+def pretrain(quiet: Annotated[bool, typer.Option("--quiet")] = False) -> None:
+    """Pretrain (or find cached) the embedded tiny backbone."""
+    from clbench.models.backbones import ensure_tiny_weights, tiny_weights_path
+    from clbench.progress import RunProgress
+
+    path = tiny_weights_path()
+    if path.exists():
+        out_console.print(f"tiny backbone already cached: {path}")
+        return
+    with RunProgress(quiet=quiet, console=console) as progress:
+        path = ensure_tiny_weights(on_step=progress.pretrain_step)
+    out_console.print(f"tiny backbone pretrained and cached: {path}")
+
+
+@app.command()
+def metrics(
+    file: Annotated[Path, typer.Argument(help="a matrix in the accuracy.csv format")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
+    from clbench.metrics import matrix_from_frame, mtil_metrics
+    from clbench.results import read_accuracy_csv
+
+    frame = read_accuracy_csv(file)
+    matrix, names = matrix_from_frame(frame, str(file))
+    result = mtil_metrics(matrix, names)
+    if as_json:
+        out_console.print_json(json.dumps(result))
+        return
+    for key in ("transfer", "average", "last", "bwt"):
+        out_console.print(f"{key:9s} {result[key]:6.2f}")
+
+
+# Command groups that live beside the code they drive; each module has ``register(app)``.
+COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli")
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors with exit status 2 for anything the user can fix."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        console.print(f"error: {exc.format_message()} (see clbench --help)", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Abort:
+        console.print("aborted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Typed run configuration, presets (small JSON files) and ``--set key=value`` overrides.
+
+A run's configuration is resolved in this order: dataclass defaults, the preset's values, the command
+line's options, then ``--set`` overrides. ``--set`` addresses any value by dotted path: ``train.lr=5e-4``,
+``data.train_per_class=32``, or a method's hyperparameter under its registry name (``lora.rank=8``).
+Values are parsed by the field's type and checked against its range; mistakes are one-line
+:class:`~clbench.errors.UserError`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clbench.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+BENCHMARKS = ("synthetic", "mtil", "xtail")
+
+
+@dataclass
+class TrainConfig:
+    epochs: list[int] = field(default_factory=lambda: [3], metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"min": 0.0, "exclusive_min": True})
+    weight_decay: float = field(default=0.01, metadata={"min": 0.0})
+    schedule: str = field(default="onecycle", metadata={"choices": ("onecycle", "constant")})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    max_steps: int = field(default=0, metadata={"min": 0})
+    eval_batch_size: int = field(default=256, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0})
+
+    def epochs_for(self, task_index: int) -> int:
+        """Epochs of task ``task_index``: one value for all tasks, or a per-task list (cycled)."""
+        return self.epochs[task_index % len(self.epochs)]
+
+
+@dataclass
+class DataConfig:
+    train_per_class: int = field(default=64, metadata={"min": 1})
+    test_per_class: int = field(default=32, metadata={"min": 1})
+    num_tasks: int = field(default=0, metadata={"min": 0})
+    prompt: str = field(default="first", metadata={"choices": ("first", "ensemble")})
+    shots: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class RunConfig:
+    benchmark: str = field(default="synthetic", metadata={"choices": BENCHMARKS})
+    order: int = field(default=1, metadata={"choices": (1, 2)})
+    seed: int = field(default=0, metadata={"min": 0})
+    backbone: str = "tiny"
+    pretrained: str = ""
+    data_root: str = ""
+    device: str = "auto"
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "amp")})
+    preset: str = "default"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method_train: dict[str, dict] = field(default_factory=dict)
+    methods: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return json.loads(path.read_text())
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def parse_value(raw: Any, tp: Any, path: str) -> Any:
+    """Parse ``raw`` (a string from the command line, or a JSON value) as type ``tp``."""
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(tp)
+            items = raw if isinstance(raw, list) else [x for x in str(raw).split(",") if x.strip()]
+            if not items:
+                raise ValueError("empty list")
+            return [parse_value(x, inner, path) for x in items]
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+        if tp is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        if tp is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise UserError(f"--set {path}: {raw!r} is not a valid {name}") from None
+    raise UserError(f"--set {path}: values of type {tp} cannot be set from the command line")
+
+
+def check_range(value: Any, meta: typing.Mapping, path: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if "choices" in meta and v not in meta["choices"]:
+            raise UserError(f"{path}={v!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
+        if "min" in meta and (v < meta["min"] or (meta.get("exclusive_min") and v == meta["min"])):
+            op = ">" if meta.get("exclusive_min") else ">="
+            raise UserError(f"{path}={v} is out of range; it must be {op} {meta['min']}")
+        if "max" in meta and v > meta["max"]:
+            raise UserError(f"{path}={v} is out of range; it must be <= {meta['max']}")
+        if "choices_of" in meta and (not v or any(c not in meta["choices_of"] for c in v) or len(set(v)) != len(v)):
+            raise UserError(f"{path}={v!r}: use distinct letters from {meta['choices_of']!r}")
+        if "subset_of" in meta:
+            parts = [p.strip() for p in str(v).split(",")]
+            if not parts or any(p not in meta["subset_of"] for p in parts):
+                raise UserError(f"{path}={v!r}: use a comma-separated subset of {', '.join(meta['subset_of'])}")
+
+
+def set_field(obj: Any, keys: list[str], raw: Any, path: str) -> None:
+    """Set ``obj.<keys>`` (dataclasses all the way down) from ``raw``, typed and range-checked."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    key = keys[0]
+    if key not in fields or key in ("methods", "method_train"):
+        known = ", ".join(sorted(k for k in fields if k not in ("methods", "method_train")))
+        raise UserError(f"--set {path}: unknown key {key!r}; known here: {known}")
+    f = fields[key]
+    hints = typing.get_type_hints(type(obj))
+    if len(keys) > 1:
+        child = getattr(obj, key)
+        if not dataclasses.is_dataclass(child):
+            raise UserError(f"--set {path}: {key!r} has no sub-keys")
+        set_field(child, keys[1:], raw, path)
+        return
+    if dataclasses.is_dataclass(getattr(obj, key)):
+        raise UserError(f"--set {path}: {key!r} is a group; set one of its keys, e.g. {path}.<key>=...")
+    value = parse_value(raw, hints[key], path)
+    check_range(value, f.metadata, path)
+    setattr(obj, key, value)
+
+
+def parse_assignments(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set lora.rank=8")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def method_hparams(method_cls: type, overrides: dict[str, Any], name: str) -> Any:
+    """Build a method's typed hyperparameters from its defaults plus ``overrides`` (dotted keys)."""
+    hparams = method_cls.Hparams()
+    for key, raw in overrides.items():
+        try:
+            set_field(hparams, key.split("."), raw, f"{name}.{key}")
+        except UserError as exc:
+            raise UserError(str(exc).replace(f"--set {name}.{key}: unknown key", f"--set {name}.{key}: "
+                                             f"{name} has no hyperparameter")) from None
+    return hparams
+
+
+def build_config(preset: str, options: dict[str, Any], assignments: list[str], method_names: list[str]) -> RunConfig:
+    """Resolve defaults → preset → options → ``--set``; method hyperparameters go under ``methods``."""
+    from clbench.methods import get_method
+
+    cfg = RunConfig(preset=preset)
+    data = load_preset(preset)
+    method_overrides: dict[str, dict[str, Any]] = {m: {} for m in method_names}
+    for section in ("train", "data"):
+        for key, raw in data.get(section, {}).items():
+            set_field(cfg, [section, key], raw, f"preset {preset}: {section}.{key}")
+    for key, raw in data.get("run", {}).items():
+        set_field(cfg, [key], raw, f"preset {preset}: {key}")
+    for key, raw in options.items():
+        if raw is not None:
+            set_field(cfg, [key], raw, f"--{key.replace('_', '-')}")
+    for name in method_names:
+        cfg.method_train[name] = dict(data.get("method_train", {}).get(name, {}))
+        method_overrides[name].update(data.get("methods", {}).get(name, {}))
+    for key, raw in parse_assignments(assignments):
+        head, _, rest = key.partition(".")
+        if head in method_names or _is_method(head):
+            if head not in method_names:
+                raise UserError(f"--set {key}: method {head!r} is not in --methods; add it or drop the setting")
+            if not rest:
+                raise UserError(f"--set {key}: name a hyperparameter, e.g. --set {head}.rank=8")
+            if rest.startswith("train."):
+                probe = TrainConfig()
+                set_field(probe, rest.split(".")[1:], raw, f"--set {key}")
+                cfg.method_train[head][rest.split(".", 1)[1]] = raw
+            else:
+                method_overrides[head][rest] = raw
+        else:
+            set_field(cfg, key.split("."), raw, key)
+    for name in method_names:
+        hp = method_hparams(get_method(name), method_overrides[name], name)
+        cfg.methods[name] = dataclasses.asdict(hp)
+    return cfg
+
+
+def _is_method(name: str) -> bool:
+    from clbench.methods import list_methods
+
+    return name in list_methods()
+
+
+def train_config_for(cfg: RunConfig, method: str) -> TrainConfig:
+    """The training settings of one method: the run's, with that method's preset/--set overrides."""
+    train = dataclasses.replace(cfg.train)
+    for key, raw in cfg.method_train.get(method, {}).items():
+        set_field(train, key.split("."), raw, f"{method}.train.{key}")
+    return train
+
+
+def method_run_config(cfg: RunConfig, method: str) -> dict:
+    """The fully resolved configuration of one (method, order, seed) run."""
+    data = cfg.to_dict()
+    data.pop("methods")
+    data.pop("method_train")
+    data["method"] = method
+    data["hparams"] = cfg.methods[method]
+    data["train"] = dataclasses.asdict(train_config_for(cfg, method))
+    return data
+
+
+def run_id(run_config: dict) -> str:
+    """A deterministic id from the resolved config (sweeps skip finished ids, resume checks them)."""
+    blob = json.dumps({k: v for k, v in run_config.items() if k not in ("device",)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""Benchmarks: the embedded synthetic sequence and the real MTIL datasets."""

@@ -1,0 +1,209 @@
+"""The task loop, read top to bottom: for each task, the method prepares, the shared loop trains, the
+method finishes, and every dataset of the sequence is evaluated, giving one row of the accuracy matrix.
+
+Evaluation classifies each dataset among its own classes (MTIL, task identity known) with text features
+encoded once per dataset per evaluation, not per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clbench.config import TrainConfig
+from clbench.datasets.base import Benchmark, Task
+from clbench.methods.base import Method, TaskContext
+from clbench.profiling import Profiler
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became non-finite."""
+
+    def __init__(self, task: str, step: int, loss: float) -> None:
+        super().__init__(f"training diverged on task {task!r} at step {step}: loss is {loss}; "
+                         "lower train.lr or check the data")
+        self.task, self.step = task, step
+
+
+@dataclass
+class Hooks:
+    """Callbacks for progress display and for saving after each task (resume)."""
+
+    on_phase: Callable[[str, int], None] = lambda name, total: None
+    on_advance: Callable[[int], None] = lambda n: None
+    on_row: Callable[[int, list[float]], None] = lambda task, row: None
+
+
+@dataclass
+class SequenceResult:
+    datasets: list[str]
+    zeroshot: list[float]
+    rows: list[list[float]] = field(default_factory=list)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from clbench.errors import UserError
+
+        raise UserError(f"--device {spec}: no CUDA device is available here; use --device cpu or auto")
+    return device
+
+
+def make_loader_factory(train: TrainConfig, device: torch.device, seed: int) -> Callable[..., DataLoader]:
+    """Loaders with seeded shuffling: the same seed gives the same batches on every run."""
+    calls = [0]
+
+    def make(dataset: Dataset, batch_size: int | None = None, shuffle: bool = True,
+             drop_last: bool = False) -> DataLoader:
+        calls[0] += 1
+        gen = torch.Generator().manual_seed(seed * 100_003 + calls[0])
+        return DataLoader(dataset, batch_size=batch_size or train.batch_size, shuffle=shuffle,
+                          drop_last=drop_last, generator=gen, num_workers=train.num_workers,
+                          pin_memory=device.type == "cuda", persistent_workers=False)
+
+    return make
+
+
+def dataset_prompts(task: Task, policy: str) -> list[list[str]]:
+    """Per-class prompt lists: the first template (KeepLoRA) or every template (ZSCL's ensemble)."""
+    if policy == "ensemble":
+        return [[t.format(c) for t in task.templates] for c in task.classnames]
+    return [[task.templates[0].format(c)] for c in task.classnames]
+
+
+@torch.no_grad()
+def evaluate(method: Method, benchmark: Benchmark, trained: int, train: TrainConfig, prompt_policy: str,
+             device: torch.device, hooks: Hooks, autocast=nullcontext) -> list[float]:
+    """Accuracy (percent) on every dataset's test split; ``trained`` tasks have been learned so far."""
+    model = method.model
+    model.eval()
+    row = []
+    for index, task in enumerate(benchmark.tasks):
+        with autocast():
+            text = model.class_text_features(dataset_prompts(task, prompt_policy))
+        correct = total = 0
+        loader = DataLoader(task.test, batch_size=train.eval_batch_size, shuffle=False,
+                            num_workers=train.num_workers, pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast():
+                logits = method.logits(model.encode_image(images), text, task.name, trained=index < trained)
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
+        row.append(100.0 * correct / max(total, 1))
+        hooks.on_advance(1)
+    return row
+
+
+def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hooks, precision: str) -> int:
+    """The shared training loop: AdamW + OneCycle over the method's trainable parameters."""
+    params = method.trainable_parameters()
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    model = method.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in flat:
+        p.requires_grad_(True)
+    if not flat:
+        return 0
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    steps = ctx.train_steps
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=steps)
+             if train.schedule == "onecycle" else None)
+    use_amp = precision == "amp" and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    method.train_modules()
+    hooks.on_phase(f"train {ctx.name}", steps)
+    step = 0
+    while step < steps:
+        for images, labels in ctx.loader(shuffle=True):
+            if step >= steps:
+                break
+            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
+                loss = method.loss(images, labels, ctx)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DivergenceError(ctx.name, step, value)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if sched is not None:
+                sched.step()
+            method.after_step(ctx, step)
+            step += 1
+            hooks.on_advance(1)
+    for p in flat:
+        p.requires_grad_(False)
+    return steps
+
+
+def steps_for(task: Task, train: TrainConfig, index: int) -> int:
+    per_epoch = math.ceil(len(task.train) / train.batch_size)
+    steps = per_epoch * train.epochs_for(index)
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def run_sequence(
+    method: Method,
+    benchmark: Benchmark,
+    train: TrainConfig,
+    profiler: Profiler,
+    device: torch.device,
+    seed: int,
+    prompt_policy: str = "first",
+    precision: str = "fp32",
+    hooks: Hooks | None = None,
+    start_task: int = 0,
+    result: SequenceResult | None = None,
+) -> SequenceResult:
+    """Run ``method`` over the task sequence; returns the zero-shot row and one accuracy row per task."""
+    hooks = hooks or Hooks()
+    make_loader = make_loader_factory(train, device, seed)
+    num = len(benchmark.tasks)
+    use_amp = precision == "amp" and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.float16, enabled=use_amp)
+
+    if result is None:
+        profiler.task = -1
+        with profiler.section("setup"):
+            method.setup()
+        hooks.on_phase("zero-shot eval", num)
+        with profiler.section("eval"):
+            zeroshot = evaluate(method, benchmark, 0, train, prompt_policy, device, hooks, autocast)
+        result = SequenceResult(benchmark.task_names, zeroshot)
+    for index in range(start_task, num):
+        task = benchmark.tasks[index]
+        torch.manual_seed(seed * 1_000 + index)
+        profiler.task = index
+        ctx = TaskContext(index, task, num, device, make_loader, steps_for(task, train, index),
+                          prompts=[p[0] for p in dataset_prompts(task, "first")])
+        hooks.on_phase(f"prepare {task.name}", 0)
+        method.before_task(ctx)
+        with profiler.section("train"):
+            train_task(method, ctx, train, hooks, precision)
+        hooks.on_phase(f"finish {task.name}", 0)
+        method.after_task(ctx)
+        for name, nbytes in method.state_bytes().items():
+            profiler.record_state(index, name, nbytes)
+        hooks.on_phase(f"eval after {task.name}", num)
+        with profiler.section("eval"):
+            row = evaluate(method, benchmark, index + 1, train, prompt_policy, device, hooks, autocast)
+        result.rows.append(row)
+        hooks.on_row(index, row)
+    return result
+
+
+
+

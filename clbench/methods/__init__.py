@@ -1,0 +1,7 @@
+"""Continual-learning methods, one file per family, registered by name."""
+
+from clbench.methods import baselines, lora  # noqa: F401  (registration side effects)
+from clbench.methods.base import Method, TaskContext
+from clbench.methods.registry import get_method, list_methods, register_method
+
+__all__ = ["Method", "TaskContext", "get_method", "list_methods", "register_method"]

@@ -1,0 +1,136 @@
+"""The method contract: lifecycle hooks the harness calls, identical for every method.
+
+The harness owns data, batching, optimiser and schedule, evaluation, metrics and storage. A method sees
+the model, its own typed hyperparameters and the current task, and supplies:
+
+- ``setup()``                     once before the first task (e.g. SVD of the pretrained weights);
+- ``before_task(task)``           e.g. estimate a gradient, design and add adapters;
+- ``trainable_parameters()``      what the optimiser updates (empty = no training);
+- ``loss(images, labels, task)``  the training objective (default: CE over CLIP logits);
+- ``after_step(task, step)``      e.g. weight ensembling;
+- ``after_task(task)``            e.g. merge the adapters, update a stored subspace;
+- ``logits(...)``                 evaluation logits (default: scaled cosine similarity);
+- ``state_dict()``/``load_state_dict()`` tensors + JSON for resume (no pickles);
+- ``state_bytes()``               what it holds between tasks, for the cost profile.
+
+A method never reads files or writes results; its costly steps go in ``self.profiler.section(name)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from clbench.datasets.base import Task
+from clbench.models.clip import ClipModel
+from clbench.profiling import Profiler
+
+
+@dataclass
+class NoHparams:
+    """For methods without hyperparameters."""
+
+
+@dataclass
+class TaskContext:
+    """What a method may know about the current task."""
+
+    index: int
+    task: Task
+    num_tasks: int
+    device: torch.device
+    make_loader: Callable[..., DataLoader]
+    train_steps: int
+    prompts: list[str] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def loader(self, batch_size: int | None = None, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
+        """A fresh loader over this task's training split (the harness's batch size by default)."""
+        return self.make_loader(self.task.train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+
+    def batches(self, fraction: float = 1.0, drop_last: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """Training batches moved to the device; ``fraction`` < 1 keeps only the first share of them."""
+        loader = self.loader(shuffle=True, drop_last=drop_last)
+        total = len(loader)
+        keep = max(1, round(total * fraction)) if total else 0
+        for i, (images, labels) in enumerate(loader):
+            if i >= keep:
+                break
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+class Method:
+    """Base class: zero-shot behaviour (no training) with the default loss and logits."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Hparams: ClassVar[type] = NoHparams
+
+    def __init__(self, model: ClipModel, hparams: Any, profiler: Profiler) -> None:
+        self.model = model
+        self.hparams = hparams
+        self.profiler = profiler
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Once, before the first task."""
+
+    def before_task(self, task: TaskContext) -> None:
+        """Before training task ``task``."""
+
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
+        """Parameters (or optimiser groups) trained on the current task; empty means no training."""
+        return []
+
+    def train_modules(self) -> None:
+        """Put modules into train mode for the training steps (CLIP has no dropout; kept explicit)."""
+        self.model.train()
+
+    def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
+        """Cross-entropy over the current task's classes on CLIP logits, text features with grad."""
+        text = self.model.encode_text(self.model.tokenize(task.prompts))
+        image = self.model.encode_image(images)
+        return F.cross_entropy(self.train_logits(image, text, task), labels)
+
+    def train_logits(self, image_features: Tensor, text_features: Tensor, task: TaskContext) -> Tensor:
+        return self.model.logit_scale() * image_features @ text_features.T
+
+    def after_step(self, task: TaskContext, step: int) -> None:
+        """After every optimiser step."""
+
+    def after_task(self, task: TaskContext) -> None:
+        """After training task ``task``, before it is evaluated."""
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def logits(self, image_features: Tensor, text_features: Tensor, dataset: str, trained: bool) -> Tensor:
+        """Evaluation logits for ``dataset``; ``trained`` says whether it was trained on already."""
+        return self.model.logit_scale() * image_features @ text_features.T
+
+    # ---- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Method state beyond the model weights (tensors only; JSON-able extras via ``extra_state``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state but was given {len(state)} tensors")
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, extra: dict) -> None:
+        """Restore JSON state saved by :meth:`extra_state`."""
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held between tasks, by name (e.g. ``basis``), for the cost profile."""
+        return {}

@@ -1,0 +1,53 @@
+"""MTIL metrics from an accuracy matrix, exactly as ZSCL's notebook and KeepLoRA's ``cal_MTIL_metrics``.
+
+``A[t, d]`` is the accuracy (percent) on dataset ``d`` after training task ``t``; rows and columns are both
+in training order and the zero-shot row is not part of ``A``.
+
+- Transfer_d = mean_{t<d} A[t, d] for d >= 2; Transfer = mean over those datasets (zero-shot ability on
+  datasets not trained yet).
+- Average_d = mean_t A[t, d]; Average = mean over all datasets.
+- Last_d = A[T-1, d]; Last = mean over all datasets.
+- BWT = mean_{d<T} (A[T-1, d] - A[d, d]) (backward transfer; negative = forgetting).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from clbench.errors import UserError
+
+
+def mtil_metrics(matrix: np.ndarray, datasets: list[str]) -> dict:
+    """Transfer / Average / Last / BWT (percent) plus per-dataset values, from a square matrix."""
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[1] != len(datasets):
+        raise ValueError(f"need a square T x T matrix matching {len(datasets)} datasets, got {a.shape}")
+    t = a.shape[0]
+    transfer = {datasets[d]: float(a[:d, d].mean()) for d in range(1, t)}
+    average = {datasets[d]: float(a[:, d].mean()) for d in range(t)}
+    last = {datasets[d]: float(a[-1, d]) for d in range(t)}
+    bwt = float(np.mean([a[-1, d] - a[d, d] for d in range(t - 1)])) if t > 1 else 0.0
+    return {
+        "transfer": float(np.mean(list(transfer.values()))) if transfer else float("nan"),
+        "average": float(np.mean(list(average.values()))),
+        "last": float(np.mean(list(last.values()))),
+        "bwt": bwt,
+        "per_dataset": {"transfer": transfer, "average": average, "last": last},
+    }
+
+
+def matrix_from_frame(frame: pd.DataFrame, source: str = "matrix") -> tuple[np.ndarray, list[str]]:
+    """Square matrix from an ``accuracy.csv`` frame, columns matched to rows by dataset name.
+
+    Rows give the training order (``trained_on``); columns may come in any order and may include extra
+    datasets never trained on, which are ignored. A trained dataset without a column is an error.
+    """
+    order = [str(x) for x in frame["trained_on"]]
+    if len(set(order)) != len(order):
+        raise UserError(f"{source}: trained_on repeats a dataset; each task must appear once")
+    missing = [d for d in order if d not in frame.columns]
+    if missing:
+        raise UserError(f"{source}: no column for trained dataset(s) {', '.join(missing)}; "
+                        "add one column per dataset named as in trained_on")
+    return frame[order].to_numpy(dtype=np.float64), order

@@ -1,0 +1,116 @@
+"""Run directories and atomic writes: the results contract other tools rely on.
+
+A (benchmark, order, method, seed) run lives in ``<out>/<benchmark>-order<k>/<method>/seed<s>/`` and holds
+``accuracy.csv``, ``zeroshot.csv``, ``metrics.json``, ``profile.csv``, ``config.json`` and ``manifest.json``.
+Every file is written to a temporary name in the same folder and renamed, so a reader never sees half a
+file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from clbench.errors import UserError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
+
+
+def safe_component(value: str, what: str) -> str:
+    """A path component built from configuration: no separators, no ``..``, nothing absolute."""
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise UserError(f"{what} {value!r} cannot be used in a path; use letters, digits and _.+=,- only")
+    return value
+
+
+def run_dir(out: Path, benchmark: str, order: int, method: str, seed: int) -> Path:
+    parts = [safe_component(f"{benchmark}-order{order}", "benchmark"), safe_component(method, "method name"),
+             f"seed{int(seed)}"]
+    path = Path(out).joinpath(*parts)
+    if Path(out).resolve() not in path.resolve().parents:
+        raise UserError(f"run folder {path} would fall outside {out}")
+    return path
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_csv(path: Path, frame: pd.DataFrame, index: bool = False) -> None:
+    atomic_write_text(path, frame.to_csv(index=index, float_format="%.4f", lineterminator="\n"))
+
+
+def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    _atomic(Path(path), lambda fh: fh.write(blob))
+
+
+def accuracy_frame(rows: list[list[float]], trained_on: list[str], datasets: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=datasets)
+    frame.insert(0, "trained_on", trained_on)
+    return frame
+
+
+def read_accuracy_csv(path: Path) -> pd.DataFrame:
+    """Read a matrix in the ``accuracy.csv`` format: ``trained_on`` then one column per dataset."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read accuracy matrix {path}: {exc}; give a CSV with a trained_on column") from None
+    if "trained_on" not in frame.columns or len(frame) == 0:
+        raise UserError(f"{path} is not an accuracy matrix: it needs a 'trained_on' column and one row per task")
+    values = frame.drop(columns="trained_on")
+    if not all(pd.api.types.is_numeric_dtype(values[c]) for c in values.columns):
+        raise UserError(f"{path} has non-numeric accuracies; every cell after trained_on must be a number")
+    return frame
+
+
+def environment_info(device: torch.device | str) -> dict:
+    import open_clip
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_revision": git_revision(),
+    }
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
