@@ -58,7 +58,7 @@ def run(
     cfg = build_config(preset, options, set_ or [], names)
     if cfg.benchmark == "synthetic":
         console.print("[dim]No MTIL data configured: running the embedded default "
-                      "(tiny backbone, synthetic sequence).[/dim]")
+                      "(synthetic sequence).[/dim]", soft_wrap=True)
     with RunProgress(quiet=quiet, console=console) as progress:
         outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
                                on_pretrain_step=progress.pretrain_step)

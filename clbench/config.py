@@ -48,6 +48,9 @@ class DataConfig:
     num_tasks: int = field(default=0, metadata={"min": 0})
     prompt: str = field(default="first", metadata={"choices": ("first", "ensemble")})
     shots: int = field(default=0, metadata={"min": 0})
+    # MTIL only: ZSCL's RandomResizedCrop(scale 0.9-1) on training images, and skipping unreadable images.
+    train_augment: bool = False
+    skip_bad_images: bool = False
 
 
 @dataclass
@@ -224,6 +227,9 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     for name in method_names:
         hp = method_hparams(get_method(name), method_overrides[name], name)
         cfg.methods[name] = dataclasses.asdict(hp)
+    if cfg.benchmark == "synthetic" and cfg.data_root:
+        raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded "
+                        "(drop --data-root, or pass --benchmark mtil)")
     return cfg
 
 

@@ -116,7 +116,9 @@ def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hook
         return 0
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     steps = ctx.train_steps
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=steps)
+    # a group's own "lr" (e.g. ZSCL's per-dataset rates) is that group's peak; others peak at train.lr
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                 total_steps=steps)
              if train.schedule == "onecycle" else None)
     use_amp = precision == "amp" and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -168,6 +170,7 @@ def run_sequence(
 ) -> SequenceResult:
     """Run ``method`` over the task sequence; returns the zero-shot row and one accuracy row per task."""
     hooks = hooks or Hooks()
+    method.benchmark = benchmark.name
     make_loader = make_loader_factory(train, device, seed)
     num = len(benchmark.tasks)
     use_amp = precision == "amp" and device.type == "cuda"

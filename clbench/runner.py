@@ -43,9 +43,6 @@ class MethodOutcome:
 def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
     """The task sequence named by ``cfg.benchmark`` in ``cfg.order``."""
     if cfg.benchmark == "synthetic":
-        if cfg.data_root:
-            raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded "
-                            "(drop --data-root, or pass --benchmark mtil)")
         from clbench.datasets.synthetic import build_synthetic
 
         return build_synthetic(cfg.order, spec, cfg.data.train_per_class, cfg.data.test_per_class, cfg.seed,
@@ -97,6 +94,7 @@ def run_methods(
         get_method(name)
     paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed) for m in methods}
     _check_writable(Path(out))
+    torch.manual_seed(cfg.seed)  # random-init backbones (--pretrained none) are seeded too
     base_model = load_model(cfg, device, on_pretrain_step)
     benchmark = build_benchmark(cfg, base_model.image_spec)
     outcomes = []
@@ -131,6 +129,7 @@ def _run_one(cfg: RunConfig, name: str, base_model: ClipModel, benchmark: Benchm
     model = copy.deepcopy(base_model)
     profiler = Profiler(device=device)
     method = method_cls(model, hparams, profiler)
+    method.benchmark = cfg.benchmark
     validate = getattr(method, "validate", None)
     if validate is not None:
         validate()

@@ -75,6 +75,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Hparams: ClassVar[type] = NoHparams
+    # Name of the benchmark being run ("synthetic", "mtil", ...); the runner and the harness set it before
+    # validate()/setup(), for methods whose inputs depend on it (ZSCL's reference data).
+    benchmark: str = "synthetic"
 
     def __init__(self, model: ClipModel, hparams: Any, profiler: Profiler) -> None:
         self.model = model

@@ -1,0 +1,42 @@
+"""Command-line commands of this package, registered on the main app by clbench.cli."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``clbench report`` to ``app``."""
+    app.command("report")(report)
+
+
+def report(
+    inputs: Annotated[list[Path] | None, typer.Argument(
+        metavar="RESULTS_DIR_OR_CSV",
+        help="results folders (searched recursively for runs) and/or accuracy CSVs made elsewhere")] = None,
+    format_: Annotated[str, typer.Option("--format", help="latex, markdown or csv")] = "latex",
+    out: Annotated[Path, typer.Option(help="folder the report is written to")] = Path("reports"),
+    with_literature: Annotated[bool, typer.Option(
+        "--with-literature", help="add published numbers for the same benchmark/order, as 'reported (not re-run)'")]
+    = False,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="row label of each accuracy CSV, in the order given (default: the file name)")] = None,
+    figures: Annotated[bool, typer.Option("--figures", help="also write figures (PNG and PDF) under OUT/figures")]
+    = False,
+    costs: Annotated[bool, typer.Option("--costs", help="also write the time / memory table per profiled section")]
+    = False,
+) -> None:
+    """MTIL comparison table (Transfer / Average / Last per dataset, best bold) from runs and matrices."""
+    from rich.console import Console
+
+    from clbench.reports.report import build_report, write_report
+
+    result = build_report(list(inputs or []), format_, label, with_literature, figures, costs)
+    err = Console(stderr=True)
+    for line in result.warnings:
+        err.print(f"warning: {line}", highlight=False, soft_wrap=True)
+    for path in write_report(result, out):
+        typer.echo(f"wrote {path}")

@@ -1,0 +1,301 @@
+"""Find, read and check what a report is made of: run folders (the results contract of
+:mod:`clbench.results`) and external accuracy matrices.
+
+Only runs whose ``manifest.json`` says ``complete`` are read; the others are skipped with a warning.
+Everything is checked before any output is written, so a bad input ends in one :class:`UserError` line
+and never in a partial table: a corrupt ``metrics.json`` or ``accuracy.csv``, a ``metrics.json`` that
+disagrees with its own matrix, runs of several benchmarks or orders, or matrices over different task lists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clbench.errors import UserError
+from clbench.metrics import matrix_from_frame, mtil_metrics
+from clbench.reports.names import method_display
+from clbench.results import read_accuracy_csv
+
+RUN = "run here"
+EXTERNAL = "external matrix"
+REPORTED = "reported (not re-run)"
+
+# Config keys that do not change a run's numbers (or are the seed itself): seeds differing only here pool.
+IGNORED_CONFIG_KEYS = frozenset({"seed", "device", "data_root", "preset", "datasets", "_doc",
+                                 "train.num_workers", "train.eval_batch_size"})
+METRIC_TOLERANCE = 0.01  # percent; accuracy.csv keeps 4 decimals, so a sound pair agrees far closer
+
+
+@dataclass
+class Matrix:
+    """One accuracy matrix: a complete run (``source == RUN``) or an external CSV (``EXTERNAL``)."""
+
+    label: str
+    source: str
+    path: Path
+    seed: int | None
+    datasets: list[str]
+    accuracy: pd.DataFrame  # index: trained_on, columns: datasets, both in training order (percent)
+    metrics: dict
+    method: str = ""
+    zeroshot: pd.Series | None = None
+    profile: pd.DataFrame | None = None
+    state: pd.DataFrame | None = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReportInput:
+    """Everything one table is made of: one benchmark/order, one task list, rows grouped by label."""
+
+    benchmark: str | None
+    order: int | None
+    datasets: list[str]
+    matrices: list[Matrix]
+    warnings: list[str] = field(default_factory=list)
+
+    def groups(self) -> dict[str, list[Matrix]]:
+        """Matrices by row label, rows in the order labels first appear, seeds sorted within a row."""
+        out: dict[str, list[Matrix]] = {}
+        for m in self.matrices:
+            out.setdefault(m.label, []).append(m)
+        return {k: sorted(v, key=lambda m: -1 if m.seed is None else m.seed) for k, v in out.items()}
+
+
+def collect(paths: list[Path], labels: list[str] | None = None) -> ReportInput:
+    """Read every run below the folders in ``paths`` and every CSV in ``paths``; check they form one table."""
+    if not paths:
+        raise UserError("no input: give results folders and/or accuracy CSVs, e.g. clbench report results/")
+    warnings: list[str] = []
+    runs: list[Matrix] = []
+    csvs: list[Path] = []
+    seen: set[Path] = set()
+    for path in paths:
+        path = Path(path)
+        if path.is_file():
+            if path.suffix.lower() != ".csv":
+                raise UserError(f"{path} is neither a results folder nor a .csv accuracy matrix")
+            csvs.append(path)
+            continue
+        if not path.is_dir():
+            raise UserError(f"{path} does not exist; give a results folder (clbench run --out) or an accuracy CSV")
+        manifests = sorted(path.rglob("manifest.json"))
+        if not manifests:
+            raise UserError(f"no runs in {path}: no manifest.json below it; pass the folder 'clbench run' wrote")
+        for manifest_path in manifests:
+            folder = manifest_path.parent.resolve()
+            if folder in seen:
+                continue
+            seen.add(folder)
+            manifest = _read_json(manifest_path)
+            status = manifest.get("status") if isinstance(manifest, dict) else None
+            if status != "complete":
+                warnings.append(f"skipping {manifest_path.parent}: status {status!r}, not complete")
+                continue
+            runs.append(read_run(manifest_path.parent, manifest))
+    labels = list(labels or [])
+    if len(labels) > len(csvs):
+        raise UserError(f"{len(labels)} --label value(s) for {len(csvs)} accuracy CSV(s); "
+                        "give at most one --label per CSV, in the order of the CSVs")
+    externals = [read_external(p, labels[i] if i < len(labels) else p.stem) for i, p in enumerate(csvs)]
+    if not runs and not externals:
+        skipped = f" ({len(warnings)} not complete)" if warnings else ""
+        raise UserError(f"no complete runs in {', '.join(str(p) for p in paths)}{skipped}; "
+                        "finish or rerun them with clbench run")
+    benchmark, order = _single_group(runs)
+    _label_runs(runs)
+    matrices = runs + externals
+    datasets = _single_task_list(matrices)
+    _check_unique(matrices)
+    if benchmark is None:
+        benchmark, order = infer_mtil_order(datasets)
+    return ReportInput(benchmark, order, datasets, matrices, warnings)
+
+
+def read_run(folder: Path, manifest: dict) -> Matrix:
+    """One complete run folder, every file checked; ``metrics.json`` must agree with ``accuracy.csv``."""
+    accuracy_path = folder / "accuracy.csv"
+    if not accuracy_path.exists():
+        raise UserError(f"{folder}: complete run without accuracy.csv; rerun it or remove the folder")
+    accuracy = _square_matrix(read_accuracy_csv(accuracy_path), accuracy_path)
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.exists():
+        raise UserError(f"{folder}: complete run without metrics.json; rerun it or remove the folder")
+    metrics = _read_json(metrics_path)
+    _check_metrics(metrics, accuracy, metrics_path)
+    zeroshot = None
+    if (folder / "zeroshot.csv").exists():
+        frame = read_accuracy_csv(folder / "zeroshot.csv")
+        missing = [d for d in accuracy.columns if d not in frame.columns]
+        if len(frame) != 1 or missing:
+            raise UserError(f"{folder / 'zeroshot.csv'} needs one row with a column per dataset of accuracy.csv")
+        zeroshot = frame.iloc[0][list(accuracy.columns)].astype(float)
+    config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    method = str(manifest.get("method") or config.get("method") or folder.parent.name)
+    seed = manifest.get("seed", config.get("seed"))
+    return Matrix(label=method, source=RUN, path=folder, seed=None if seed is None else int(seed),
+                  datasets=list(accuracy.columns), accuracy=accuracy, metrics=metrics, method=method,
+                  zeroshot=zeroshot, profile=_optional_csv(folder / "profile.csv", PROFILE_COLUMNS),
+                  state=_optional_csv(folder / "state_bytes.csv", STATE_COLUMNS),
+                  config={**config, "benchmark": manifest.get("benchmark", config.get("benchmark")),
+                          "order": manifest.get("order", config.get("order"))})
+
+
+def read_external(path: Path, label: str) -> Matrix:
+    """An accuracy matrix produced elsewhere, in the ``accuracy.csv`` format; metrics computed here."""
+    accuracy = _square_matrix(read_accuracy_csv(path), path)
+    metrics = mtil_metrics(accuracy.to_numpy(), list(accuracy.columns))
+    return Matrix(label=label, source=EXTERNAL, path=path, seed=None, datasets=list(accuracy.columns),
+                  accuracy=accuracy, metrics=metrics, method=label)
+
+
+PROFILE_COLUMNS = ("task", "section", "seconds", "peak_bytes")
+STATE_COLUMNS = ("task", "name", "bytes")
+
+
+def _optional_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; rerun the run or remove the file") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rerun the run or remove the file")
+    return frame
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is corrupt ({exc}); rerun that run or remove its folder") from None
+
+
+def _square_matrix(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``accuracy.csv`` as a T x T frame indexed by ``trained_on``; empty cells and stray rows are errors."""
+    try:
+        values, order = matrix_from_frame(frame, str(path))
+    except UserError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path} is not a usable accuracy matrix ({exc})") from None
+    if not np.isfinite(values).all():
+        raise UserError(f"{path} has empty or non-finite cells; every trained task needs an accuracy on every "
+                        "trained dataset")
+    return pd.DataFrame(values, index=pd.Index(order, name="trained_on"), columns=order)
+
+
+def _check_metrics(metrics, accuracy: pd.DataFrame, path: Path) -> None:
+    """``metrics.json`` must have the contract's keys and equal what its own accuracy matrix gives."""
+    expected = mtil_metrics(accuracy.to_numpy(), list(accuracy.columns))
+    try:
+        pairs = [(k, metrics[k], expected[k]) for k in ("transfer", "average", "last")]
+        for block in ("transfer", "average", "last"):
+            got = metrics["per_dataset"][block]
+            if set(got) != set(expected["per_dataset"][block]):
+                raise KeyError(f"per_dataset.{block}")
+            pairs += [(f"{block} on {d}", got[d], v) for d, v in expected["per_dataset"][block].items()]
+        for key, got, want in pairs:
+            got = float(got)
+            if not (math.isnan(got) and math.isnan(want)) and not abs(got - want) <= METRIC_TOLERANCE:
+                raise UserError(f"{path} disagrees with its accuracy.csv ({key}: {got:.2f} vs {want:.2f}); "
+                                "the run's files are inconsistent, rerun it or remove its folder")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path} is corrupt (bad or missing {exc}); rerun that run or remove its folder") from None
+
+
+def _single_group(runs: list[Matrix]) -> tuple[str | None, int | None]:
+    groups: dict[tuple, int] = defaultdict(int)
+    for m in runs:
+        groups[(m.config.get("benchmark"), m.config.get("order"))] += 1
+    if len(groups) > 1:
+        names = ", ".join(f"{b}-order{o} ({n} run{'s' if n != 1 else ''})"
+                          for (b, o), n in sorted(groups.items(), key=str))
+        first = next(iter(sorted(groups, key=str)))
+        raise UserError(f"the runs mix benchmarks/orders: {names}; one table holds one, so report each apart, "
+                        f"e.g. clbench report <results>/{first[0]}-order{first[1]}")
+    if not groups:
+        return None, None
+    benchmark, order = next(iter(groups))
+    return (None if benchmark is None else str(benchmark)), (None if order is None else int(order))
+
+
+def _single_task_list(matrices: list[Matrix]) -> list[str]:
+    first = matrices[0]
+    for m in matrices[1:]:
+        if m.datasets != first.datasets:
+            raise UserError(f"{m.path} trains {', '.join(m.datasets)} but {first.path} trains "
+                            f"{', '.join(first.datasets)}; one table needs one task list in one order, "
+                            "so report them apart")
+    return first.datasets
+
+
+def _flatten(data, prefix: str = "") -> dict[str, object]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _signature(m: Matrix) -> dict[str, str]:
+    flat = _flatten(m.config)
+    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in IGNORED_CONFIG_KEYS}
+
+
+def _label_runs(runs: list[Matrix]) -> None:
+    """Label = the method's display name; runs of one method with different settings become separate rows
+    labelled by the settings that differ (never pooled as if they were seeds)."""
+    by_method: dict[str, list[Matrix]] = defaultdict(list)
+    for m in runs:
+        by_method[m.method].append(m)
+    for method, items in by_method.items():
+        sigs = [_signature(m) for m in items]
+        keys = sorted({k for s in sigs for k in s} - {k for k in sigs[0] if all(s.get(k) == sigs[0][k] for s in sigs)})
+        for m, sig in zip(items, sigs, strict=True):
+            suffix = ", ".join(f"{k.removeprefix('hparams.')}={json.loads(sig[k]) if k in sig else '-'}"
+                               for k in keys)
+            m.label = method_display(method) + (f" ({suffix})" if suffix else "")
+
+
+def _check_unique(matrices: list[Matrix]) -> None:
+    seen: dict[tuple[str, int | None], Matrix] = {}
+    sources: dict[str, str] = {}
+    for m in matrices:
+        if sources.setdefault(m.label, m.source) != m.source or (m.source == EXTERNAL and (m.label, None) in seen):
+            raise UserError(f"row label {m.label!r} is used twice ({m.path}); give distinct --label values")
+        key = (m.label, m.seed)
+        if key in seen:
+            raise UserError(f"two complete runs of {m.label} seed {m.seed} with the same settings: {seen[key].path} "
+                            f"and {m.path}; pass only one of them")
+        seen[key] = m
+
+
+# The two MTIL task orders (specs/mtil_protocol.md §2), by normalised dataset name, for external-only tables.
+MTIL_ORDERS = {
+    1: ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxfordpet",
+        "stanfordcars", "sun397"],
+    2: ["stanfordcars", "food", "mnist", "oxfordpet", "flowers", "sun397", "aircraft", "caltech101", "dtd",
+        "eurosat", "cifar100"],
+}
+
+
+def infer_mtil_order(datasets: list[str]) -> tuple[str | None, int | None]:
+    """``("mtil", k)`` when ``datasets`` is MTIL Order k by name, else ``(None, None)``."""
+    from clbench.reports.names import normalise
+
+    keys = [normalise(d) for d in datasets]
+    for order, names in MTIL_ORDERS.items():
+        if keys == names:
+            return "mtil", order
+    return None, None

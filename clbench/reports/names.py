@@ -1,0 +1,80 @@
+"""Display names: dataset abbreviations as in the MTIL papers and method names as the papers spell them.
+
+Only the rendered tables and figures use these; every frame inside the report keeps the names the runs
+wrote, so matching (runs, external matrices, literature rows) never depends on a display choice.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Abbreviations of ZSCL's and KeepLoRA's MTIL tables, keyed by a normalised dataset name
+# (lower case, letters and digits only) so that common spellings of the same dataset all match.
+DATASET_ABBREVIATIONS: dict[str, str] = {
+    "aircraft": "Aircraft",
+    "fgvcaircraft": "Aircraft",
+    "caltech101": "Caltech",
+    "caltech": "Caltech",
+    "cifar100": "CIFAR",
+    "cifar": "CIFAR",
+    "dtd": "DTD",
+    "eurosat": "EuroSAT",
+    "flowers": "Flowers",
+    "flowers102": "Flowers",
+    "oxfordflowers": "Flowers",
+    "food": "Food",
+    "food101": "Food",
+    "mnist": "MNIST",
+    "oxfordpet": "Pets",
+    "oxfordpets": "Pets",
+    "oxfordiiitpet": "Pets",
+    "pet": "Pets",
+    "pets": "Pets",
+    "stanfordcars": "Cars",
+    "cars": "Cars",
+    "sun397": "SUN",
+    "sun": "SUN",
+}
+
+# Registered method names (``clbench methods``) as the papers write them; unknown names are kept.
+METHOD_NAMES: dict[str, str] = {
+    "lora": "LoRA",
+    "keeplora": "KeepLoRA",
+    "keeplora+": "KeepLoRA+",
+    "keeplora++": "KeepLoRA++",
+    "inflora": "InfLoRA",
+    "zscl": "ZSCL",
+    "loda": "LoDA",
+    "zeroshot": "Zero-shot",
+    "finetune": "Fine-tune",
+}
+
+BENCHMARK_NAMES: dict[str, str] = {"mtil": "MTIL", "synthetic": "Synthetic", "xtail": "X-TAIL"}
+ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV"}
+
+
+def benchmark_display(benchmark: str, order: int | None) -> str:
+    """``("mtil", 1)`` -> ``MTIL Order I`` as the papers write it."""
+    name = BENCHMARK_NAMES.get(benchmark, benchmark)
+    return name if order is None else f"{name} Order {ROMAN.get(order, order)}"
+
+
+def normalise(name: str) -> str:
+    """Lower case, letters and digits only: the key dataset names are matched by."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def abbreviate_dataset(name: str) -> str:
+    """The paper's short column name for ``name`` (``OxfordPet`` -> ``Pets``); unknown names unchanged."""
+    return DATASET_ABBREVIATIONS.get(normalise(name), name)
+
+
+def abbreviate_datasets(names: list[str]) -> list[str]:
+    """Abbreviate a column list; where two names would collide, both keep their full names."""
+    short = [abbreviate_dataset(n) for n in names]
+    return [s if short.count(s) == 1 else n for n, s in zip(names, short, strict=True)]
+
+
+def method_display(name: str) -> str:
+    """``keeplora`` -> ``KeepLoRA``; names not in :data:`METHOD_NAMES` are returned unchanged."""
+    return METHOD_NAMES.get(name, name)

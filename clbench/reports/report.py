@@ -1,0 +1,139 @@
+"""``clbench report``: read runs and matrices, build every requested output in memory, then write.
+
+Nothing is written until every input has been read, checked and rendered, so a bad input leaves the
+output folder untouched; each file is written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clbench.errors import UserError
+from clbench.reports import costs as cost_table
+from clbench.reports.loading import ReportInput, collect
+from clbench.reports.names import benchmark_display
+from clbench.reports.tables import (
+    comparison_frame,
+    latex_escape,
+    literature_sources,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
+from clbench.results import atomic_write_bytes, atomic_write_text
+
+FORMATS = {"latex": ".tex", "markdown": ".md", "csv": ".csv"}
+
+
+@dataclass
+class Report:
+    """Rendered outputs by relative path (text or bytes), and warnings for the user."""
+
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None = None,
+                 with_literature: bool = False, figures: bool = False, costs: bool = False) -> Report:
+    """Every output of one ``clbench report`` call, rendered but not written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    inp = collect(paths, labels)
+    report = Report(warnings=list(inp.warnings))
+    stem = table_stem(inp)
+    frame = comparison_frame(inp, with_literature)
+    sources = literature_sources(inp) if with_literature else None
+    if with_literature and (sources is None or not len(sources)):
+        report.warnings.append(f"no literature rows for {describe(inp)}; the table has no reported block")
+    report.files[stem + FORMATS[fmt]] = _render_table(frame, inp, fmt, sources)
+    cost_frame = cost_table.cost_frame(inp) if (costs or figures) else None
+    if costs:
+        if cost_frame is None or not len(cost_frame):
+            raise UserError("--costs: no run in the input has a profile.csv; drop --costs or pass runs written "
+                            "by clbench run")
+        report.files[f"{stem}_costs{FORMATS[fmt]}"] = _render_costs(cost_frame, inp, fmt)
+    if figures:
+        from clbench.reports.figures import all_figures, render
+
+        growth = cost_table.state_growth(inp)
+        for name, fig in all_figures(inp, frame, cost_frame, growth).items():
+            for ext, blob in render(fig).items():
+                report.files[f"figures/{stem}_{name}.{ext}"] = blob
+    return report
+
+
+def write_report(report: Report, out: Path) -> list[Path]:
+    """Write every file of ``report`` under ``out`` (atomically, one by one); returns the paths."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    written = []
+    for rel, content in report.files.items():
+        path = out / rel
+        if isinstance(content, bytes):
+            atomic_write_bytes(path, content)
+        else:
+            atomic_write_text(path, content)
+        written.append(path)
+    return written
+
+
+def table_stem(inp: ReportInput) -> str:
+    """File stem: ``<benchmark>-order<k>``, or ``report`` when the input names no benchmark."""
+    if inp.benchmark is None:
+        return "report"
+    return f"{inp.benchmark}-order{inp.order}" if inp.order is not None else inp.benchmark
+
+
+def describe(inp: ReportInput) -> str:
+    """``MTIL Order I``; the task list when the input names no benchmark."""
+    if inp.benchmark is None:
+        return f"{len(inp.datasets)} tasks ({', '.join(inp.datasets)})"
+    return benchmark_display(inp.benchmark, inp.order)
+
+
+def _caption(inp: ReportInput, with_reported: str | bool, fmt: str) -> str:
+    esc = latex_escape if fmt == "latex" else str
+    pm = r"$\pm$" if fmt == "latex" else "±"
+    pct = r"\%" if fmt == "latex" else "%"
+    text = (f"{esc(describe(inp))}: Transfer, Average and Last accuracy ({pct}) per dataset and "
+            f"their mean. Rows with several seeds show mean {pm} sample std (seeds in the row label). "
+            "Best per column in bold, second underlined, among the rows run here and external matrices.")
+    if with_reported:
+        text += " Reported rows are copied from their sources, not re-run, and not ranked"
+        text += ("; (secondary): cited by a later paper, not checked against the authors' files."
+                 if with_reported == "secondary" else ".")
+    return text
+
+
+def _notes(sources) -> list[str]:
+    """One line per reported method: its sources and their status."""
+    if sources is None:
+        return []
+    return [f"{method}: " + "; ".join(f"{r.source} ({r.verified})" for r in group.itertuples())
+            for method, group in sources.groupby("method", sort=False)]
+
+
+def _render_table(frame, inp: ReportInput, fmt: str, sources) -> str:
+    reported: str | bool = sources is not None and len(sources) > 0
+    if reported and (sources["verified"] == "secondary").any():
+        reported = "secondary"
+    if fmt == "csv":
+        return to_csv(frame)
+    caption = _caption(inp, reported, fmt)
+    if fmt == "markdown":
+        return to_markdown(frame, caption, _notes(sources))
+    notes = "".join(f"% reported: {line}\n" for line in _notes(sources))
+    return notes + to_latex(frame, caption, f"tab:{table_stem(inp)}")
+
+
+def _render_costs(frame, inp: ReportInput, fmt: str) -> str:
+    if fmt == "csv":
+        return cost_table.costs_csv(frame)
+    esc = latex_escape if fmt == "latex" else str
+    caption = (f"Cost per profiled section on {esc(describe(inp))}: wall time (s) mean over the tasks it ran in "
+               "and total over the run; peak memory (MiB) mean over those tasks and maximum; mean over seeds.")
+    if fmt == "markdown":
+        return cost_table.costs_markdown(frame, caption)
+    return cost_table.costs_latex(frame, caption, f"tab:{table_stem(inp)}-costs")
