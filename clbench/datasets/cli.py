@@ -1,9 +1,56 @@
-"""Command-line commands of this package, registered on the main app by clbench.cli."""
+"""Command-line commands of this package, registered on the main app by clbench.cli: ``clbench data check``."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from clbench.errors import UserError
+
+
+def _check(
+    data_root: Annotated[str, typer.Option(help="folder holding the datasets (default: $CLBENCH_DATA_ROOT)")] = "",
+    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil")] = "mtil",
+) -> None:
+    """Table of the benchmark's datasets: found or missing (exact path), train/test images, classes.
+
+    Exits 0 only if every dataset is usable; otherwise exits 2 with one line naming what is missing.
+    Images are checked for existence, not decoded (a run with --set data.skip_bad_images=true decodes them).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from clbench.datasets.mtil import inspect_mtil, resolve_data_root, unusable_line
+
+    if benchmark != "mtil":
+        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows only mtil (synthetic is embedded)")
+    root = resolve_data_root(data_root)
+    statuses = inspect_mtil(root)
+    table = Table(title=f"MTIL datasets under {root}")
+    for col in ("dataset", "status", "train", "test", "classes", "folder / missing path"):
+        table.add_column(col, justify="right" if col in ("train", "test", "classes") else "left", overflow="fold")
+    for s in statuses:
+        if s.usable:
+            status, where = "[green]ok[/green]", s.path.name
+        else:
+            status = "[red]missing[/red]" if s.missing == s.path else "[red]incomplete[/red]" if s.missing \
+                else "[red]unreadable[/red]"
+            where = str(s.missing or s.path)
+        classes = "-" if s.n_classes is None else str(s.n_classes)
+        if s.n_classes is not None and s.n_classes != s.expected_classes:
+            classes += f" (full: {s.expected_classes})"
+        counts = ["-" if v is None else f"{v:,}" for v in (s.n_train, s.n_test)]
+        table.add_row(s.name, status, *counts, classes, where)
+    console = Console()
+    console.print(table)
+    bad = [(s.name, s.missing, s.problem) for s in statuses if not s.usable]
+    if bad:
+        raise UserError(unusable_line(root, bad, len(statuses)))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands to ``app`` (none yet)."""
+    """Add the ``data`` command group to ``app``."""
+    data_app = typer.Typer(no_args_is_help=True, help="Check the datasets on disk.")
+    data_app.command("check")(_check)
+    app.add_typer(data_app, name="data")

@@ -1,6 +1,9 @@
 """Continual-learning methods, one file per family, registered by name."""
 
+import clbench.methods.inflora  # noqa: F401  (registration)
 import clbench.methods.keeplora  # noqa: F401  (registration)
+import clbench.methods.loda  # noqa: F401  (registration)
+import clbench.methods.zscl  # noqa: F401  (registration)
 from clbench.methods import baselines, lora  # noqa: F401  (registration side effects)
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.registry import get_method, list_methods, register_method

@@ -1,0 +1,327 @@
+"""LoDA (He et al., ICML 2026; ``dLoRA`` in the official code) on CLIP: a general and a task-specific
+low-rank branch with fixed down-projections from two energy objectives, gradient-aligned optimisation
+(GAO) and a closed-form recalibration of the general update before merging
+(spec: shared/specs/inflora_loda_keeplorapp.md §2; the paper's full text was not available, so this
+follows the official code as the spec reconstructs it).
+
+Per task t and attention block (site), with ``Σ_t`` the uncentered covariance of the block's q/k/v input
+(``feature_stats``; vision: all tokens of the task's training images; text: the tokens of the current class
+prompts) and the history ``H_t = Σ_{j<t} (Σ_j^pre + Σ_j^post)`` [code]:
+
+- ``feature_svd`` — general branch: ``D_G`` = top-r eigenvectors of ``Σ_t + H_t`` (max ``tr(Q(Σ_t+H_t)Qᵀ)``),
+  rows scaled 1/√3; isolated branch (t ≥ 1): the top-r generalized eigenvectors of ``(Σ_t, H_t)`` (max
+  ``uᵀΣ_t u / uᵀH_t u``) via Cholesky ``H_t + εI = LLᵀ`` (ε from 1e-12, ×10 until it succeeds),
+  ``K = L⁻¹Σ_t L⁻ᵀ``, ``Q = L⁻ᵀ V_r``, QR-orthonormalised, rows scaled 1/√3 [code].
+- Forward: ``qkv = W x + γ_G U_G D_G x + γ_I U_I D_I x`` with ``γ_G = 0.25``, ``γ_I = 0.5`` (the code's
+  0.5 and 1.0, halved by ``avg``); ``U`` zero-initialised and trained; ``D`` frozen except ``D_G`` on the
+  first task, which is trained too (one ``D_G`` per site shared by q, k and v, as the code's fused
+  ``3d × d`` qkv linear) [code].
+- GAO: the batch's classes are split at random into two groups, ``u ~ U(0,1)``; for each order
+  (src, tgt) the LoRA weights are moved by ``−ρu·g_src/‖g_src‖`` per tensor and the target group's loss is
+  evaluated there [code]. **Adapted to the harness contract** (one ``loss()`` and one optimiser step per
+  batch): both orders are computed inside :meth:`LoDA.loss` — the first target gradient with
+  ``torch.autograd.grad`` at ``θ − δ₁`` (then restored), the second target loss is returned with its
+  graph at ``θ − δ₂`` plus a linear term carrying the first gradient, so the optimiser takes **one** step
+  on the mean of the two target gradients; ``δ₂`` is removed in :meth:`LoDA.after_step`, after the step,
+  as the code removes it after each of its steps. The official code takes two sequential optimiser steps
+  per batch (the second from the weights after the first), so per epoch it takes twice as many steps;
+  the compute (four half-batch forward/backward passes) is the same. Batches with fewer than two classes
+  take a plain step. ``gao=false`` trains with the plain loss.
+- After the task: ``feature_stats`` with the trained model gives ``Σ_t``; ``recalibration``: for each
+  rank-1 component ``i`` of the general branch (``a_i`` = row i of ``D_G``), ``p_i = a_iᵀH_t a_i``,
+  ``c_i = a_iᵀΣ_t a_i``, ``η_i = p_i/(p_i + γ_m c_i + 1e-12)`` (γ_m = 3) and the general update is merged
+  as ``Σ_i (1 − η_i) b_i a_iᵀ``; the isolated update is merged unscaled; no recalibration on the first
+  task [code]. Then ``H ← H + Σ_t^pre`` and, after merging, ``H ← H + Σ_t^post`` (a second pass; on the
+  first task the merge is exact, so ``Σ^post = Σ^pre`` and that pass is skipped) [code; ``history_twice``
+  = false counts each task once].
+
+Adapted to CLIP: q, k and v of every block of the encoders named by ``encoders`` (default both; the code's
+ViT has one encoder); the loss is CLIP's cross-entropy over the current task's class prompts instead of the
+code's CosFace on a cosine head (s = 20, margin m) [adapted, spec §2.9].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clbench.linalg import COMPUTE_DTYPE
+from clbench.methods.base import Method, TaskContext
+from clbench.methods.inflora import qkv_input_covariances
+from clbench.methods.lora import encoder_list
+from clbench.methods.registry import register_method
+from clbench.models.attention import LowRankDelta
+from clbench.models.clip import AttentionSite, ClipModel
+
+ROW_SCALE = 1 / math.sqrt(3)
+GENERAL, ISOLATED = "loda_general", "loda_isolated"
+PROJECTIONS = ("q", "k", "v")
+
+
+# ---- pure linear algebra -------------------------------------------------------------------------------
+def general_down(sigma: Tensor, history: Tensor | None, rank: int, row_scale: float = ROW_SCALE) -> Tensor:
+    """``D_G`` (``r × d``): the top-r eigenvectors of ``Σ_t + H_t`` as rows, scaled (max ``tr(Q(Σ+H)Qᵀ)``)."""
+    total = sigma.to(COMPUTE_DTYPE) + (0 if history is None else history.to(sigma.device, COMPUTE_DTYPE))
+    _, vecs = torch.linalg.eigh(total)
+    return (vecs.flip(1)[:, :rank].T * row_scale).float().contiguous()
+
+
+def jittered_cholesky(H: Tensor, start: float = 1e-12, factor: float = 10.0, tries: int = 40) -> Tensor:
+    """Lower ``L`` with ``LLᵀ = H + εI``; ε starts at ``start`` and grows by ``factor`` until H + εI is SPD."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    eps = start
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + eps * eye)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return L
+        eps *= factor
+    raise ValueError("the history covariance could not be made positive definite")
+
+
+def isolated_down(sigma: Tensor, history: Tensor, rank: int, row_scale: float = ROW_SCALE) -> Tensor:
+    """``D_I`` (``r × d``): an orthonormal basis of the top-r generalized eigenvectors of ``(Σ_t, H_t)``.
+
+    Maximises ``uᵀΣu / uᵀHu``: Cholesky ``H + εI = LLᵀ``, ``K = L⁻¹ΣL⁻ᵀ``, ``Q = L⁻ᵀV_r`` with ``V_r`` the
+    top-r eigenvectors of ``K``, then QR (same span, orthonormal rows), rows scaled.
+    """
+    S = sigma.to(COMPUTE_DTYPE)
+    H = history.to(S.device, COMPUTE_DTYPE)
+    L = jittered_cholesky(H)
+    left = torch.linalg.solve_triangular(L, S, upper=False)  # L⁻¹Σ
+    K = torch.linalg.solve_triangular(L, left.T, upper=False)  # L⁻¹ΣL⁻ᵀ (Σ symmetric)
+    K = 0.5 * (K + K.T)
+    _, V = torch.linalg.eigh(K)
+    Q = torch.linalg.solve_triangular(L.T, V.flip(1)[:, :rank], upper=True)  # L⁻ᵀV_r
+    Q, _ = torch.linalg.qr(Q)
+    return (Q.T * row_scale).float().contiguous()
+
+
+def recalibration_factors(down: Tensor, history: Tensor, sigma: Tensor, merge_gamma: float = 3.0,
+                          eps: float = 1e-12) -> Tensor:
+    """``κ_i = 1 − η_i``, ``η_i = p_i/(p_i + γ_m c_i + ε)``, ``p_i = a_iᵀHa_i``, ``c_i = a_iᵀΣa_i`` (a_i = row i).
+
+    ``κ_i`` minimises ``p_i κ² + γ_m c_i (1 − κ)²``: old tasks (energy p along a_i) prefer no change, the
+    new task (energy c) the full update.
+    """
+    A = down.to(COMPUTE_DTYPE)
+    p = ((A @ history.to(A.device, COMPUTE_DTYPE)) * A).sum(1)
+    c = ((A @ sigma.to(A.device, COMPUTE_DTYPE)) * A).sum(1)
+    return 1 - p / (p + merge_gamma * c + eps)
+
+
+def recalibrated_delta(up: Tensor, down: Tensor, scale: float, kappa: Tensor) -> Tensor:
+    """``Σ_i κ_i b_i a_iᵀ`` with ``b_i`` = column i of ``scale·up`` and ``a_i`` = row i of ``down``."""
+    return (scale * up.detach() * kappa.to(up.dtype)) @ down.detach()
+
+
+def split_classes(labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor] | None:
+    """Boolean masks of two random halves of the classes present (``None`` with fewer than two classes)."""
+    classes = labels.unique()
+    if len(classes) < 2:
+        return None
+    order = torch.randperm(len(classes), generator=generator)
+    first = classes[order[: len(classes) // 2].to(classes.device)]
+    mask = torch.isin(labels, first)
+    return mask, ~mask
+
+
+def perturbation(grads: list[Tensor | None], params: list[Tensor], step: float) -> list[Tensor]:
+    """``−step·g/‖g‖`` per tensor (zero where the gradient is missing or zero): GAO's move along the source."""
+    out = []
+    for g, p in zip(grads, params, strict=True):
+        if g is None:
+            out.append(torch.zeros_like(p))
+            continue
+        out.append(-step * g / g.norm().clamp_min(1e-30))  # a zero gradient gives a zero move (no host sync)
+    return out
+
+
+def _apply(params: list[Tensor], deltas: list[Tensor], sign: float = 1.0) -> None:
+    with torch.no_grad():
+        for p, d in zip(params, deltas, strict=True):
+            p.add_(d, alpha=sign)
+
+
+def gao_loss(group_loss: Callable[[Tensor], Tensor], params: list[Tensor], groups: tuple[Tensor, Tensor],
+             rho: float, u: float) -> tuple[Tensor, list[Tensor]]:
+    """Both GAO orders in one objective; returns the loss and the perturbation still applied to ``params``.
+
+    Order 1: ``δ₁ = −ρu·∇L_g1/‖·‖``, ``G₁ = ∇L_g2(θ + δ₁)`` (computed now, then ``δ₁`` removed). Order 2:
+    ``δ₂ = −ρu·∇L_g2/‖·‖`` is applied and ``L_g1(θ + δ₂)`` is returned with its graph, plus a linear term with
+    gradient ``G₁``: the returned loss has value ``(L_g2(θ+δ₁) + L_g1(θ+δ₂))/2`` and gradient
+    ``(G₁ + ∇L_g1(θ+δ₂))/2``. The caller removes ``δ₂`` (``params -= δ₂``) after its optimiser step.
+    """
+    step = rho * u
+    results = []
+    for src, tgt in ((groups[0], groups[1]), (groups[1], groups[0])):
+        src_grads = torch.autograd.grad(group_loss(src), params, allow_unused=True)
+        delta = perturbation(list(src_grads), params, step)
+        _apply(params, delta)
+        target = group_loss(tgt)
+        results.append((target, delta))
+        if len(results) == 1:
+            first_grads = torch.autograd.grad(target, params, allow_unused=True)
+            _apply(params, delta, -1.0)
+    (first_loss, _), (second_loss, second_delta) = results
+    linear = sum((p * g).sum() for p, g in zip(params, first_grads, strict=True) if g is not None)
+    carried = linear - linear.detach() + first_loss.detach()
+    return 0.5 * (second_loss + carried), second_delta
+
+
+# ---- the method ----------------------------------------------------------------------------------------
+@dataclass
+class LoDAHparams:
+    rank: int = field(default=32, metadata={"min": 1, "max_width": True})
+    gamma_general: float = field(default=0.25, metadata={"min": 0.0})
+    gamma_isolated: float = field(default=0.5, metadata={"min": 0.0})
+    merge_gamma: float = field(default=3.0, metadata={"min": 0.0})
+    rho: float = field(default=0.3, metadata={"min": 0.0})
+    gao: bool = True
+    history_twice: bool = True
+    encoders: str = field(default="vision,text", metadata={"subset_of": ("vision", "text")})
+
+
+@register_method("loda")
+class LoDA(Method):
+    """LoDA: general + task-specific LoRA branches with designed down-projections, GAO, recalibrated merge."""
+
+    summary = "LoDA on q,k,v: general/isolated branches from energy objectives, GAO, recalibrated merge"
+    Hparams = LoDAHparams
+
+    def __init__(self, model: ClipModel, hparams: LoDAHparams, profiler) -> None:
+        super().__init__(model, hparams, profiler)
+        self.history: dict[str, Tensor] = {}
+        self.task_index = 0
+        self._pending: list[Tensor] = []  # the GAO perturbation applied in loss(), removed after the step
+        self._pending_params: list[Tensor] = []
+
+    def sites(self) -> list[AttentionSite]:
+        return self.model.attention_sites(encoder_list(self.hparams.encoders))
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def before_task(self, task: TaskContext) -> None:
+        """Design ``D_G`` (and ``D_I`` from the second task) per site; add zero-initialised up-projections."""
+        hp, sites = self.hparams, self.sites()
+        self.task_index = task.index
+        with self.profiler.section("feature_stats"):
+            sigma = qkv_input_covariances(self.model, sites, task)
+        first = not self.history
+        with self.profiler.section("feature_svd"):
+            downs = {}
+            for s in sites:
+                hist = self.history.get(s.name)
+                rank = min(hp.rank, s.width)
+                g = general_down(sigma[s.name], hist, rank)
+                i = None if first else isolated_down(sigma[s.name], hist, rank)
+                downs[s.name] = (g, i)
+        for site in sites:
+            general, isolated = downs[site.name]
+            self._add_branch(site, GENERAL, general, hp.gamma_general, train_down=first)
+            if isolated is not None:
+                self._add_branch(site, ISOLATED, isolated, hp.gamma_isolated, train_down=False)
+
+    def _add_branch(self, site: AttentionSite, name: str, down: Tensor, scale: float, train_down: bool) -> None:
+        """One adapter per q/k/v sharing a single ``down`` (the fused-qkv layout of the code)."""
+        shared = None
+        for proj in PROJECTIONS:
+            zero_up = torch.zeros(site.width, down.shape[0], device=down.device)
+            site.module.add_adapter(proj, name, LowRankDelta(down, zero_up, scale, train_down=train_down))
+            delta = site.module.adapters[proj][name]
+            if shared is None:
+                shared = delta.down
+            elif train_down:
+                delta.down = shared  # the same Parameter object in all three
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every branch's up-projections, plus the shared ``D_G`` on the first task."""
+        params: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for site in self.sites():
+            for proj in PROJECTIONS:
+                for name, delta in site.module.adapters[proj].items():
+                    if name not in (GENERAL, ISOLATED):
+                        continue
+                    for p in (delta.up, delta.down):
+                        if isinstance(p, nn.Parameter) and id(p) not in seen:
+                            seen.add(id(p))
+                            params.append(p)
+        return params
+
+    def _ce(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
+        text = self.model.encode_text(self.model.tokenize(task.prompts))
+        return F.cross_entropy(self.model.logit_scale() * self.model.encode_image(images) @ text.T, labels)
+
+    def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
+        """GAO over two random class groups of the batch (plain CE if GAO is off or one class only)."""
+        hp = self.hparams
+        groups = split_classes(labels) if hp.gao and hp.rho > 0 else None
+        if groups is None:
+            return self._ce(images, labels, task)
+        params = self.trainable_parameters()
+        u = float(torch.rand(()))
+
+        def group_loss(mask: Tensor) -> Tensor:
+            return self._ce(images[mask], labels[mask], task)
+
+        loss, delta = gao_loss(group_loss, params, groups, hp.rho, u)
+        self._pending, self._pending_params = delta, params
+        return loss
+
+    def after_step(self, task: TaskContext, step: int) -> None:
+        """Remove the GAO perturbation that the step's loss left on the weights."""
+        if self._pending:
+            _apply(self._pending_params, self._pending, -1.0)
+        self._pending, self._pending_params = [], []
+
+    def after_task(self, task: TaskContext) -> None:
+        """Σ_t with the trained model, recalibrated merge, history update (pre- and post-merge)."""
+        hp, sites = self.hparams, self.sites()
+        with self.profiler.section("feature_stats"):
+            sigma = qkv_input_covariances(self.model, sites, task)
+        recalibrate = bool(self.history)
+        with self.profiler.section("merge"):
+            for site in sites:
+                self._merge_site(site, sigma[site.name] if recalibrate else None)
+        for site in sites:
+            old = self.history.get(site.name)
+            self.history[site.name] = sigma[site.name] if old is None else old + sigma[site.name]
+        if hp.history_twice:
+            if recalibrate:
+                with self.profiler.section("feature_stats"):
+                    post = qkv_input_covariances(self.model, sites, task)
+            else:
+                post = sigma  # first task: the merge is exact, the post-merge statistics are the same
+            for site in sites:
+                self.history[site.name] = self.history[site.name] + post[site.name]
+
+    def _merge_site(self, site: AttentionSite, sigma: Tensor | None) -> None:
+        """``W ← W + Σ_i κ_i b_i a_iᵀ + γ_I U_I D_I`` (κ = 1 without recalibration) for q, k and v."""
+        module = site.module
+        kappa = None
+        if sigma is not None:
+            down = module.adapters["q"][GENERAL].down
+            with self.profiler.section("recalibration"):
+                kappa = recalibration_factors(down, self.history[site.name], sigma, self.hparams.merge_gamma)
+        for proj in PROJECTIONS:
+            general = module.remove_adapter(proj, GENERAL)
+            if kappa is None:
+                module.add_to_weight(proj, general.delta().detach())
+            else:
+                module.add_to_weight(proj, recalibrated_delta(general.up, general.down, general.scale, kappa))
+            if ISOLATED in module.adapters[proj]:
+                module.merge_adapter(proj, ISOLATED)
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"history.{name}": h.contiguous() for name, h in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.history = {key.removeprefix("history."): value for key, value in state.items()}
+
+    def state_bytes(self) -> dict[str, int]:
+        return {"history": sum(h.numel() * h.element_size() for h in self.history.values())}

@@ -1,0 +1,395 @@
+"""ZSCL (Zheng et al., ICCV 2023): full fine-tuning with distillation from the original CLIP on reference
+data, an L2 weight constraint and weight ensembling (spec: shared/specs/mtil_protocol.md §5).
+
+Per training step the loss is ``CE_ls(task) + w_img·L_img + w_txt·L_txt + l2·L_WC``:
+
+- ``CE_ls``: cross-entropy with label smoothing 0.2 over the current task's CLIP logits [code].
+- Reference model: a frozen copy of the *original* model, taken in :meth:`ZSCL.setup` [code].
+- Reference data: a batch of reference images per step (cycled independently of the task loader) and a
+  fixed set of reference captions, whose reference-model text embeddings ``e_ref`` are encoded once per
+  setup and cached (the code re-encodes them every iteration; the result is identical) [code].
+- ``L_img``/``L_txt``: distillation with temperature T = 2 of the image→caption and caption→image
+  similarity distributions, ``S = scale · f gᵀ`` with the reference model's logit scale. The loss is the
+  KL form ``T²·KL(softmax(S_ref/T) ‖ softmax(S_cur/T))``: it equals the code's
+  ``T²·CE(S_cur/T, softmax(S_ref/T))`` minus the target's entropy, a constant, so gradients are identical
+  and the loss is exactly zero when the model equals the reference.
+
+  * ``text_distill="paper"`` (default, our reading of the paper): the current model's similarities use
+    the current image *and* current text encoder, ``S_cur = f_cur g_curᵀ``, on ``ref_text_batch``
+    captions sampled per step (0 = all), against ``S_ref = f_ref e_refᵀ`` on the same captions. The text
+    encoder thus receives distillation gradients. The per-step caption sample is our choice [assumption]:
+    encoding every reference caption with gradients at every step is unaffordable on MTIL.
+  * ``text_distill="official"``: the official code's behaviour, where both terms use the frozen
+    reference text embeddings of *all* captions and only the current image features,
+    ``S_cur = f_cur e_refᵀ``; the text encoder gets no distillation gradient.
+
+- ``L_WC = Σ_θ ‖θ − θ_start‖²`` over the trained weights, θ_start = the weights at the start of the task [code].
+- Weight ensemble (WE): a running uniform average of θ_start and the weights after every step with
+  ``step % avg_freq == 0`` (and after the last step, which is a multiple of ``avg_freq`` in the official
+  1000-iteration schedule); training continues from θ, and the ensemble is loaded into the model after
+  the task, so it is what is evaluated and what the next task starts from [code].
+
+Reference data. On the embedded synthetic benchmark: held-out images and captions of the tiny backbone's
+pretraining corpus (:func:`clbench.models.pretrain.sample_corpus` with seed ``ref_seed``, which differs from
+pretraining's, normalised like the benchmark). On MTIL: ``ref_images`` (an ImageFolder root, e.g. ImageNet
+train; read with the test transform, no augmentation) and ``ref_captions`` (a CSV/TSV file, e.g. the
+Conceptual Captions validation file with its ``title`` column); missing options are a :class:`UserError`.
+
+Per-dataset learning rates (5e-5 for Aircraft and MNIST, 1e-5 for the others in the paper's MTIL runs):
+set the run's rate with ``--set zscl.train.lr=1e-5`` and the exceptions with
+``--set zscl.lr_overrides=Aircraft:5e-5,MNIST:5e-5`` (an optimiser group learning rate, which the
+harness's schedule uses as that group's peak). The paper's warm-up + cosine schedule over 1000 iterations
+is not reproduced by the harness's schedules (OneCycle or constant) [adapted].
+
+Cost centres: ``reference_forward`` (the frozen model's forwards: caption cache and reference images).
+State between tasks: the frozen reference model and the caption embeddings (``state_bytes``). Neither is
+saved by ``state_dict``: ``setup()`` rebuilds both from the pretrained weights (the runner calls it before
+restoring a checkpoint), and ``before_task`` refuses to start at a later task without it rather than take
+the current weights as the reference. The reference-image order and the caption sample are reseeded from
+``(ref_seed, task)`` at every task, so a resumed run draws the same reference batches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clbench.errors import UserError
+from clbench.methods.base import Method, TaskContext
+from clbench.methods.registry import register_method
+from clbench.models.clip import ClipModel
+
+CAPTION_COLUMNS = ("title", "caption", "captions", "text", "sentence")
+EMBEDDED_REF_SEED = 20_231_001  # pretraining draws with seed 0; this is a different, fixed stream
+
+
+@dataclass
+class ZSCLHparams:
+    text_distill: str = field(default="paper", metadata={"choices": ("paper", "official")})
+    temperature: float = field(default=2.0, metadata={"min": 0.0, "exclusive_min": True})
+    image_loss: float = field(default=1.0, metadata={"min": 0.0})
+    text_loss: float = field(default=1.0, metadata={"min": 0.0})
+    l2: float = field(default=1.0, metadata={"min": 0.0})
+    avg_freq: int = field(default=100, metadata={"min": 0})
+    label_smoothing: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
+    lr_overrides: str = ""
+    ref_images: str = ""
+    ref_captions: str = ""
+    ref_caption_column: str = ""
+    ref_batch_size: int = field(default=0, metadata={"min": 0})
+    ref_text_batch: int = field(default=256, metadata={"min": 0})
+    ref_image_count: int = field(default=1024, metadata={"min": 1})
+    ref_caption_count: int = field(default=2048, metadata={"min": 1})
+    ref_seed: int = field(default=EMBEDDED_REF_SEED, metadata={"min": 0})
+    ref_workers: int = field(default=4, metadata={"min": 0})
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------------
+def distillation(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
+    """``T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over rows (zero when the logits agree)."""
+    target = F.log_softmax(teacher / temperature, dim=-1)
+    pred = F.log_softmax(student / temperature, dim=-1)
+    kl = (target.exp() * (target - pred)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def weight_distance(params: list[Tensor], start: list[Tensor]) -> Tensor:
+    """``Σ ‖θ − θ_start‖²`` (ZSCL's WC term, sum-reduced over all entries)."""
+    return sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
+
+
+def running_average(avg: list[Tensor], new: list[Tensor], count: int) -> None:
+    """In place ``avg ← (avg·count + new)/(count + 1)``: the uniform mean of ``count + 1`` snapshots."""
+    with torch.no_grad():
+        for a, p in zip(avg, new, strict=True):
+            a.mul_(count / (count + 1)).add_(p.detach(), alpha=1 / (count + 1))
+
+
+def parse_lr_overrides(spec: str) -> dict[str, float]:
+    """``"Aircraft:5e-5,MNIST:5e-5"`` → ``{"Aircraft": 5e-5, "MNIST": 5e-5}`` (``=`` also accepted)."""
+    out: dict[str, float] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.replace("=", ":").rpartition(":")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = -1.0
+        if not sep or not name.strip() or not lr > 0:
+            raise UserError(f"zscl.lr_overrides: {item!r} is not DATASET:LR with LR > 0, "
+                            "e.g. --set zscl.lr_overrides=Aircraft:5e-5,MNIST:5e-5")
+        out[name.strip()] = lr
+    return out
+
+
+def read_captions(path: Path, column: str = "") -> list[str]:
+    """Captions from a CSV/TSV file (tab-separated if its first line has a tab), non-empty, in file order.
+
+    ``column`` names the caption column; empty picks the first of ``title``, ``caption``, ``text``...;
+    a number selects that column of a file without a header row (e.g. the raw Conceptual Captions TSV).
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise UserError(f"zscl.ref_captions={path} is not a file; pass a CSV/TSV of captions "
+                        "(--set zscl.ref_captions=/path/Validation_GCC-1.1.0-Validation_output.csv)")
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+    sep = "\t" if "\t" in first else ","
+    try:
+        if column.isdigit():
+            frame = pd.read_csv(path, sep=sep, header=None, dtype=str, quoting=3 if sep == "\t" else 0)
+            if int(column) >= frame.shape[1]:
+                raise UserError(f"zscl.ref_caption_column={column}: {path} has {frame.shape[1]} columns")
+            series = frame.iloc[:, int(column)]
+        else:
+            frame = pd.read_csv(path, sep=sep, dtype=str, quoting=3 if sep == "\t" else 0)
+            names = [column] if column else [c for c in CAPTION_COLUMNS if c in frame.columns][:1]
+            if not names or names[0] not in frame.columns:
+                raise UserError(f"{path} has no caption column ({', '.join(map(str, frame.columns))}); name it with "
+                                "--set zscl.ref_caption_column=NAME, or a column number for a file without header")
+            series = frame[names[0]]
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"cannot read captions from {path} ({type(exc).__name__}); pass a CSV/TSV file") from None
+    captions = [str(c).strip() for c in series.dropna().tolist() if str(c).strip()]
+    if not captions:
+        raise UserError(f"{path} holds no captions; pass a file with one caption per row")
+    return captions
+
+
+def embedded_reference(model: ClipModel, images: int, captions: int, seed: int) -> tuple[Tensor, list[str]]:
+    """Held-out pretraining-corpus images (normalised like the benchmark) and its distinct captions."""
+    from clbench.models.pretrain import sample_corpus
+
+    spec = model.image_spec
+    gen = torch.Generator().manual_seed(seed)
+    pixels, _ = sample_corpus(images, spec.size, gen)
+    mean = torch.tensor(spec.mean)[:, None, None]
+    std = torch.tensor(spec.std)[:, None, None]
+    _, texts = sample_corpus(captions, spec.size, gen)
+    return (pixels - mean) / std, list(dict.fromkeys(texts))
+
+
+class ReferenceImages:
+    """An endless, seeded, shuffled stream of reference-image batches (independent of the task loader)."""
+
+    def __init__(self, data: Tensor | torch.utils.data.Dataset, batch_size: int, seed: int, workers: int = 0):
+        self.data, self.batch_size, self.workers = data, batch_size, workers
+        self.gen = torch.Generator().manual_seed(seed)
+        self._it: Iterator | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def reseed(self, seed: int) -> None:
+        """Start a fresh shuffled pass drawn from ``seed``."""
+        self.gen.manual_seed(seed)
+        self._it = None
+
+    def _epoch(self) -> Iterator[Tensor]:
+        if isinstance(self.data, Tensor):
+            order = torch.randperm(len(self.data), generator=self.gen)
+            for i in range(0, len(order), self.batch_size):
+                yield self.data[order[i : i + self.batch_size]]
+            return
+        loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch_size, shuffle=True, generator=self.gen,
+                                             num_workers=self.workers, drop_last=len(self.data) >= self.batch_size)
+        for images, _ in loader:
+            yield images
+
+    def next(self) -> Tensor:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._epoch()
+            batch = next(self._it, None)
+            if batch is not None:
+                return batch
+            self._it = None
+        raise RuntimeError("the reference image set is empty")
+
+
+def image_folder(root: Path, model: ClipModel) -> torch.utils.data.Dataset:
+    """An ImageFolder read with CLIP's test transform (resize bicubic, centre crop, normalise)."""
+    from torchvision import datasets, transforms
+
+    if not root.is_dir():
+        raise UserError(f"zscl.ref_images={root} is not a folder; pass an ImageFolder root such as ImageNet "
+                        "train (--set zscl.ref_images=/data/ImageNet/train)")
+    spec = model.image_spec
+    transform = transforms.Compose([
+        transforms.Resize(spec.size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(spec.size),
+        transforms.ToTensor(),  # ImageFolder's loader already converts to RGB
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+    try:
+        return datasets.ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"zscl.ref_images={root}: {exc}; pass a folder of class sub-folders of images") from None
+
+
+# ---- the method ----------------------------------------------------------------------------------------
+@register_method("zscl")
+class ZSCL(Method):
+    """ZSCL: distillation from the original CLIP on reference data + weight constraint + weight ensemble."""
+
+    summary = "full fine-tuning with reference-data distillation, L2 to the task start and weight ensembling"
+    Hparams = ZSCLHparams
+
+    def __init__(self, model: ClipModel, hparams: ZSCLHparams, profiler) -> None:
+        super().__init__(model, hparams, profiler)
+        self.reference: ClipModel | None = None
+        self.ref_images: ReferenceImages | None = None
+        self.captions: list[str] = []
+        self.caption_tokens: Tensor | None = None
+        self.ref_text: Tensor | None = None  # e_ref: reference-model embeddings of every caption
+        self.text_encodings = 0  # how many times e_ref was computed (once per setup)
+        self.start: list[Tensor] = []
+        self.ensemble: list[Tensor] = []
+        self.snapshots = 0
+        self.task_name = ""
+        self._caption_gen = torch.Generator().manual_seed(hparams.ref_seed + 1)
+
+    # ---- configuration --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the options before anything runs: reference data for real benchmarks, LR overrides."""
+        hp = self.hparams
+        parse_lr_overrides(hp.lr_overrides)
+        if bool(hp.ref_images) != bool(hp.ref_captions):
+            raise UserError("zscl needs both reference images and captions: pass --set zscl.ref_images=... "
+                            "--set zscl.ref_captions=... (or neither, on the embedded benchmark)")
+        if not hp.ref_images and self.benchmark != "synthetic":
+            raise UserError(f"zscl on {self.benchmark} needs reference data: pass --set zscl.ref_images=IMAGEFOLDER "
+                            "(e.g. ImageNet train) --set zscl.ref_captions=CAPTIONS.csv (e.g. Conceptual Captions val)")
+        if hp.ref_images:
+            if not Path(hp.ref_images).is_dir():
+                raise UserError(f"zscl.ref_images={hp.ref_images} is not a folder; pass an ImageFolder root "
+                                "(--set zscl.ref_images=/data/ImageNet/train)")
+            if not Path(hp.ref_captions).is_file():
+                raise UserError(f"zscl.ref_captions={hp.ref_captions} is not a file; pass a CSV/TSV of captions "
+                                "(--set zscl.ref_captions=/data/Validation_GCC-1.1.0-Validation_output.csv)")
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Freeze a copy of the original model; load the reference data; cache ``e_ref`` once."""
+        self.validate()
+        hp, model = self.hparams, self.model
+        self.reference = copy.deepcopy(model).eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        seed = hp.ref_seed
+        if hp.ref_images:
+            images: Tensor | torch.utils.data.Dataset = image_folder(Path(hp.ref_images), model)
+            self.captions = read_captions(Path(hp.ref_captions), hp.ref_caption_column)
+        else:
+            images, self.captions = embedded_reference(model, hp.ref_image_count, hp.ref_caption_count, seed)
+        self.ref_images = ReferenceImages(images, hp.ref_batch_size or 64, seed, hp.ref_workers)
+        self.caption_tokens = model.tokenize(self.captions)
+        self.ref_text = None
+        self.encode_reference_text()
+
+    def encode_reference_text(self, batch_size: int = 512) -> Tensor:
+        """``e_ref``: the frozen model's embeddings of every reference caption (computed once, cached)."""
+        if self.ref_text is None:
+            ref, tokens = self._reference(), self.caption_tokens
+            with torch.no_grad(), self.profiler.section("reference_forward"):
+                self.ref_text = torch.cat([ref.encode_text(tokens[i : i + batch_size])
+                                           for i in range(0, len(tokens), batch_size)])
+            self.text_encodings += 1
+        return self.ref_text
+
+    def _reference(self) -> ClipModel:
+        if self.reference is None:
+            raise RuntimeError("ZSCL.setup() must run before training (it builds the reference model)")
+        return self.reference
+
+    def params(self) -> list[nn.Parameter]:
+        return self.model.encoder_parameters()
+
+    def before_task(self, task: TaskContext) -> None:
+        """θ_start (for WC) and the ensemble's first snapshot are the task's starting weights."""
+        if self.reference is None:
+            if task.index:  # a copy of the current model would not be the original: refuse, never guess
+                raise RuntimeError("ZSCL cannot start at a later task: its reference model (the original "
+                                   "weights) is built by setup() before the first task and is not in its state")
+            self.setup()
+        self.encode_reference_text()
+        # what a task draws depends on (ref_seed, task) only, so a resumed run draws the same batches
+        seed = self.hparams.ref_seed * 1_000 + task.index
+        self.ref_images.reseed(seed)
+        self._caption_gen.manual_seed(seed + 1)
+        self.start = [p.detach().clone() for p in self.params()]
+        self.ensemble = [p.detach().clone() for p in self.params()]
+        self.snapshots = 1
+        self.task_name = task.name
+
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
+        """The full encoders; a per-dataset learning rate goes in as the group's ``lr``."""
+        lr = parse_lr_overrides(self.hparams.lr_overrides).get(self.task_name)
+        return [{"params": self.params(), "lr": lr}] if lr is not None else self.params()
+
+    def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
+        hp = self.hparams
+        text = self.model.encode_text(self.model.tokenize(task.prompts))
+        logits = self.model.logit_scale() * self.model.encode_image(images) @ text.T
+        total = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
+        if hp.image_loss > 0 or hp.text_loss > 0:
+            img_loss, txt_loss = self.distillation_losses(len(images))
+            total = total + hp.image_loss * img_loss + hp.text_loss * txt_loss
+        if hp.l2 > 0:
+            total = total + hp.l2 * weight_distance(self.params(), self.start)
+        return total
+
+    def distillation_losses(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(L_img, L_txt)`` on one batch of reference images and the reference captions."""
+        hp, ref, model = self.hparams, self._reference(), self.model
+        if self.ref_images is None:
+            raise RuntimeError("ZSCL.setup() must run before training (it loads the reference data)")
+        if not hp.ref_batch_size:
+            self.ref_images.batch_size = batch_size
+        images = self.ref_images.next().to(model.device, non_blocking=True)
+        e_ref = self.encode_reference_text()
+        scale = ref.logit_scale()
+        with torch.no_grad(), self.profiler.section("reference_forward"):
+            f_ref = ref.encode_image(images)
+        f_cur = model.encode_image(images)
+        if hp.text_distill == "official":
+            s_ref, s_cur = scale * f_ref @ e_ref.T, scale * f_cur @ e_ref.T
+        else:
+            n = len(self.captions)
+            k = n if not hp.ref_text_batch or hp.ref_text_batch >= n else hp.ref_text_batch
+            idx = torch.randperm(n, generator=self._caption_gen)[:k].to(e_ref.device)
+            g_cur = model.encode_text(self.caption_tokens[idx])
+            s_ref, s_cur = scale * f_ref @ e_ref[idx].T, scale * f_cur @ g_cur.T
+        t = hp.temperature
+        return distillation(s_ref, s_cur, t), distillation(s_ref.T, s_cur.T, t)
+
+    def after_step(self, task: TaskContext, step: int) -> None:
+        """Weight ensemble: add a snapshot every ``avg_freq`` steps (step 0 included) and after the last."""
+        freq = self.hparams.avg_freq
+        if freq and (step % freq == 0 or step == task.train_steps - 1):
+            running_average(self.ensemble, self.params(), self.snapshots)
+            self.snapshots += 1
+
+    def after_task(self, task: TaskContext) -> None:
+        """Load the ensemble into the model: it is evaluated and the next task starts from it."""
+        if self.hparams.avg_freq and self.ensemble:
+            with torch.no_grad():
+                for p, avg in zip(self.params(), self.ensemble, strict=True):
+                    p.copy_(avg)
+        self.start, self.ensemble = [], []
+
+    def state_bytes(self) -> dict[str, int]:
+        out = {}
+        if self.reference is not None:
+            out["reference_model"] = sum(p.numel() * p.element_size() for p in self.reference.parameters())
+        if self.ref_text is not None:
+            out["reference_text"] = self.ref_text.numel() * self.ref_text.element_size()
+        return out
