@@ -43,6 +43,11 @@ def run(
     precision: Annotated[str, typer.Option(help="fp32 or amp")] = "",
     set_: Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue each run after its last completed task "
+                                         "(same options as the interrupted run)")] = False,
+    trust_torchscript: Annotated[bool, typer.Option(
+        "--trust-torchscript", help="allow --pretrained to be a TorchScript archive (OpenAI .pt); loading one runs "
+        "code from the file, so only for files you trust")] = False,
 ) -> None:
     """Run methods over a task sequence and write one results folder per method."""
     from clbench.config import build_config
@@ -56,17 +61,16 @@ def run(
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
                "precision": precision or None}
     cfg = build_config(preset, options, set_ or [], names)
-    if cfg.benchmark == "synthetic":
-        console.print("[dim]No MTIL data configured: running the embedded default "
-                      "(synthetic sequence).[/dim]", soft_wrap=True)
     with RunProgress(quiet=quiet, console=console) as progress:
         outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
-                               on_pretrain_step=progress.pretrain_step)
+                               on_pretrain_step=progress.pretrain_step, resume=resume,
+                               allow_torchscript=trust_torchscript,
+                               notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True))
     _print_summary(outcomes)
     if any(o.status != "complete" for o in outcomes):
         for o in outcomes:
             if o.error:
-                console.print(f"[red]{o.method} failed:[/red] {o.error}")
+                console.print(f"[red]{o.method} failed:[/red] {o.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -125,7 +129,7 @@ def metrics(
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.
-COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli")
+COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli", "clbench.sweep_cli")
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
@@ -133,19 +137,22 @@ for _module in COMMAND_MODULES:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors with exit status 2 for anything the user can fix."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # without standalone mode, click returns typer.Exit's code
     except UserError as exc:
-        console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        message = " ".join(str(exc).split())  # one line, even when the cause's text had line breaks
+        console.print(f"error: {message}", highlight=False, soft_wrap=True, markup=False)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        console.print(f"error: {exc.format_message()} (see clbench --help)", highlight=False, soft_wrap=True)
+    except (click.ClickException, typer.TyperException) as exc:  # typer >= 0.2x raises its own copy of click's
+        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        console.print(f"error: {' '.join(text.split())} (see clbench --help)", highlight=False, soft_wrap=True,
+                      markup=False)
         return 2
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         console.print("aborted")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

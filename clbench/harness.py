@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -57,19 +58,38 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def make_loader_factory(train: TrainConfig, device: torch.device, seed: int) -> Callable[..., DataLoader]:
-    """Loaders with seeded shuffling: the same seed gives the same batches on every run."""
-    calls = [0]
+def loader_seed(seed: int, task: int, call: int) -> int:
+    """Shuffling seed of the ``call``-th loader (1-based) made during task ``task`` (-1: before the first).
 
-    def make(dataset: Dataset, batch_size: int | None = None, shuffle: bool = True,
-             drop_last: bool = False) -> DataLoader:
-        calls[0] += 1
-        gen = torch.Generator().manual_seed(seed * 100_003 + calls[0])
-        return DataLoader(dataset, batch_size=batch_size or train.batch_size, shuffle=shuffle,
-                          drop_last=drop_last, generator=gen, num_workers=train.num_workers,
-                          pin_memory=device.type == "cuda", persistent_workers=False)
+    A function of these three numbers only, never of the run's history, so a resumed run draws the same
+    batches as an uninterrupted one.
+    """
+    return int(np.random.SeedSequence([int(seed), task + 1, call]).generate_state(1, np.uint64)[0])
 
-    return make
+
+class LoaderFactory:
+    """Loaders with seeded shuffling: the same seed gives the same batches on every run, and on resume."""
+
+    def __init__(self, train: TrainConfig, device: torch.device, seed: int) -> None:
+        self.train, self.device, self.seed = train, device, seed
+        self.task, self.calls = -1, 0
+
+    def start_task(self, index: int) -> None:
+        """Loaders made from now on belong to task ``index``; their seeds restart from that task's first."""
+        self.task, self.calls = index, 0
+
+    def __call__(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool = True,
+                 drop_last: bool = False) -> DataLoader:
+        self.calls += 1
+        gen = torch.Generator().manual_seed(loader_seed(self.seed, self.task, self.calls))
+        return DataLoader(dataset, batch_size=batch_size or self.train.batch_size, shuffle=shuffle,
+                          drop_last=drop_last, generator=gen, num_workers=self.train.num_workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+
+def make_loader_factory(train: TrainConfig, device: torch.device, seed: int) -> LoaderFactory:
+    """Loaders with seeded shuffling (see :class:`LoaderFactory`)."""
+    return LoaderFactory(train, device, seed)
 
 
 def dataset_prompts(task: Task, policy: str) -> list[list[str]]:
@@ -167,8 +187,16 @@ def run_sequence(
     hooks: Hooks | None = None,
     start_task: int = 0,
     result: SequenceResult | None = None,
+    on_task_end: Callable[[int, SequenceResult], None] | None = None,
 ) -> SequenceResult:
-    """Run ``method`` over the task sequence; returns the zero-shot row and one accuracy row per task."""
+    """Run ``method`` over the task sequence; returns the zero-shot row and one accuracy row per task.
+
+    To resume, pass the ``result`` so far and ``start_task`` = tasks already done (setup and the zero-shot
+    evaluation are then skipped: the caller restored the method). ``on_task_end(index, result)`` runs after
+    each task's row is added (the runner saves its checkpoint there). Every task reseeds torch's global
+    generator with ``seed * 1000 + index`` and its loaders with :func:`loader_seed`, so what a task draws
+    does not depend on the tasks before it.
+    """
     hooks = hooks or Hooks()
     method.benchmark = benchmark.name
     make_loader = make_loader_factory(train, device, seed)
@@ -189,6 +217,7 @@ def run_sequence(
     for index in range(start_task, num):
         task = benchmark.tasks[index]
         torch.manual_seed(seed * 1_000 + index)
+        make_loader.start_task(index)
         profiler.task = index
         ctx = TaskContext(index, task, num, device, make_loader, steps_for(task, train, index),
                           prompts=[p[0] for p in dataset_prompts(task, "first")])
@@ -205,8 +234,6 @@ def run_sequence(
             row = evaluate(method, benchmark, index + 1, train, prompt_policy, device, hooks, autocast)
         result.rows.append(row)
         hooks.on_row(index, row)
+        if on_task_end is not None:
+            on_task_end(index, result)
     return result
-
-
-
-

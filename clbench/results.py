@@ -3,7 +3,10 @@
 A (benchmark, order, method, seed) run lives in ``<out>/<benchmark>-order<k>/<method>/seed<s>/`` and holds
 ``accuracy.csv``, ``zeroshot.csv``, ``metrics.json``, ``profile.csv``, ``config.json`` and ``manifest.json``.
 Every file is written to a temporary name in the same folder and renamed, so a reader never sees half a
-file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete`` or ``failed``.
+file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete`` or ``failed``. While a
+run is in progress its folder also holds ``run.lock`` (:mod:`clbench.lock`) and, after each completed task,
+``resume.safetensors`` (:mod:`clbench.checkpoint`, deleted once the run is complete). Everything here is
+JSON, CSV or safetensors: nothing clbench writes is a pickle.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import platform
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -41,12 +45,22 @@ def run_dir(out: Path, benchmark: str, order: int, method: str, seed: int) -> Pa
 
 
 def _atomic(path: Path, write) -> None:
+    _atomic_via_file(path, lambda tmp: _write_with(tmp, write))
+
+
+def _write_with(tmp: str, write) -> None:
+    with open(tmp, "wb") as fh:
+        write(fh)
+
+
+def _atomic_via_file(path: Path, write_file: Callable[[str], None]) -> None:
+    """Let ``write_file`` fill a temporary file in ``path``'s folder, flush it to disk, rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
+        write_file(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
@@ -78,10 +92,20 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame, index: bool = False) -> No
 
 
 def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    from safetensors.torch import save
+    """Tensors (copied to the CPU) and string metadata as one safetensors file, written atomically.
 
-    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    _atomic(Path(path), lambda fh: fh.write(blob))
+    Streamed to the temporary file, not built in memory first, so a large model costs one CPU copy.
+    """
+    from safetensors.torch import save_file
+
+    cpu = {k: _cpu_copy(v) for k, v in tensors.items()}
+    _atomic_via_file(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning its memory (safetensors refuses tensors that share storage)."""
+    tensor = tensor.detach()
+    return tensor.contiguous().clone() if tensor.device.type == "cpu" else tensor.cpu().contiguous()
 
 
 def accuracy_frame(rows: list[list[float]], trained_on: list[str], datasets: list[str]) -> pd.DataFrame:

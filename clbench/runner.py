@@ -1,10 +1,21 @@
 """One ``clbench run``: build the benchmark and backbone once, then run each method over the sequence and
-write its results directory (the results contract in :mod:`clbench.results`)."""
+write its results directory (the results contract in :mod:`clbench.results`).
+
+Order of events: every input is validated (nothing written yet); each run folder is locked
+(:mod:`clbench.lock`); a run's first write happens when its first task ends (``config.json``, ``manifest.json``
+with status ``running``, the partial CSVs and the resume checkpoint of :mod:`clbench.checkpoint`), or when it
+fails for a reason other than a user error; the manifest becomes ``complete`` (and the checkpoint is deleted)
+or ``failed``. A user error (e.g. an unreadable image) before the first task ends leaves the folder as it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -13,15 +24,25 @@ from pathlib import Path
 
 import torch
 
+from clbench.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    capture_rng,
+    load_checkpoint,
+    read_info,
+    restore_rng,
+    save_checkpoint,
+)
 from clbench.config import RunConfig, method_run_config, run_id, train_config_for
 from clbench.datasets.base import Benchmark, ImageSpec
 from clbench.errors import UserError
 from clbench.harness import DivergenceError, Hooks, SequenceResult, resolve_device, run_sequence
+from clbench.lock import RunLock
 from clbench.methods import get_method
 from clbench.metrics import mtil_metrics
 from clbench.models.backbones import load_backbone
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
+from clbench.profiling import Profiler, SectionRecord
 from clbench.results import (
     accuracy_frame,
     atomic_write_csv,
@@ -58,8 +79,10 @@ def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
     raise UserError(f"unknown benchmark {cfg.benchmark!r}")
 
 
-def load_model(cfg: RunConfig, device: torch.device, on_pretrain_step=None) -> ClipModel:
-    return load_backbone(cfg.backbone, cfg.pretrained or None, device, on_pretrain_step=on_pretrain_step)
+def load_model(cfg: RunConfig, device: torch.device, on_pretrain_step=None,
+               allow_torchscript: bool = False) -> ClipModel:
+    return load_backbone(cfg.backbone, cfg.pretrained or None, device, allow_torchscript=allow_torchscript,
+                         on_pretrain_step=on_pretrain_step)
 
 
 def write_results(path: Path, result: SequenceResult, profiler: Profiler) -> dict:
@@ -87,21 +110,230 @@ def run_methods(
     out: Path,
     hooks_for: Callable[[str], Hooks] | None = None,
     on_pretrain_step=None,
+    resume: bool = False,
+    allow_torchscript: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> list[MethodOutcome]:
-    """Run every method in ``methods`` on the configured benchmark; one results directory each."""
+    """Run every method in ``methods`` on the configured benchmark; one results directory each.
+
+    Everything is checked before anything is written: method names, hyperparameter ranges (adapter ranks
+    against the backbone's width), the output folder, the weights, the data, each method's own
+    ``validate()``, and with ``resume`` the run found in each folder (same ``run_id``). Then every run
+    folder is locked (:class:`~clbench.lock.RunLock`) and the methods run one after the other, saving a
+    resume checkpoint after each task (:mod:`clbench.checkpoint`), deleted once the run is complete.
+    """
+    notify = notify or _print_notice
+    check_method_names(methods)
     device = resolve_device(cfg.device)
-    for name in methods:
-        get_method(name)
     paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed) for m in methods}
     _check_writable(Path(out))
+    check_adapter_widths(cfg, methods)
+    if resume:
+        _check_something_to_resume(paths)
+    if cfg.benchmark == "mtil":  # absent data surfaces before a (slow) model load
+        from clbench.datasets.mtil import preflight
+
+        preflight(cfg)
     torch.manual_seed(cfg.seed)  # random-init backbones (--pretrained none) are seeded too
-    base_model = load_model(cfg, device, on_pretrain_step)
+    base_model = load_model(cfg, device, on_pretrain_step, allow_torchscript)
     benchmark = build_benchmark(cfg, base_model.image_spec)
-    outcomes = []
+    notes: list[str] = []  # said once everything is checked and locked, so an error stays the only line
+    plans = [plan_run(cfg, name, base_model, benchmark, device, paths[name], resume, notes.append)
+             for name in methods]
+    locks, made = _lock_all([p for p in plans if p.mode != "done"], notes.append)
+    if cfg.benchmark == "synthetic":
+        notes.insert(0, "no MTIL data configured: running the embedded default (synthetic sequence)")
+    for note in notes:
+        notify(note)
+    try:
+        return [_run_one(cfg, plan, base_model, benchmark, device, hooks_for(plan.name) if hooks_for else Hooks(),
+                         notify) for plan in plans]
+    finally:
+        for lock in locks:
+            lock.release()
+        _remove_empty(made)  # folders made for a lock whose run wrote nothing (a user error in its first task)
+
+
+def _print_notice(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def check_method_names(methods: list[str]) -> None:
+    """Every name registered, none twice (two runs of one method would share a folder)."""
     for name in methods:
-        outcomes.append(_run_one(cfg, name, base_model, benchmark, device, paths[name],
-                                 hooks_for(name) if hooks_for else Hooks()))
-    return outcomes
+        get_method(name)
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise UserError(f"--methods lists {', '.join(twice)} more than once; name each method once")
+
+
+def backbone_widths(backbone: str) -> dict[str, int]:
+    """Width of the attention layers of each encoder of ``backbone``, from its open_clip config (before
+    any weight is loaded); encoders whose width the config does not say (timm / HF towers) are left out."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    from clbench.models.backbones import TINY, tiny_model_config
+
+    config = tiny_model_config() if backbone == TINY else open_clip.get_model_config(backbone)
+    if not config:
+        return {}
+    widths = {}
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    if not vision.get("timm_model_name"):
+        widths["vision"] = int(vision.get("width", CLIPVisionCfg().width))
+    if not text.get("hf_model_name"):
+        widths["text"] = int(text.get("width", CLIPTextCfg().width))
+    return widths
+
+
+def check_adapter_widths(cfg: RunConfig, methods: list[str]) -> None:
+    """Hyperparameters marked ``max_width`` (adapter ranks) must not exceed the adapted layers' width."""
+    widths = backbone_widths(cfg.backbone)
+    for name in methods:
+        hp = cfg.methods[name]
+        encoders = [e.strip() for e in str(hp.get("encoders", "vision,text")).split(",") if e.strip()]
+        known = [widths[e] for e in encoders if e in widths]
+        if not known:
+            continue
+        width = min(known)
+        for f in dataclasses.fields(get_method(name).Hparams):
+            if f.metadata.get("max_width") and hp.get(f.name, 0) > width:
+                raise UserError(f"{name}.{f.name}={hp[f.name]} exceeds the width {width} of {cfg.backbone}'s "
+                                f"adapted attention layers; use --set {name}.{f.name}=<value <= {width}>")
+
+
+def _has_run(path: Path) -> bool:
+    return (path / "manifest.json").exists() or (path / CHECKPOINT_NAME).exists()
+
+
+def _check_something_to_resume(paths: dict[str, Path]) -> None:
+    """``--resume`` needs a run of at least one of the methods (the others, never started, start now)."""
+    if not any(_has_run(p) for p in paths.values()):
+        first = next(iter(paths.values()))
+        raise UserError(f"--resume: no run to resume in {first.parent.parent} (no run of {', '.join(paths)} "
+                        "there); check --out/--seed/--order, or drop --resume to start the run")
+
+
+@dataclass
+class RunPlan:
+    """One (method, run folder) after validation: how it starts (``fresh``, ``resume`` after ``completed``
+    tasks, ``restart`` a run that completed no task, or ``done`` already)."""
+
+    name: str
+    path: Path
+    resolved: dict
+    run_id: str
+    mode: str = "fresh"
+    completed: int = 0
+
+
+def plan_run(cfg: RunConfig, name: str, base_model: ClipModel, benchmark: Benchmark, device: torch.device,
+             path: Path, resume: bool, notify: Callable[[str], None]) -> RunPlan:
+    """Validate one method's run (its ``validate()`` on a copy of the model) and decide how it starts."""
+    method_cls = get_method(name)
+    resolved = method_run_config(cfg, name)
+    resolved["datasets"] = benchmark.task_names
+    plan = RunPlan(name, path, resolved, run_id(resolved))
+    method = method_cls(copy.deepcopy(base_model), method_cls.Hparams(**cfg.methods[name]), Profiler(device=device))
+    method.benchmark = cfg.benchmark
+    validate = getattr(method, "validate", None)
+    if validate is not None:
+        validate()
+    del method
+    if resume:
+        plan.mode, plan.completed = _resume_mode(plan, notify)
+    elif (path / CHECKPOINT_NAME).exists():
+        notify(f"{name}: starting over in {path}; its unfinished run is discarded (pass --resume to continue it)")
+    return plan
+
+
+def _resume_mode(plan: RunPlan, notify: Callable[[str], None]) -> tuple[str, int]:
+    path, ckpt = plan.path, plan.path / CHECKPOINT_NAME
+    if not _has_run(path):
+        notify(f"{plan.name}: no run to resume in {path}; starting it")
+        return "fresh", 0
+    manifest = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
+    info = read_info(ckpt) if ckpt.exists() else None
+    found = info["run_id"] if info else manifest.get("run_id")
+    if found != plan.run_id:
+        raise UserError(f"--resume: the run in {path} was made with another configuration ({_config_diff(plan)}); "
+                        "rerun with the same options, or drop --resume to start over")
+    if manifest.get("status") == "complete":
+        notify(f"{plan.name}: already complete in {path}; nothing to resume")
+        return "done", len(plan.resolved["datasets"])
+    if info is not None:
+        done = int(info["completed"])
+        notify(f"{plan.name}: resuming {path} after task {done} of {len(plan.resolved['datasets'])}")
+        return "resume", done
+    notify(f"{plan.name}: {path} has no completed task to resume from; starting it from the first task")
+    return "restart", 0
+
+
+def _config_diff(plan: RunPlan) -> str:
+    """The settings that differ between the stored run's config.json and now, for the error message."""
+    stored_path = plan.path / "config.json"
+    stored = _flatten(_read_json(stored_path)) if stored_path.exists() else {}
+    now = _flatten(plan.resolved)
+    keys = sorted(k for k in set(stored) | set(now) if k != "device" and stored.get(k) != now.get(k))
+    if not keys:
+        return "its run id differs"
+    shown = ", ".join(f"{k}: {stored.get(k, '-')!s} then, {now.get(k, '-')!s} now" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out: dict = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is unreadable ({exc}); delete that run folder, or drop --resume") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; delete that run folder, or drop --resume")
+    return data
+
+
+def _lock_all(plans: list[RunPlan], notify: Callable[[str], None]) -> tuple[list[RunLock], list[Path]]:
+    """Lock every run folder or none: on a failure, release what was taken and remove folders made here.
+    Returns the locks and the folders made for them (outermost first)."""
+    locks: list[RunLock] = []
+    made: list[Path] = []
+    try:
+        for plan in plans:
+            made += _missing_dirs(plan.path)
+            lock = RunLock(plan.path)
+            lock.acquire(notify)
+            locks.append(lock)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        _remove_empty(made)
+        raise
+    return locks, made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (outermost first) that are empty, innermost first."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
 
 
 def _check_writable(out: Path) -> None:
@@ -113,50 +345,126 @@ def _check_writable(out: Path) -> None:
 
 
 def _can_write(folder: Path) -> bool:
-    import os
-
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _run_one(cfg: RunConfig, name: str, base_model: ClipModel, benchmark: Benchmark, device: torch.device,
-             path: Path, hooks: Hooks) -> MethodOutcome:
+STALE = ("accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv", "state_bytes.csv", CHECKPOINT_NAME)
+
+
+def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Benchmark, device: torch.device,
+             hooks: Hooks, notify: Callable[[str], None]) -> MethodOutcome:
+    name, path = plan.name, plan.path
+    if plan.mode == "done":
+        metrics = _read_json(path / "metrics.json") if (path / "metrics.json").exists() else None
+        return MethodOutcome(name, path, "complete", metrics)
     method_cls = get_method(name)
-    hparams = method_cls.Hparams(**cfg.methods[name])
     train = train_config_for(cfg, name)
-    resolved = method_run_config(cfg, name)
-    resolved["datasets"] = benchmark.task_names
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(base_model)
     profiler = Profiler(device=device)
-    method = method_cls(model, hparams, profiler)
+    method = method_cls(model, method_cls.Hparams(**cfg.methods[name]), profiler)
     method.benchmark = cfg.benchmark
-    validate = getattr(method, "validate", None)
-    if validate is not None:
-        validate()
-    path.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    manifest = {"status": "running", "run_id": run_id(resolved), "method": name, "seed": cfg.seed,
-                "benchmark": cfg.benchmark, "order": cfg.order, "started": started,
-                "environment": environment_info(device), "benchmark_info": benchmark.info}
-    atomic_write_json(path / "config.json", resolved)
-    atomic_write_json(path / "manifest.json", manifest)
+    ckpt_path = path / CHECKPOINT_NAME
     result = None
+    env = environment_info(device)
+    manifest = {"status": "running", "run_id": plan.run_id, "method": name, "seed": cfg.seed,
+                "benchmark": cfg.benchmark, "order": cfg.order, "started": started, "environment": env,
+                "benchmark_info": benchmark.info}
+    if plan.mode == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.run_id != plan.run_id or ckpt.completed != plan.completed:
+            raise UserError(f"{ckpt_path} changed while this run was starting; rerun with --resume")
+        stored = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
+        for key in ("error", "traceback", "finished", "seconds", "failed_task", "failed_step"):
+            stored.pop(key, None)
+        manifest = {**manifest, **stored, "status": "running", "run_id": plan.run_id}
+        manifest["resumed"] = [*stored.get("resumed", []), {"after_task": ckpt.completed, "at": started,
+                                                            "environment": env}]
+        profiler.task = -1
+        method.setup()  # on the pretrained weights, as the interrupted run did; then its state replaces it
+        result = restore(ckpt, model, method, profiler)
+        del ckpt
+    written = False
+
+    def commit() -> None:
+        """First write of this run: clear what a previous run left, then config.json and the manifest."""
+        nonlocal written
+        if not written:
+            if plan.mode != "resume":
+                for stale in STALE:
+                    (path / stale).unlink(missing_ok=True)
+            atomic_write_json(path / "config.json", plan.resolved)
+            atomic_write_json(path / "manifest.json", manifest)
+            written = True
+
+    if plan.mode == "resume":
+        commit()
+
+    def on_task_end(index: int, res: SequenceResult) -> None:
+        commit()
+        write_results(path, res, profiler)
+        save_checkpoint(ckpt_path, capture(plan.run_id, res, model, method, profiler))
+        manifest["completed_tasks"] = index + 1
+        atomic_write_json(path / "manifest.json", manifest)
+
     try:
         result = run_sequence(method, benchmark, train, profiler, device, cfg.seed, cfg.data.prompt,
-                              cfg.precision, hooks)
+                              cfg.precision, hooks, start_task=plan.completed, result=result,
+                              on_task_end=on_task_end)
+        commit()
         metrics = write_results(path, result, profiler)
-        manifest.update(status="complete", finished=time.time(), seconds=time.time() - started)
+        manifest.update(status="complete", finished=time.time(), seconds=time.time() - manifest["started"])
         atomic_write_json(path / "manifest.json", manifest)
+        ckpt_path.unlink(missing_ok=True)  # complete: every result is on disk, the checkpoint is not needed
         return MethodOutcome(name, path, "complete", metrics)
     except DivergenceError as exc:
-        manifest.update(status="failed", error=str(exc), finished=time.time())
+        commit()
+        atomic_write_csv(path / "profile.csv", profiler.frame())
+        manifest.update(status="failed", error=str(exc), failed_task=exc.task, failed_step=exc.step,
+                        finished=time.time())
         atomic_write_json(path / "manifest.json", manifest)
         return MethodOutcome(name, path, "failed", None, str(exc))
+    except UserError:
+        if not written:  # e.g. an unreadable image in the first task: the folder stays as it was
+            raise
+        manifest.update(status="failed", error=str(sys.exc_info()[1]), finished=time.time())
+        atomic_write_json(path / "manifest.json", manifest)
+        raise
     except BaseException as exc:
+        commit()
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time(),
                         traceback=traceback.format_exc())
         atomic_write_json(path / "manifest.json", manifest)
         raise
+
+
+def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler: Profiler) -> Checkpoint:
+    """The state after ``len(result.rows)`` tasks, as a :class:`~clbench.checkpoint.Checkpoint`."""
+    rng, rng_extra = capture_rng()
+    return Checkpoint(run_id=run, completed=len(result.rows), datasets=list(result.datasets),
+                      zeroshot=list(result.zeroshot), rows=[list(r) for r in result.rows],
+                      model=model.state_dict(), method=method.state_dict(), method_extra=method.extra_state(),
+                      profile=[dataclasses.asdict(r) for r in profiler.records],
+                      state_bytes=[dict(r) for r in profiler.state_bytes], rng=rng, rng_extra=rng_extra)
+
+
+def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler) -> SequenceResult:
+    """Put ``ckpt`` back: method state (tensors on the model's device, then JSON), model weights (strict),
+    profiler records, generator states; returns the results so far."""
+    device = model.device
+    method.load_state_dict({k: v.to(device) for k, v in ckpt.method.items()})
+    method.load_extra_state(ckpt.method_extra)
+    missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{method.name}: the checkpoint's model does not fit the model built now (missing "
+                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); the method must "
+                           "rebuild its modules in load_state_dict()")
+    known = {f.name for f in dataclasses.fields(SectionRecord)}
+    profiler.records = [SectionRecord(**{k: v for k, v in r.items() if k in known}) for r in ckpt.profile]
+    profiler.state_bytes = [dict(r) for r in ckpt.state_bytes]
+    restore_rng(ckpt.rng, ckpt.rng_extra)
+    return SequenceResult(list(ckpt.datasets), list(ckpt.zeroshot), [list(r) for r in ckpt.rows])
 
 
 def config_summary(cfg: RunConfig) -> dict:

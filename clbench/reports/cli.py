@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from clbench.errors import UserError
+
 
 def register(app: typer.Typer) -> None:
     """Add ``clbench report`` to ``app``."""
@@ -28,13 +30,23 @@ def report(
     = False,
     costs: Annotated[bool, typer.Option("--costs", help="also write the time / memory table per profiled section")]
     = False,
+    sensitivity: Annotated[str, typer.Option(
+        "--sensitivity", help="instead: Transfer / Average / Last against one swept setting, e.g. keeplora.eps_f "
+        "(clbench sweep --grid)")] = "",
 ) -> None:
     """MTIL comparison table (Transfer / Average / Last per dataset, best bold) from runs and matrices."""
     from rich.console import Console
 
     from clbench.reports.report import build_report, write_report
 
-    result = build_report(list(inputs or []), format_, label, with_literature, figures, costs)
+    if sensitivity:
+        from clbench.sensitivity import build_sensitivity_report
+
+        if with_literature or costs or label:
+            raise UserError("--sensitivity makes its own table; drop --with-literature, --costs and --label")
+        result = build_sensitivity_report(list(inputs or []), sensitivity, format_, figures)
+    else:
+        result = build_report(list(inputs or []), format_, label, with_literature, figures, costs)
     err = Console(stderr=True)
     for line in result.warnings:
         err.print(f"warning: {line}", highlight=False, soft_wrap=True)

@@ -68,6 +68,11 @@ def write_report(report: Report, out: Path) -> list[Path]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    root = out.resolve()
+    for rel in report.files:  # names come partly from the input (a manifest's benchmark): never outside out
+        if root not in (out / rel).resolve().parents:
+            raise UserError(f"refusing to write {rel!r}: it would fall outside --out {out}; the input names a path "
+                            "(check the benchmark in its manifest.json files)")
     written = []
     for rel, content in report.files.items():
         path = out / rel
