@@ -67,11 +67,24 @@ def run(
                                allow_torchscript=trust_torchscript,
                                notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True))
     _print_summary(outcomes)
+    if not quiet:
+        _print_costs(outcomes)
     if any(o.status != "complete" for o in outcomes):
         for o in outcomes:
             if o.error:
                 console.print(f"[red]{o.method} failed:[/red] {o.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _print_costs(outcomes) -> None:
+    import pandas as pd
+
+    from clbench.profiling import summarise_profile
+
+    for o in outcomes:
+        profile = o.path / "profile.csv"
+        if profile.is_file():
+            out_console.print(summarise_profile(pd.read_csv(profile), title=f"{o.method}: cost per section"))
 
 
 def _print_summary(outcomes) -> None:
@@ -129,7 +142,7 @@ def metrics(
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.
-COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli", "clbench.sweep_cli")
+COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli", "clbench.sweep_cli", "clbench.costs.cli")
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 

@@ -18,7 +18,8 @@ from clbench.reports.loading import RUN, ReportInput
 from clbench.reports.tables import booktabs_rules
 
 MIB = 2**20
-MEMORY_KINDS = {"cuda_peak_allocated": "CUDA allocated", "cpu_process_peak_rss": "CPU process RSS"}
+MEMORY_KINDS = {"cuda_peak_allocated": "CUDA allocated", "cpu_section_peak_rss": "CPU RSS peak in section",
+                "cpu_process_peak_rss": "CPU process RSS"}
 COLUMNS = {"tasks": "tasks", "seconds_mean": "s / task", "seconds_total": "s total",
            "peak_mib_mean": "peak MiB / task", "peak_mib_max": "peak MiB max", "memory": "memory"}
 

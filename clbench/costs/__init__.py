@@ -1,0 +1,3 @@
+"""Cost measurements without datasets or weights: random tasks shaped like a backbone's inputs
+(:mod:`clbench.costs.fake`) and ``clbench profile``, which runs only the methods' cost centres on them
+(:mod:`clbench.costs.profile`, command in :mod:`clbench.costs.cli`)."""
