@@ -206,8 +206,12 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     for key, raw in options.items():
         if raw is not None:
             set_field(cfg, [key], raw, f"--{key.replace('_', '-')}")
+    by_order = data.get("by_order", {}).get(str(cfg.order), {})
+    for key, raw in by_order.get("train", {}).items():
+        set_field(cfg, ["train", key], raw, f"preset {preset} (order {cfg.order}): train.{key}")
     for name in method_names:
         cfg.method_train[name] = dict(data.get("method_train", {}).get(name, {}))
+        cfg.method_train[name].update(by_order.get("method_train", {}).get(name, {}))
         method_overrides[name].update(data.get("methods", {}).get(name, {}))
     for key, raw in parse_assignments(assignments):
         head, _, rest = key.partition(".")
