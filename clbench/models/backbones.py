@@ -63,6 +63,7 @@ def ensure_tiny_weights(
     if path.exists():
         return path
     _register_tiny()
+    torch.manual_seed(cfg.seed)  # the random initialisation is part of what the seed determines
     clip = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
     state = pretrain(clip, tokenizer, _normaliser(_image_spec(clip)), cfg, on_step=on_step)

@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 
 
 def config_key(model_cfg: dict, cfg: PretrainConfig) -> str:
-    blob = json.dumps({"model": model_cfg, "pretrain": asdict(cfg), "corpus": 1}, sort_keys=True)
+    blob = json.dumps({"model": model_cfg, "pretrain": asdict(cfg), "corpus": 1, "seeded_init": True}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
