@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linalg import brute_gpm
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig, build_config
@@ -65,22 +66,6 @@ def _proj_out(site, proj: str, x: torch.Tensor) -> torch.Tensor:
 def _proj(U: torch.Tensor) -> torch.Tensor:
     U = U.to(D)
     return U @ U.T
-
-
-def _gpm_brute(U: torch.Tensor, X: torch.Tensor, eps: float) -> torch.Tensor:
-    """GPM update written out on the stacked features X (d × N)."""
-    U, X = U.to(D), X.to(D)
-    total = float((X**2).sum())
-    Xh = X - U @ U.T @ X
-    acc = (total - float((Xh**2).sum())) / total if U.shape[1] else 0.0
-    Uh, S, _ = torch.linalg.svd(Xh, full_matrices=False)
-    m = 0
-    for s in S.tolist():
-        if acc >= eps:
-            break
-        acc += s * s / total
-        m += 1
-    return torch.cat([U, Uh[:, :m]], dim=1)
 
 
 # ---- S0 ------------------------------------------------------------------------------------------------------
@@ -262,7 +247,7 @@ def test_feature_update_equals_gpm_on_the_stacked_inputs_of_the_merged_model(tin
     grew = 0
     for m in method.matrices():
         X = torch.cat([x.reshape(-1, m.site.width) for x in inputs[(m.site.name, "o" if m.proj == "o" else "qkv")]]).T
-        expected = _gpm_brute(old[m.name], X, 0.95)
+        expected = brute_gpm(old[m.name], X, 0.95)
         new = method.bases[m.name]
         assert new.shape == expected.shape, m.name
         assert torch.equal(new[:, : old[m.name].shape[1]], old[m.name])
