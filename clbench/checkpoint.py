@@ -4,7 +4,8 @@
 full ``state_dict()`` (``model/<key>``; the official KeepLoRA/InfLoRA code also saves whole models), the
 method's ``state_dict()`` (``method/<key>``: stored bases, memories, heads, histories) and torch's generator
 states (``rng/torch``, ``rng/cuda/<i>``). Its JSON (the safetensors header's ``clbench`` metadata entry)
-holds the run id, the tasks done, the zero-shot row and accuracy rows so far, the profiler's records, the
+holds the run id, the tasks done, the zero-shot row and accuracy rows so far (and under ``--eval union`` the
+task-selection recall rows), the profiler's records, the
 method's ``extra_state()`` and Python's and NumPy's global generator states. Nothing in it is a pickle:
 reading it cannot run code, and a file that is not a clbench checkpoint is refused with one line.
 
@@ -40,6 +41,7 @@ class Checkpoint:
     datasets: list[str]
     zeroshot: list[float]
     rows: list[list[float]]
+    recall: dict = field(default_factory=dict)  # union evaluation: {"zeroshot": row, "rows": rows}
     model: dict[str, Tensor] = field(default_factory=dict)
     method: dict[str, Tensor] = field(default_factory=dict)
     method_extra: dict = field(default_factory=dict)
@@ -51,7 +53,7 @@ class Checkpoint:
     def info(self) -> dict:
         """The JSON part (everything but the tensors)."""
         return {"format": FORMAT, "run_id": self.run_id, "completed": self.completed, "datasets": self.datasets,
-                "zeroshot": self.zeroshot, "rows": self.rows, "method_extra": self.method_extra,
+                "zeroshot": self.zeroshot, "rows": self.rows, "recall": self.recall, "method_extra": self.method_extra,
                 "profile": self.profile, "state_bytes": self.state_bytes, "rng_extra": self.rng_extra}
 
 
@@ -134,7 +136,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         return Checkpoint(run_id=str(info["run_id"]), completed=int(info["completed"]),
                           datasets=list(info["datasets"]), zeroshot=list(info["zeroshot"]),
-                          rows=[list(r) for r in info["rows"]], model=groups["model"], method=groups["method"],
+                          rows=[list(r) for r in info["rows"]], recall=dict(info.get("recall", {})),
+                          model=groups["model"], method=groups["method"],
                           method_extra=dict(info["method_extra"]), profile=list(info["profile"]),
                           state_bytes=list(info["state_bytes"]), rng=groups["rng"],
                           rng_extra=dict(info["rng_extra"]))

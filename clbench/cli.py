@@ -32,7 +32,7 @@ def _split(value: str) -> list[str]:
 def run(
     methods: Annotated[str, typer.Option(help="comma-separated method names (see 'clbench methods')")],
     order: Annotated[int, typer.Option(help="task order, 1 or 2")] = 1,
-    benchmark: Annotated[str, typer.Option(help="synthetic (embedded) or mtil")] = "synthetic",
+    benchmark: Annotated[str, typer.Option(help="synthetic (embedded), mtil or xtail")] = "synthetic",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     preset: Annotated[str, typer.Option(help="smoke, default or paper")] = "default",
@@ -41,6 +41,12 @@ def run(
     data_root: Annotated[str, typer.Option(help="folder holding the real datasets")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i]")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 or amp")] = "",
+    eval_: Annotated[str, typer.Option("--eval", help="task (classes of the image's own dataset; default for "
+                                       "synthetic and mtil) or union (all datasets' classes; default for xtail)")] = "",
+    shots: Annotated[int | None, typer.Option(help="few-shot: K training images per class (mtil: 5 in the "
+                                              "literature; xtail: 16); default full training sets")] = None,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="count and report unreadable images "
+                                                  "instead of stopping at the first")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue each run after its last completed task "
@@ -59,8 +65,9 @@ def run(
         raise UserError("--methods is empty; name at least one method, e.g. --methods lora")
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
-               "precision": precision or None}
-    cfg = build_config(preset, options, set_ or [], names)
+               "precision": precision or None, "eval": eval_ or None}
+    data_options = {"shots": shots, "skip_bad_images": True if skip_bad_images else None}
+    cfg = build_config(preset, options, set_ or [], names, data_options)
     with RunProgress(quiet=quiet, console=console) as progress:
         outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
                                on_pretrain_step=progress.pretrain_step, resume=resume,
@@ -88,12 +95,18 @@ def _print_costs(outcomes) -> None:
 
 
 def _print_summary(outcomes) -> None:
-    table = Table(title="MTIL metrics (percent)")
-    for col in ("method", "Transfer", "Average", "Last", "BWT", "results"):
+    union = any((o.metrics or {}).get("eval") == "union" for o in outcomes)
+    rule = "union label space" if union else "per-task label space"
+    table = Table(title=f"Transfer / Average / Last (percent, {rule})")
+    columns = ("method", "Transfer", "Average", "Last", "BWT", *(("recall (last)",) if union else ()), "results")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("method", "results") else "right")
     for o in outcomes:
         m = o.metrics or {}
         cells = [f"{m[k]:.1f}" if k in m else "-" for k in ("transfer", "average", "last", "bwt")]
+        if union:
+            recall = m.get("selection_recall", {}).get("last")
+            cells.append("-" if recall is None else f"{recall:.1f}")
         table.add_row(o.method, *cells, str(o.path))
     out_console.print(table)
 

@@ -22,6 +22,9 @@ from clbench.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 BENCHMARKS = ("synthetic", "mtil", "xtail")
+# The evaluation rule of each benchmark when --eval is not given: ``task`` classifies a test image among its own
+# dataset's classes (MTIL: task identity known), ``union`` among every dataset's classes (X-TAIL).
+DEFAULT_EVAL = {"synthetic": "task", "mtil": "task", "xtail": "union"}
 
 
 @dataclass
@@ -30,7 +33,9 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"min": 0.0, "exclusive_min": True})
     weight_decay: float = field(default=0.01, metadata={"min": 0.0})
-    schedule: str = field(default="onecycle", metadata={"choices": ("onecycle", "constant")})
+    # onecycle (KeepLoRA, LoRA, InfLoRA); cosine = linear warm-up over warmup_steps then cosine decay (ZSCL)
+    schedule: str = field(default="onecycle", metadata={"choices": ("onecycle", "constant", "cosine")})
+    warmup_steps: int = field(default=0, metadata={"min": 0})
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     max_steps: int = field(default=0, metadata={"min": 0})
     eval_batch_size: int = field(default=256, metadata={"min": 1})
@@ -63,6 +68,8 @@ class RunConfig:
     data_root: str = ""
     device: str = "auto"
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "amp")})
+    # "" = the benchmark's own rule (DEFAULT_EVAL); resolved by build_config
+    eval: str = field(default="", metadata={"choices": ("task", "union")})
     preset: str = "default"
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,8 +198,13 @@ def method_hparams(method_cls: type, overrides: dict[str, Any], name: str) -> An
     return hparams
 
 
-def build_config(preset: str, options: dict[str, Any], assignments: list[str], method_names: list[str]) -> RunConfig:
-    """Resolve defaults → preset → options → ``--set``; method hyperparameters go under ``methods``."""
+def build_config(preset: str, options: dict[str, Any], assignments: list[str], method_names: list[str],
+                 data_options: dict[str, Any] | None = None) -> RunConfig:
+    """Resolve defaults → preset → options → ``--set``; method hyperparameters go under ``methods``.
+
+    ``data_options`` are command-line options that set ``data.<key>`` (``--shots``, ``--skip-bad-images``);
+    ``None`` values are left as the preset has them.
+    """
     from clbench.methods import get_method
 
     cfg = RunConfig(preset=preset)
@@ -206,6 +218,9 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     for key, raw in options.items():
         if raw is not None:
             set_field(cfg, [key], raw, f"--{key.replace('_', '-')}")
+    for key, raw in (data_options or {}).items():
+        if raw is not None:
+            set_field(cfg, ["data", key], raw, f"--{key.replace('_', '-')}")
     by_order = data.get("by_order", {}).get(str(cfg.order), {})
     for key, raw in by_order.get("train", {}).items():
         set_field(cfg, ["train", key], raw, f"preset {preset} (order {cfg.order}): train.{key}")
@@ -231,9 +246,15 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     for name in method_names:
         hp = method_hparams(get_method(name), method_overrides[name], name)
         cfg.methods[name] = dataclasses.asdict(hp)
+    if not cfg.eval:
+        cfg.eval = DEFAULT_EVAL[cfg.benchmark]
     if cfg.benchmark == "synthetic" and cfg.data_root:
         raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded "
                         "(drop --data-root, or pass --benchmark mtil)")
+    if cfg.benchmark == "synthetic" and (cfg.data.shots or cfg.data.skip_bad_images):
+        flag = "--shots" if cfg.data.shots else "--skip-bad-images"
+        raise UserError(f"{flag} is for real datasets; the synthetic benchmark is drawn in memory (set its size "
+                        "with --set data.train_per_class=K, or pass --benchmark mtil)")
     return cfg
 
 

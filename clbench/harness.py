@@ -1,8 +1,14 @@
 """The task loop, read top to bottom: for each task, the method prepares, the shared loop trains, the
 method finishes, and every dataset of the sequence is evaluated, giving one row of the accuracy matrix.
 
-Evaluation classifies each dataset among its own classes (MTIL, task identity known) with text features
-encoded once per dataset per evaluation, not per batch.
+Evaluation follows one of two rules, chosen per run (``--eval``), never by the method:
+
+- ``task`` (MTIL): each dataset's test images are classified among that dataset's own classes (the task
+  identity is known); text features are encoded once per dataset per evaluation, not per batch.
+- ``union`` (X-TAIL): every test image is classified among the classes of *all* datasets of the sequence,
+  trained or not, in sequence order (ground truth = the dataset's class offset + its label). The text features
+  of all classes are encoded once per evaluation. Accuracy is per dataset, weighted by sample; beside it the
+  *task-selection recall* is the share of a dataset's predictions that fall in its own class range.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clbench.config import TrainConfig
-from clbench.datasets.base import Benchmark, Task
+from clbench.datasets.base import Benchmark, Task, union_spans
 from clbench.methods.base import Method, TaskContext
 from clbench.profiling import Profiler
 
@@ -42,9 +48,16 @@ class Hooks:
 
 @dataclass
 class SequenceResult:
+    """Accuracy rows (percent): the zero-shot row and one row per completed task; under the union rule also
+    the task-selection recall of each (``None``/empty under the task rule)."""
+
     datasets: list[str]
     zeroshot: list[float]
     rows: list[list[float]] = field(default_factory=list)
+    zeroshot_recall: list[float] | None = None
+    recall_rows: list[list[float]] = field(default_factory=list)
+
+
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -123,6 +136,46 @@ def evaluate(method: Method, benchmark: Benchmark, trained: int, train: TrainCon
     return row
 
 
+@torch.no_grad()
+def evaluate_union(method: Method, benchmark: Benchmark, trained: int, train: TrainConfig, prompt_policy: str,
+                   device: torch.device, hooks: Hooks, autocast=nullcontext) -> tuple[list[float], list[float]]:
+    """Accuracy and task-selection recall (percent) on every dataset's test split, each image classified among
+    the union of all datasets' classes through ``method.logits_union``; ``trained`` tasks learned so far."""
+    model = method.model
+    model.eval()
+    spans = union_spans(benchmark)
+    with autocast():
+        text = torch.cat([model.class_text_features(dataset_prompts(task, prompt_policy))
+                          for task in benchmark.tasks])
+    accuracy, recall = [], []
+    for task, span in zip(benchmark.tasks, spans, strict=True):
+        correct = inside = total = 0
+        loader = DataLoader(task.test, batch_size=train.eval_batch_size, shuffle=False,
+                            num_workers=train.num_workers, pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast():
+                logits = method.logits_union(model.encode_image(images), text, spans, trained)
+            predicted = logits.argmax(-1)
+            correct += int((predicted == labels + span.start).sum())
+            inside += int(((predicted >= span.start) & (predicted < span.stop)).sum())
+            total += len(labels)
+        accuracy.append(100.0 * correct / max(total, 1))
+        recall.append(100.0 * inside / max(total, 1))
+        hooks.on_advance(1)
+    return accuracy, recall
+
+
+def evaluate_row(method: Method, benchmark: Benchmark, trained: int, train: TrainConfig, prompt_policy: str,
+                 device: torch.device, hooks: Hooks, autocast, rule: str) -> tuple[list[float], list[float] | None]:
+    """One row of the accuracy matrix under ``rule`` (``task`` or ``union``), with the union's recall row."""
+    if rule == "union":
+        return evaluate_union(method, benchmark, trained, train, prompt_policy, device, hooks, autocast)
+    if rule != "task":
+        raise ValueError(f"unknown evaluation rule {rule!r}; use task or union")
+    return evaluate(method, benchmark, trained, train, prompt_policy, device, hooks, autocast), None
+
+
 def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hooks, precision: str) -> int:
     """The shared training loop: AdamW + OneCycle over the method's trainable parameters."""
     params = method.trainable_parameters()
@@ -188,12 +241,14 @@ def run_sequence(
     start_task: int = 0,
     result: SequenceResult | None = None,
     on_task_end: Callable[[int, SequenceResult], None] | None = None,
+    eval_rule: str = "task",
 ) -> SequenceResult:
     """Run ``method`` over the task sequence; returns the zero-shot row and one accuracy row per task.
 
     To resume, pass the ``result`` so far and ``start_task`` = tasks already done (setup and the zero-shot
     evaluation are then skipped: the caller restored the method). ``on_task_end(index, result)`` runs after
-    each task's row is added (the runner saves its checkpoint there). Every task reseeds torch's global
+    each task's row is added (the runner saves its checkpoint there). ``eval_rule`` is ``task`` or ``union``
+    (see the module docstring). Every task reseeds torch's global
     generator with ``seed * 1000 + index`` and its loaders with :func:`loader_seed`, so what a task draws
     does not depend on the tasks before it.
     """
@@ -212,8 +267,9 @@ def run_sequence(
             method.setup()
         hooks.on_phase("zero-shot eval", num)
         with profiler.section("eval"):
-            zeroshot = evaluate(method, benchmark, 0, train, prompt_policy, device, hooks, autocast)
-        result = SequenceResult(benchmark.task_names, zeroshot)
+            zeroshot, zeroshot_recall = evaluate_row(method, benchmark, 0, train, prompt_policy, device, hooks,
+                                                     autocast, eval_rule)
+        result = SequenceResult(benchmark.task_names, zeroshot, zeroshot_recall=zeroshot_recall)
     for index in range(start_task, num):
         task = benchmark.tasks[index]
         torch.manual_seed(seed * 1_000 + index)
@@ -231,8 +287,11 @@ def run_sequence(
             profiler.record_state(index, name, nbytes)
         hooks.on_phase(f"eval after {task.name}", num)
         with profiler.section("eval"):
-            row = evaluate(method, benchmark, index + 1, train, prompt_policy, device, hooks, autocast)
+            row, recall = evaluate_row(method, benchmark, index + 1, train, prompt_policy, device, hooks, autocast,
+                                       eval_rule)
         result.rows.append(row)
+        if recall is not None:
+            result.recall_rows.append(recall)
         hooks.on_row(index, row)
         if on_task_end is not None:
             on_task_end(index, result)

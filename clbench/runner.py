@@ -34,7 +34,7 @@ from clbench.checkpoint import (
     save_checkpoint,
 )
 from clbench.config import RunConfig, method_run_config, run_id, train_config_for
-from clbench.datasets.base import Benchmark, ImageSpec
+from clbench.datasets.base import Benchmark, ImageSpec, duplicate_classnames
 from clbench.errors import UserError
 from clbench.harness import DivergenceError, Hooks, SequenceResult, resolve_device, run_sequence
 from clbench.lock import RunLock
@@ -75,7 +75,9 @@ def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
             raise UserError("--benchmark mtil is not available in this version; use --benchmark synthetic") from None
         return build_mtil(cfg, spec)
     if cfg.benchmark == "xtail":
-        raise UserError("--benchmark xtail is not implemented yet; use --benchmark synthetic or mtil")
+        from clbench.datasets.xtail import build_xtail
+
+        return build_xtail(cfg, spec)
     raise UserError(f"unknown benchmark {cfg.benchmark!r}")
 
 
@@ -90,6 +92,9 @@ def write_results(path: Path, result: SequenceResult, profiler: Profiler) -> dic
     trained_on = names[: len(result.rows)]
     atomic_write_csv(path / "zeroshot.csv", accuracy_frame([result.zeroshot], ["zeroshot"], names))
     atomic_write_csv(path / "accuracy.csv", accuracy_frame(result.rows, trained_on, names))
+    if result.zeroshot_recall is not None:  # union evaluation: task-selection recall beside the accuracy
+        atomic_write_csv(path / RECALL_NAME, accuracy_frame([result.zeroshot_recall, *result.recall_rows],
+                                                           ["zeroshot", *trained_on], names))
     atomic_write_csv(path / "profile.csv", profiler.frame())
     state = profiler.state_frame()
     if len(state):
@@ -100,6 +105,10 @@ def write_results(path: Path, result: SequenceResult, profiler: Profiler) -> dic
 
     metrics = mtil_metrics(np.array(result.rows), names)
     metrics["zeroshot"] = dict(zip(names, result.zeroshot, strict=True))
+    metrics["eval"] = "union" if result.zeroshot_recall is not None else "task"
+    if result.zeroshot_recall is not None:
+        last_recall = dict(zip(names, result.recall_rows[-1], strict=True))
+        metrics["selection_recall"] = {"last": float(np.mean(result.recall_rows[-1])), "per_dataset": last_recall}
     atomic_write_json(path / "metrics.json", metrics)
     return metrics
 
@@ -125,7 +134,7 @@ def run_methods(
     notify = notify or _print_notice
     check_method_names(methods)
     device = resolve_device(cfg.device)
-    paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed) for m in methods}
+    paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval) for m in methods}
     _check_writable(Path(out))
     check_adapter_widths(cfg, methods)
     if resume:
@@ -134,6 +143,10 @@ def run_methods(
         from clbench.datasets.mtil import preflight
 
         preflight(cfg)
+    if cfg.benchmark == "xtail":
+        from clbench.datasets.xtail import preflight as xtail_preflight
+
+        xtail_preflight(cfg)
     torch.manual_seed(cfg.seed)  # random-init backbones (--pretrained none) are seeded too
     base_model = load_model(cfg, device, on_pretrain_step, allow_torchscript)
     benchmark = build_benchmark(cfg, base_model.image_spec)
@@ -348,7 +361,8 @@ def _can_write(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-STALE = ("accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv", "state_bytes.csv", CHECKPOINT_NAME)
+RECALL_NAME = "selection_recall.csv"
+STALE = (RECALL_NAME, "accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv", "state_bytes.csv", CHECKPOINT_NAME)
 
 
 def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Benchmark, device: torch.device,
@@ -370,7 +384,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
     env = environment_info(device)
     manifest = {"status": "running", "run_id": plan.run_id, "method": name, "seed": cfg.seed,
                 "benchmark": cfg.benchmark, "order": cfg.order, "started": started, "environment": env,
-                "benchmark_info": benchmark.info}
+                "evaluation": evaluation_info(cfg.eval, benchmark), "benchmark_info": benchmark.info}
     if plan.mode == "resume":
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_id != plan.run_id or ckpt.completed != plan.completed:
@@ -411,7 +425,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
     try:
         result = run_sequence(method, benchmark, train, profiler, device, cfg.seed, cfg.data.prompt,
                               cfg.precision, hooks, start_task=plan.completed, result=result,
-                              on_task_end=on_task_end)
+                              on_task_end=on_task_end, eval_rule=cfg.eval)
         commit()
         metrics = write_results(path, result, profiler)
         manifest.update(status="complete", finished=time.time(), seconds=time.time() - manifest["started"])
@@ -442,8 +456,10 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
 def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler: Profiler) -> Checkpoint:
     """The state after ``len(result.rows)`` tasks, as a :class:`~clbench.checkpoint.Checkpoint`."""
     rng, rng_extra = capture_rng()
+    recall = ({"zeroshot": list(result.zeroshot_recall), "rows": [list(r) for r in result.recall_rows]}
+              if result.zeroshot_recall is not None else {})
     return Checkpoint(run_id=run, completed=len(result.rows), datasets=list(result.datasets),
-                      zeroshot=list(result.zeroshot), rows=[list(r) for r in result.rows],
+                      zeroshot=list(result.zeroshot), rows=[list(r) for r in result.rows], recall=recall,
                       model=model.state_dict(), method=method.state_dict(), method_extra=method.extra_state(),
                       profile=[dataclasses.asdict(r) for r in profiler.records],
                       state_bytes=[dict(r) for r in profiler.state_bytes], rng=rng, rng_extra=rng_extra)
@@ -464,7 +480,20 @@ def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler) -> S
     profiler.records = [SectionRecord(**{k: v for k, v in r.items() if k in known}) for r in ckpt.profile]
     profiler.state_bytes = [dict(r) for r in ckpt.state_bytes]
     restore_rng(ckpt.rng, ckpt.rng_extra)
-    return SequenceResult(list(ckpt.datasets), list(ckpt.zeroshot), [list(r) for r in ckpt.rows])
+    recall = ckpt.recall or {}
+    return SequenceResult(list(ckpt.datasets), list(ckpt.zeroshot), [list(r) for r in ckpt.rows],
+                          zeroshot_recall=list(recall["zeroshot"]) if recall else None,
+                          recall_rows=[list(r) for r in recall.get("rows", [])])
+
+
+def evaluation_info(rule: str, benchmark: Benchmark) -> dict:
+    """The manifest's record of how the run was evaluated: the rule, and under the union rule the size of the
+    label space and the class names that several datasets share (reported, not merged)."""
+    info: dict = {"rule": rule}
+    if rule == "union":
+        info["classes"] = sum(len(t.classnames) for t in benchmark.tasks)
+        info["duplicate_classnames"] = duplicate_classnames(benchmark.tasks)
+    return info
 
 
 def config_summary(cfg: RunConfig) -> dict:

@@ -109,6 +109,7 @@ class RunSpec:
     folder: str  # the final results folder (absolute)
     threads: int = 1
     error: str | None = None  # the configuration is invalid: the run fails without starting
+    eval_rule: str = ""  # the resolved --eval rule (part of the folder name when not the benchmark's own)
 
     @property
     def name(self) -> str:
@@ -283,17 +284,17 @@ def expand(request: SweepRequest) -> list[RunSpec]:
             point = tuple((a.label, v) for a, v in zip(axes, values, strict=True))
             run_options = (*request.options, ("order", order), ("seed", seed))
             sets = (*sets_for(method, request.sets), *(f"{a.key}={v}" for a, v in zip(axes, values, strict=True)))
-            folder = run_dir(Path(request.out), benchmark, order, folder_name(method, point), seed)
-            error = None
+            error, eval_rule = None, ""
             try:
                 cfg = build_config(request.preset, dict(run_options), list(sets), [method])
-                rid = run_id(method_run_config(cfg, method))
+                rid, eval_rule = run_id(method_run_config(cfg, method)), cfg.eval
             except UserError as exc:
                 error = str(exc)
                 rid = run_id({"invalid": True, "method": method, "preset": request.preset,
                               "options": [list(o) for o in run_options], "sets": list(sets)})
+            folder = run_dir(Path(request.out), benchmark, order, folder_name(method, point), seed, eval_rule)
             specs.append(RunSpec(rid, method, order, seed, point, request.preset, run_options, sets, benchmark,
-                                 request.out, str(folder), request.threads, error))
+                                 request.out, str(folder), request.threads, error, eval_rule))
     _check_distinct(specs)
     return specs
 
@@ -405,7 +406,7 @@ def staged_folder(spec: RunSpec) -> Path:
     """Where the runner writes ``spec`` while it runs (inside the staging folder)."""
     from clbench.results import run_dir
 
-    return run_dir(spec.staging / "out", spec.benchmark, spec.order, spec.method, spec.seed)
+    return run_dir(spec.staging / "out", spec.benchmark, spec.order, spec.method, spec.seed, spec.eval_rule)
 
 
 @contextlib.contextmanager

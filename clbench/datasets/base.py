@@ -45,3 +45,32 @@ class Benchmark:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+
+@dataclass(frozen=True)
+class ClassSpan:
+    """Where one dataset's classes sit in the union label space: columns ``start`` to ``stop - 1``."""
+
+    dataset: str
+    start: int
+    stop: int
+
+
+def union_spans(benchmark: Benchmark) -> list[ClassSpan]:
+    """Each dataset's column range in the union label space, in sequence order."""
+    spans, start = [], 0
+    for task in benchmark.tasks:
+        spans.append(ClassSpan(task.name, start, start + len(task.classnames)))
+        start += len(task.classnames)
+    return spans
+
+
+def duplicate_classnames(tasks: list[Task]) -> list[dict]:
+    """Class names that occur in more than one dataset (compared case-insensitively, stripped), e.g. X-TAIL's
+    ``lotus`` in Caltech101 and Flowers. Under the union label space such classes get near-identical text
+    features and argmax picks the earlier dataset's column, so runs report them rather than merge them."""
+    seen: dict[str, list[str]] = {}
+    for task in tasks:
+        for name in dict.fromkeys(c.strip().lower() for c in task.classnames):
+            seen.setdefault(name, []).append(task.name)
+    return [{"name": name, "datasets": where} for name, where in sorted(seen.items()) if len(where) > 1]

@@ -9,7 +9,10 @@ the model, its own typed hyperparameters and the current task, and supplies:
 - ``loss(images, labels, task)``  the training objective (default: CE over CLIP logits);
 - ``after_step(task, step)``      e.g. weight ensembling;
 - ``after_task(task)``            e.g. merge the adapters, update a stored subspace;
-- ``logits(...)``                 evaluation logits (default: scaled cosine similarity);
+- ``logits(...)``                 evaluation logits within one dataset (default: scaled cosine similarity);
+- ``logits_union(...)``           evaluation logits over every dataset's classes (``--eval union``, X-TAIL);
+                                  a method overriding ``logits`` must override this too and document its
+                                  routing rule;
 - ``state_dict()``/``load_state_dict()`` tensors + JSON for resume (no pickles);
 - ``state_bytes()``               what it holds between tasks, for the cost profile.
 
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from clbench.datasets.base import Task
+from clbench.datasets.base import ClassSpan, Task
 from clbench.models.clip import ClipModel
 from clbench.profiling import Profiler
 
@@ -117,6 +120,16 @@ class Method:
     # ---- evaluation -----------------------------------------------------------------------------
     def logits(self, image_features: Tensor, text_features: Tensor, dataset: str, trained: bool) -> Tensor:
         """Evaluation logits for ``dataset``; ``trained`` says whether it was trained on already."""
+        return self.model.logit_scale() * image_features @ text_features.T
+
+    def logits_union(self, image_features: Tensor, text_features: Tensor, spans: list[ClassSpan],
+                     trained: int) -> Tensor:
+        """Evaluation logits over the union label space (all datasets' classes, in sequence order).
+
+        ``text_features`` has one row per class of every dataset, encoded by the current model; ``spans`` say
+        which columns belong to which dataset; the first ``trained`` datasets have been trained on. Default:
+        the scaled cosine similarity to every class (X-TAIL's rule for methods that adapt the encoders).
+        """
         return self.model.logit_scale() * image_features @ text_features.T
 
     # ---- state ----------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ positions including padding (D8).
 KeepLoRA+ (official code, spec §5): a cosine head per task, ``30·cos(z, w_c)`` on the normalised image
 embedding, initialised from the normalised class means of the image features after the shift (S4) and before
 training, trained with B, frozen afterwards, and added to CLIP's logits only for datasets already trained.
+Under ``--eval union`` (X-TAIL, no task identity) each trained dataset's head is added on that dataset's
+columns of the union logits; untrained datasets keep the plain CLIP logits (``KeepLoRAPlus.logits_union``).
 
 KeepLoRA++ (newer official code, spec "KeepLoRA++" §3.2/§3.4): KeepLoRA with ``B = 0`` at init (no shift) and a
 fixed per-layer scale ``s_l = γ + (1 − γ)·l/(L − 1)`` (γ = 0.2) on every adapter output and merged update;
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.config import check_range
+from clbench.datasets.base import ClassSpan
 from clbench.errors import UserError
 from clbench.linalg import (
     CovarianceAccumulator,
@@ -431,6 +434,19 @@ class KeepLoRAPlus(KeepLoRA):
     def logits(self, image_features: Tensor, text_features: Tensor, dataset: str, trained: bool) -> Tensor:
         logits = super().logits(image_features, text_features, dataset, trained)
         return logits + self.head_logits(image_features, dataset) if trained and dataset in self.heads else logits
+
+    def logits_union(self, image_features: Tensor, text_features: Tensor, spans: list[ClassSpan],
+                     trained: int) -> Tensor:
+        """Routing rule for the union label space (X-TAIL): CLIP's logits over every class, plus each trained
+        dataset's head on that dataset's columns. Datasets not trained yet have no head, so their columns are
+        the model's own text-feature logits alone (the "base text features" of X-TAIL spec §A3). No router
+        picks a dataset first: the heads (scale 30) lift the columns of trained datasets, which is how
+        KeepLoRA+'s heads favour seen domains; the run's task-selection recall shows the effect."""
+        logits = super().logits_union(image_features, text_features, spans, trained)
+        for span in spans[:trained]:
+            if span.dataset in self.heads:
+                logits[:, span.start:span.stop] += self.head_logits(image_features, span.dataset).to(logits.dtype)
+        return logits
 
     def state_bytes(self) -> dict[str, int]:
         heads = sum(h.numel() * h.element_size() for h in self.heads.values())

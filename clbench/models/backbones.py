@@ -8,6 +8,7 @@ weight is a :class:`~clbench.errors.UserError` that says which file to put where
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable
@@ -49,6 +50,21 @@ def _normaliser(spec: ImageSpec) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: (images - mean) / std
 
 
+def _create_without_weights(name: str):
+    """``open_clip.create_model(name)`` with random weights, without open_clip's "No pretrained weights loaded"
+    warning: clbench loads the weights itself right after (or the user asked for ``--pretrained none``)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    finally:
+        root.removeFilter(keep)
+
+
 def tiny_weights_path(cfg: PretrainConfig | None = None) -> Path:
     cfg = cfg or PretrainConfig()
     return cache_dir() / f"tiny-{config_key(tiny_model_config(), cfg)}" / "model.safetensors"
@@ -64,7 +80,7 @@ def ensure_tiny_weights(
         return path
     _register_tiny()
     torch.manual_seed(cfg.seed)  # the random initialisation is part of what the seed determines
-    clip = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)
+    clip = _create_without_weights(TINY_OPEN_CLIP_NAME)
     tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
     state = pretrain(clip, tokenizer, _normaliser(_image_spec(clip)), cfg, on_step=on_step)
     try:
@@ -129,7 +145,7 @@ def load_backbone(
     """Build backbone ``name`` with weights ``pretrained`` (a tag, a file, ``none``, or the embedded default)."""
     if name == TINY:
         _register_tiny()
-        clip = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)
+        clip = _create_without_weights(TINY_OPEN_CLIP_NAME)
         tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
         if pretrained in (None, "embedded"):
             state = load_state_file(ensure_tiny_weights(on_step=on_pretrain_step))
@@ -142,9 +158,9 @@ def load_backbone(
                             "(python -c 'import open_clip; print(open_clip.list_models())')")
         tokenizer = open_clip.get_tokenizer(name)
         if pretrained in (None, "none"):
-            clip = open_clip.create_model(name, pretrained=None)
+            clip = _create_without_weights(name)
         elif Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
-            clip = open_clip.create_model(name, pretrained=None)
+            clip = _create_without_weights(name)
             clip.load_state_dict(_checked_state(load_state_file(Path(pretrained), allow_torchscript), clip, name))
         else:
             clip = _from_tag(name, pretrained)
