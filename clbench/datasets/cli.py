@@ -11,7 +11,7 @@ from clbench.errors import UserError
 
 def _check(
     data_root: Annotated[str, typer.Option(help="folder holding the datasets (default: $CLBENCH_DATA_ROOT)")] = "",
-    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil")] = "mtil",
+    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil or xtail")] = "mtil",
 ) -> None:
     """Table of the benchmark's datasets: found or missing (exact path), train/test images, classes.
 
@@ -21,13 +21,20 @@ def _check(
     from rich.console import Console
     from rich.table import Table
 
-    from clbench.datasets.mtil import inspect_mtil, resolve_data_root, unusable_line
+    from clbench.datasets.mtil import resolve_data_root
 
-    if benchmark != "mtil":
-        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows only mtil (synthetic is embedded)")
-    root = resolve_data_root(data_root)
-    statuses = inspect_mtil(root)
-    table = Table(title=f"MTIL datasets under {root}")
+    if benchmark == "mtil":
+        from clbench.datasets.mtil import inspect_mtil as inspect
+        from clbench.datasets.mtil import unusable_line
+    elif benchmark == "xtail":
+        from clbench.datasets.xtail import inspect_xtail as inspect
+        from clbench.datasets.xtail import unusable_line
+    else:
+        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows mtil and xtail (synthetic is "
+                        "embedded)")
+    root = resolve_data_root(data_root, benchmark)
+    statuses = inspect(root)
+    table = Table(title=f"{'MTIL' if benchmark == 'mtil' else 'X-TAIL'} datasets under {root}")
     for col in ("dataset", "status", "train", "test", "classes", "folder / missing path"):
         table.add_column(col, justify="right" if col in ("train", "test", "classes") else "left", overflow="fold")
     for s in statuses:

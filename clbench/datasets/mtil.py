@@ -1,8 +1,8 @@
 """The real MTIL benchmark: 11 torchvision datasets over the ZSCL/KeepLoRA on-disk layout (spec §1, §2, §3.4).
 
 Where the data is: ``cfg.data_root`` (``--data-root`` or ``--set data_root=DIR``); when that is empty, the
-environment variable ``CLBENCH_DATA_ROOT``. Nothing is downloaded (every torchvision class gets
-``download=False``).
+environment variable ``CLBENCH_DATA_ROOT``, then the user's config file (:mod:`clbench.userconfig`). Nothing is
+downloaded (every torchvision class gets ``download=False``).
 
 Splits (recorded in ``Benchmark.info``): Aircraft ``train``/``test`` (not trainval), Flowers ``train`` (1,020
 images, not train+val)/``test``, OxfordPet ``trainval``/``test``, DTD partition 1 ``train``/``test``, the
@@ -121,17 +121,36 @@ LAYOUTS = {layout.name: layout for layout in (
 )}
 
 
-def resolve_data_root(data_root: str) -> Path:
-    """The data root: ``data_root`` if given, else ``$CLBENCH_DATA_ROOT``; it must be an existing folder."""
-    raw = data_root or os.environ.get(DATA_ROOT_ENV, "")
-    if not raw:
-        raise UserError(f"--benchmark mtil needs its datasets: pass --data-root DIR or set {DATA_ROOT_ENV}=DIR "
-                        "(the folder holding fgvc-aircraft-2013b, caltech101, ...; see 'clbench data check')")
-    root = Path(raw).expanduser().absolute()
+_ROOT_HINT = {"mtil": "the folder holding fgvc-aircraft-2013b, caltech101, ...; see 'clbench data check'",
+              "xtail": "the folder holding the X-TAIL datasets in the CoOp layout"}
+_ROOT_CONTENTS = {"mtil": "the folder holding the 11 MTIL datasets",
+                  "xtail": "the folder holding the X-TAIL datasets (CoOp layout)"}
+
+
+def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
+    """The data root of ``benchmark``; it must be an existing folder.
+
+    Precedence: ``data_root`` (``--data-root``), else ``$CLBENCH_DATA_ROOT``, else the user's config file
+    (:mod:`clbench.userconfig`: ``[data_root_by_benchmark] <benchmark>``, then ``data_root``). Errors name the
+    source that gave a bad path, so a stale config file is not mistaken for a bad flag.
+    """
+    from clbench.userconfig import config_path, load_user_config
+
+    if data_root:
+        raw, source = Path(data_root), "--data-root"
+    elif os.environ.get(DATA_ROOT_ENV, ""):
+        raw, source = Path(os.environ[DATA_ROOT_ENV]), DATA_ROOT_ENV
+    else:
+        found = load_user_config().data_root_for(benchmark)
+        if found is None:
+            raise UserError(f"--benchmark {benchmark} needs its datasets: pass --data-root DIR or set "
+                            f"{DATA_ROOT_ENV}=DIR, or write data_root = \"DIR\" in {config_path()} "
+                            f"({_ROOT_HINT.get(benchmark, 'the folder holding its datasets')})")
+        raw, source = found
+    root = raw.expanduser().absolute()
     if not root.is_dir():
-        source = "--data-root" if data_root else DATA_ROOT_ENV
-        raise UserError(f"data root {root} (from {source}) does not exist or is not a folder; point it at the "
-                        "folder holding the 11 MTIL datasets")
+        raise UserError(f"data root {root} (from {source}) does not exist or is not a folder; point it at "
+                        f"{_ROOT_CONTENTS.get(benchmark, 'the folder holding its datasets')}")
     return root
 
 
