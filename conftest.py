@@ -12,7 +12,12 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("cache")
-    old = {k: os.environ.get(k) for k in ("CLBENCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "XDG_CACHE_HOME")}
+    old = {k: os.environ.get(k) for k in ("CLBENCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "XDG_CACHE_HOME",
+                                          "XDG_CONFIG_HOME", "CLBENCH_CONFIG", "CLBENCH_DATA_ROOT")}
+    # a developer's own data root or ~/.config/clbench/config.toml must not change what the tests see
+    os.environ.pop("CLBENCH_CONFIG", None)
+    os.environ.pop("CLBENCH_DATA_ROOT", None)
+    os.environ["XDG_CONFIG_HOME"] = str(cache / "config")
     os.environ["CLBENCH_CACHE"] = str(cache / "clbench")
     os.environ["HF_HOME"] = str(cache / "hf")
     os.environ["XDG_CACHE_HOME"] = str(cache / "xdg")

@@ -246,6 +246,7 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     for name in method_names:
         hp = method_hparams(get_method(name), method_overrides[name], name)
         cfg.methods[name] = dataclasses.asdict(hp)
+        check_train_config(train_config_for(cfg, name), name)
     if not cfg.eval:
         cfg.eval = DEFAULT_EVAL[cfg.benchmark]
     if cfg.benchmark == "synthetic" and cfg.data_root:
@@ -270,6 +271,14 @@ def train_config_for(cfg: RunConfig, method: str) -> TrainConfig:
     for key, raw in cfg.method_train.get(method, {}).items():
         set_field(train, key.split("."), raw, f"{method}.train.{key}")
     return train
+
+
+def check_train_config(train: TrainConfig, method: str) -> None:
+    """Settings that only mean something together: a warm-up needs the schedule that has one."""
+    if train.warmup_steps and train.schedule != "cosine":
+        raise UserError(f"{method}: train.warmup_steps={train.warmup_steps} has no effect with schedule "
+                        f"{train.schedule!r}; add --set train.schedule=cosine (or {method}.train.schedule=cosine), "
+                        "or drop the warm-up")
 
 
 def method_run_config(cfg: RunConfig, method: str) -> dict:

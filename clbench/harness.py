@@ -26,6 +26,7 @@ from clbench.config import TrainConfig
 from clbench.datasets.base import Benchmark, Task, union_spans
 from clbench.methods.base import Method, TaskContext
 from clbench.profiling import Profiler
+from clbench.schedules import build_scheduler
 
 
 class DivergenceError(RuntimeError):
@@ -177,7 +178,8 @@ def evaluate_row(method: Method, benchmark: Benchmark, trained: int, train: Trai
 
 
 def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hooks, precision: str) -> int:
-    """The shared training loop: AdamW + OneCycle over the method's trainable parameters."""
+    """The shared training loop: AdamW with the configured schedule (``train.schedule``: OneCycle, ZSCL's
+    warm-up + cosine, or constant) over the method's trainable parameters."""
     params = method.trainable_parameters()
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     model = method.model
@@ -190,9 +192,7 @@ def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hook
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     steps = ctx.train_steps
     # a group's own "lr" (e.g. ZSCL's per-dataset rates) is that group's peak; others peak at train.lr
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                 total_steps=steps)
-             if train.schedule == "onecycle" else None)
+    sched = build_scheduler(opt, train, steps)
     use_amp = precision == "amp" and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     method.train_modules()

@@ -40,3 +40,64 @@ def test_set_overrides_a_methods_own_training_settings() -> None:
 def test_set_of_a_method_not_in_the_run_is_an_error() -> None:
     with pytest.raises(UserError, match="not in --methods"):
         build_config("default", {}, ["keeplora.rank=8"], ["lora"])
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_paper_preset_gives_zscl_and_finetune_zscls_schedule(order: int) -> None:
+    from clbench.datasets.mtil import LAYOUTS
+    from clbench.methods.zscl import parse_lr_overrides
+
+    cfg = build_config("paper", {"order": order}, [], ["zscl", "finetune", "keeplora"])
+    for name in ("zscl", "finetune"):
+        train = train_config_for(cfg, name)
+        assert (train.schedule, train.warmup_steps, train.max_steps) == ("cosine", 100, 1000)
+        assert train.lr == pytest.approx(1e-5) and train.weight_decay == 0.0
+        assert method_run_config(cfg, name)["train"]["schedule"] == "cosine"
+    overrides = parse_lr_overrides(cfg.methods["zscl"]["lr_overrides"])
+    assert overrides == pytest.approx({"Aircraft": 5e-5, "MNIST": 5e-5})
+    assert set(overrides) <= set(LAYOUTS)  # the keys are MTIL task names, or they would never match
+    assert train_config_for(cfg, "keeplora").schedule == "onecycle"
+    assert train_config_for(cfg, "keeplora").warmup_steps == 0
+
+
+def test_data_options_set_the_data_fields() -> None:
+    cfg = build_config("default", {"benchmark": "mtil"}, [], ["lora"], {"shots": 5, "skip_bad_images": True})
+    assert cfg.data.shots == 5 and cfg.data.skip_bad_images is True
+    cfg = build_config("default", {"benchmark": "mtil"}, [], ["lora"], {"shots": None, "skip_bad_images": None})
+    assert cfg.data.shots == 0 and cfg.data.skip_bad_images is False  # None leaves the preset's values
+    cfg = build_config("default", {"benchmark": "mtil"}, ["data.shots=16"], ["lora"], {"shots": 5})
+    assert cfg.data.shots == 16  # --set comes last
+
+
+@pytest.mark.parametrize("data_options, flag", [({"shots": 5}, "--shots"),
+                                                ({"skip_bad_images": True}, "--skip-bad-images")])
+def test_real_data_options_on_synthetic_are_one_line_errors(data_options: dict, flag: str) -> None:
+    with pytest.raises(UserError) as exc:
+        build_config("default", {}, [], ["lora"], data_options)
+    message = str(exc.value)
+    assert message.startswith(f"{flag} is for real datasets") and "\n" not in message
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--benchmark", "mtil", "--shots", "-1"], ("--shots=-1", ">= 0")),
+    (["--shots", "5"], ("--shots is for real datasets",)),
+    (["--skip-bad-images"], ("--skip-bad-images is for real datasets",)),
+])
+def test_data_flags_on_the_command_line(tmp_path, capsys, args: list[str], needles: tuple[str, ...]) -> None:
+    from clbench.cli import main
+
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "lora", "--preset", "smoke", "--pretrained", "none", "--quiet",
+                 "--out", str(out), *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and all(n in lines[0] for n in needles), lines[0]
+    assert not out.exists()
+
+
+def test_a_warmup_without_the_cosine_schedule_is_refused() -> None:
+    with pytest.raises(UserError, match="warmup_steps=5 has no effect"):
+        build_config("smoke", {}, ["train.warmup_steps=5"], ["lora"])
+    cfg = build_config("smoke", {}, ["train.warmup_steps=5", "train.schedule=cosine"], ["lora"])
+    assert cfg.train.warmup_steps == 5

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from clbench.config import TrainConfig, build_config
+from clbench.config import TrainConfig, build_config, train_config_for
 from clbench.datasets.base import Task
 from clbench.errors import UserError
 from clbench.harness import Hooks, make_loader_factory, train_task
@@ -198,6 +198,43 @@ def test_lr_overrides_become_group_learning_rates(tiny_model: ClipModel) -> None
     method.before_task(_ctx(_task("B"), 1, steps=1))
     assert all(isinstance(p, torch.nn.Parameter) for p in method.trainable_parameters())
 
+
+
+def test_paper_preset_trains_aircraft_at_its_own_rate_under_zscls_schedule(tiny_model: ClipModel,
+                                                                             monkeypatch) -> None:
+    """The rates the harness's optimiser uses, step by step, with the paper preset's ZSCL settings."""
+    import clbench.harness
+    import clbench.schedules
+
+    cfg = build_config("paper", {}, [], ["zscl"])
+    train = train_config_for(cfg, "zscl")
+    method = ZSCL(tiny_model, ZSCLHparams(**{**cfg.methods["zscl"], **SMALL_REF}), Profiler())
+    optimizers: list[torch.optim.Optimizer] = []
+    build = clbench.schedules.build_scheduler
+
+    def spy(opt, train_config, total):
+        optimizers.append(opt)
+        return build(opt, train_config, total)
+
+    monkeypatch.setattr(clbench.harness, "build_scheduler", spy)
+    rates: list[list[float]] = []
+    loss = method.loss
+
+    def recording_loss(*args):  # the rate the coming optimiser step will use
+        rates.append([g["lr"] for g in optimizers[-1].param_groups])
+        return loss(*args)
+
+    monkeypatch.setattr(method, "loss", recording_loss)
+    method.setup()
+    for index, name, peak in [(0, "Aircraft", 5e-5), (1, "Caltech101", 1e-5), (2, "MNIST", 5e-5)]:
+        ctx = _ctx(_task(name, seed=index), index, steps=3)
+        method.before_task(ctx)
+        rates.clear()
+        assert train_task(method, ctx, train, Hooks(), "fp32") == 3
+        # ZSCL's warm-up over 100 steps: peak·(s+1)/100 for the first steps; one group, all encoder weights
+        assert rates == [[pytest.approx(peak * (s + 1) / 100, rel=1e-12)] for s in range(3)]
+        assert sum(len(g["params"]) for g in optimizers[-1].param_groups) == len(tiny_model.encoder_parameters())
+        method.after_task(ctx)
 
 def test_smoke_run(tmp_path: Path) -> None:
     from clbench.runner import run_methods

@@ -36,10 +36,11 @@ train; read with the test transform, no augmentation) and ``ref_captions`` (a CS
 Conceptual Captions validation file with its ``title`` column); missing options are a :class:`UserError`.
 
 Per-dataset learning rates (5e-5 for Aircraft and MNIST, 1e-5 for the others in the paper's MTIL runs):
-set the run's rate with ``--set zscl.train.lr=1e-5`` and the exceptions with
-``--set zscl.lr_overrides=Aircraft:5e-5,MNIST:5e-5`` (an optimiser group learning rate, which the
-harness's schedule uses as that group's peak). The paper's warm-up + cosine schedule over 1000 iterations
-is not reproduced by the harness's schedules (OneCycle or constant) [adapted].
+the run's rate is ``zscl.train.lr`` and the exceptions are ``zscl.lr_overrides=Aircraft:5e-5,MNIST:5e-5``
+(matched against the task's name; an optimiser group learning rate, which the harness's schedule uses as
+that group's peak). ``--preset paper`` sets both, with ZSCL's schedule: 1000 iterations, linear warm-up over
+100 steps, then cosine decay to 0 (``train.schedule=cosine``, ``train.warmup_steps=100``;
+:mod:`clbench.schedules`) [code].
 
 Cost centres: ``reference_forward`` (the frozen model's forwards: caption cache and reference images).
 State between tasks: the frozen reference model and the caption embeddings (``state_bytes``). Neither is
