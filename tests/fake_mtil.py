@@ -61,22 +61,27 @@ def _mat(path: Path, contents: dict) -> None:
     savemat(path, contents)
 
 
-def fake_aircraft(root: Path) -> FakeDataset:
-    data = root / "fgvc-aircraft-2013b" / "data"
-    variants = ["707-320", "A300B4", "F-16A/B"]
+def write_aircraft_lists(data: Path, variants: list[str], per_class: dict[str, int]) -> list[Path]:
+    """FGVC-Aircraft's files under ``data``: ``variants.txt``, and per split ``per_class[split]`` images of each
+    variant (``images/<id>.jpg``) listed in ``images_variant_<split>.txt``; returns the images in order."""
     _write(data / "variants.txt", "".join(v + "\n" for v in variants))
-    out = FakeDataset(classnames=list(variants))
+    files = []
     image_id = 1000000
-    for split, per_class in (("train", 2), ("test", 1)):
+    for split, count in per_class.items():
         lines = []
         for v in variants:
-            for _ in range(per_class):
+            for _ in range(count):
                 image_id += 1
-                out.image_files.append(_image(data / "images" / f"{image_id}.jpg", image_id))
+                files.append(_image(data / "images" / f"{image_id}.jpg", image_id))
                 lines.append(f"{image_id} {v}\n")
         _write(data / f"images_variant_{split}.txt", "".join(lines))
-    out.n_train, out.n_test = 2 * len(variants), len(variants)
-    return out
+    return files
+
+
+def fake_aircraft(root: Path) -> FakeDataset:
+    variants = ["707-320", "A300B4", "F-16A/B"]
+    files = write_aircraft_lists(root / "fgvc-aircraft-2013b" / "data", variants, {"train": 2, "test": 1})
+    return FakeDataset(n_train=2 * len(variants), n_test=len(variants), classnames=list(variants), image_files=files)
 
 
 def fake_caltech101(root: Path, names: list[str]) -> FakeDataset:
@@ -174,16 +179,22 @@ def _idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def fake_mnist(root: Path) -> FakeDataset:
-    raw = root / "MNIST" / "raw"
+MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+                 "8 - eight", "9 - nine"]
+
+
+def write_mnist_raw(raw: Path) -> None:
+    """The four MNIST idx files under ``raw``: two random training images and one test image per digit."""
     rng = np.random.default_rng(0)
     for prefix, per_class in (("train", 2), ("t10k", 1)):
         labels = np.repeat(np.arange(10), per_class)
         _idx(raw / f"{prefix}-images-idx3-ubyte", (rng.random((len(labels), 28, 28)) * 255).astype(np.uint8))
         _idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    names = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
-             "8 - eight", "9 - nine"]
-    return FakeDataset(n_train=20, n_test=10, classnames=names)
+
+
+def fake_mnist(root: Path) -> FakeDataset:
+    write_mnist_raw(root / "MNIST" / "raw")
+    return FakeDataset(n_train=20, n_test=10, classnames=list(MNIST_CLASSES))
 
 
 def fake_pet(root: Path) -> FakeDataset:

@@ -17,11 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from fake_mtil import _idx, _image, _write
-
-MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
-                 "8 - eight", "9 - nine"]
+from fake_mtil import MNIST_CLASSES, _image, _write, write_aircraft_lists, write_mnist_raw
 
 
 @dataclass
@@ -92,31 +88,15 @@ def fake_coop(root: Path, domain: str, seed: int) -> FakeDomain:
 
 
 def fake_aircraft(root: Path) -> FakeDomain:
-    top = root / "Aircraft"
     variants = ["707-320", "Cessna 172", "F-16A/B"]
-    _write(top / "variants.txt", "".join(v + "\n" for v in variants))
-    out = FakeDomain("Aircraft", classnames=list(variants), train_per_class=[2, 2, 2])
-    image_id = 1000000
-    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
-        lines = []
-        for v in variants:
-            for _ in range(per_class):
-                image_id += 1
-                out.image_files.append(_image(top / "images" / f"{image_id}.jpg", image_id))
-                lines.append(f"{image_id} {v}\n")
-        _write(top / f"images_variant_{split}.txt", "".join(lines))
-    out.n_train, out.n_val, out.n_test = 2 * len(variants), len(variants), len(variants)
-    return out
+    files = write_aircraft_lists(root / "Aircraft", variants, {"train": 2, "val": 1, "test": 1})
+    return FakeDomain("Aircraft", n_train=2 * len(variants), n_val=len(variants), n_test=len(variants),
+                      classnames=list(variants), train_per_class=[2, 2, 2], image_files=files)
 
 
 def fake_mnist(root: Path) -> FakeDomain:
     """torchvision's MNIST(root/MNIST) reads root/MNIST/MNIST/raw: two training and one test image per digit."""
-    raw = root / "MNIST" / "MNIST" / "raw"
-    rng = np.random.default_rng(0)
-    for prefix, per_class in (("train", 2), ("t10k", 1)):
-        labels = np.repeat(np.arange(10), per_class)
-        _idx(raw / f"{prefix}-images-idx3-ubyte", (rng.random((len(labels), 28, 28)) * 255).astype(np.uint8))
-        _idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    write_mnist_raw(root / "MNIST" / "MNIST" / "raw")
     return FakeDomain("MNIST", n_train=20, n_test=10, classnames=[f'number: "{c}"' for c in MNIST_CLASSES],
                       train_per_class=[2] * 10)
 

@@ -197,5 +197,5 @@ def test_unreadable_image_in_the_first_task_leaves_no_files(fake_mtil_tree: Path
     out = tmp_path / "out"
     code = main(["run", "--methods", "lora", "--benchmark", "mtil", "--data-root", str(root), "--out", str(out),
                  *SMOKE, "--device", "cpu", "--set", "data.num_tasks=1"])
-    assert_one_line_error(capsys, code, bad.name, "skip_bad_images")
+    assert_one_line_error(capsys, code, bad.name, "--skip-bad-images")
     assert not out.exists()

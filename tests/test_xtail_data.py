@@ -301,7 +301,8 @@ def test_unknown_aircraft_variant(own_tree: Path) -> None:
 def test_listed_image_not_on_disk(tree: FakeXTail, own_tree: Path) -> None:
     gone = own_tree / tree.domains["food101"].image_files[0].relative_to(tree.root)
     gone.unlink()
-    with pytest.raises(UserError, match=f"food101: incomplete: 1 listed image\\(s\\) are not on disk, e.g. {gone}"):
+    with pytest.raises(UserError, match=f"^food101: incomplete: 1 listed image\\(s\\) are not on disk, e.g. {gone}; "
+                                        f"re-extract the dataset into {own_tree / 'Food'} \\(or --skip-bad-images\\)$"):
         build(own_tree)
     b = build(own_tree, skip_bad_images=True)
     food = task(b, "food101")
@@ -313,7 +314,7 @@ def test_corrupt_image_with_shots_is_replaced(tree: FakeXTail, own_tree: Path) -
     dtd = task(build(own_tree, shots=2), "dtd")
     bad = Path(dtd.train.files()[0])  # a pick of class 0 (18 images)
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(UserError, match=f"dtd: cannot read image {bad} .*skip_bad_images=true"):
+    with pytest.raises(UserError, match=f"dtd: cannot read image {bad} .*or run with --skip-bad-images to skip"):
         dtd.train[0]
     again = task(build(own_tree, shots=2, skip_bad_images=True), "dtd")
     assert str(bad) not in again.train.files() and Counter(again.train.labels()) == {0: 2, 1: 2, 2: 2}

@@ -16,7 +16,7 @@ def _check(
     """Table of the benchmark's datasets: found or missing (exact path), train/test images, classes.
 
     Exits 0 only if every dataset is usable; otherwise exits 2 with one line naming what is missing.
-    Images are checked for existence, not decoded (a run with --set data.skip_bad_images=true decodes them).
+    Images are checked for existence, not decoded (a run with --skip-bad-images decodes them).
     """
     from rich.console import Console
     from rich.table import Table

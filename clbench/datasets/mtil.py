@@ -30,22 +30,21 @@ synthetic benchmark only (MTIL uses the full splits).
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from clbench.config import DataConfig, RunConfig
 from clbench.datasets.base import Benchmark, ImageSpec, Task
+from clbench.datasets.datacheck import DATA_ROOT_ENV, DatasetStatus, LayoutCheck
 from clbench.datasets.mtil_names import (
     CALTECH101_FOLDERS,
     EUROSAT_FOLDERS,
@@ -55,16 +54,24 @@ from clbench.datasets.mtil_names import (
     process_label,
     templates_for,
 )
+from clbench.datasets.selection import (
+    READ_ERRORS,
+    Draw,
+    Selection,
+    Source,
+    bad_images_summary,
+    dataset_files,
+    dataset_labels,
+    first_tasks,
+    read_error_reason,
+    select_task,
+)
 from clbench.errors import UserError
 
-log = logging.getLogger(__name__)
-
-DATA_ROOT_ENV = "CLBENCH_DATA_ROOT"
 SPLIT_SEED = 42
 TRAIN_FRACTION = 0.8
 SUN397_ORDER_NOTE = ("SUN397 file list sorted by path before the split (ZSCL/KeepLoRA split torchvision's "
                      "Path.rglob order, which depends on the filesystem)")
-READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,32 +161,6 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
     return root
 
 
-def first_missing(root: Path, name: str) -> Path | None:
-    """The dataset's folder if it is absent, else the first required file/folder that is absent, else None."""
-    layout = LAYOUTS[name]
-    if not layout.path(root).is_dir():
-        return layout.path(root)
-    for rel in layout.required:
-        path = root / rel
-        if not (path.is_dir() if rel.endswith("/") else path.is_file()):
-            return path
-    return None
-
-
-def layout_problem(root: Path, name: str) -> str | None:
-    """One line if dataset ``name`` is absent or half-present under ``root`` (nothing is read), else None."""
-    layout = LAYOUTS[name]
-    top = layout.path(root)
-    missing = first_missing(root, name)
-    if missing is None:
-        return None
-    if missing == top:
-        return (f"{name}: not found: expected {top} (torchvision layout: {', '.join(layout.required)}); put the "
-                "dataset there or fix --data-root")
-    kind = "folder" if any(missing == root / r and r.endswith("/") for r in layout.required) else "file"
-    return f"{name}: incomplete: {kind} {missing} is missing; re-extract the dataset into {top}"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reading the torchvision classes.
 
@@ -197,19 +178,6 @@ class _Flowers102(tvd.Flowers102):
 
     _file_dict = {"image": ("102flowers.tgz", None), "label": ("imagelabels.mat", None),
                   "setid": ("setid.mat", None)}
-
-
-@dataclass
-class Source:
-    """One dataset as torchvision reads it (no transform): split positions into its train/test datasets."""
-
-    name: str
-    train: Dataset
-    test: Dataset
-    train_positions: list[int]
-    test_positions: list[int]
-    classnames: list[str]
-    notes: list[str] = field(default_factory=list)
 
 
 def _random_split_positions(n: int) -> tuple[list[int], list[int]]:
@@ -341,7 +309,7 @@ def _check_same_classes(name: str, top: Path, train: Sequence[str], test: Sequen
 
 def read_source(root: Path, name: str) -> Source:
     """Read dataset ``name`` through its torchvision class; any failure is one line naming it and its path."""
-    problem = layout_problem(root, name)
+    problem = CHECK.problem(root, name)
     if problem:
         raise UserError(problem)
     top = LAYOUTS[name].path(root)
@@ -354,40 +322,19 @@ def read_source(root: Path, name: str) -> Source:
                         f"(pip install {exc.name or 'scipy'})") from None
     except (RuntimeError, OSError, ValueError, KeyError, IndexError, TypeError, EOFError, AssertionError,
             UnicodeDecodeError, pickle.UnpicklingError) as exc:
-        raise UserError(f"{name}: torchvision could not read {top} ({_reason(exc)}); re-extract the dataset "
+        raise UserError(f"{name}: torchvision could not read {top} ({read_error_reason(exc)}); re-extract the dataset "
                         f"there") from None
     if not source.classnames:
         raise UserError(f"{name}: no classes found under {top}; re-extract the dataset there")
     return source
 
 
+CHECK = LayoutCheck("MTIL", "torchvision", "clbench data check --data-root DIR", LAYOUTS, EXPECTED_CLASSES,
+                    read_source)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Per-sample access without decoding: labels and file paths of a torchvision dataset.
-
-
-def dataset_labels(ds: Dataset) -> list[int]:
-    """The label of every sample, read from the dataset's index (no image is opened)."""
-    if isinstance(ds, tvd.StanfordCars):
-        return [int(t) for _, t in ds._samples]
-    for attr in ("_labels", "y", "targets"):
-        if hasattr(ds, attr):
-            return [int(t) for t in getattr(ds, attr)]
-    raise TypeError(f"no label index on {type(ds).__name__}")
-
-
-def dataset_files(ds: Dataset) -> list[str] | None:
-    """The image file of every sample, or None for datasets held as arrays (CIFAR100, MNIST)."""
-    if isinstance(ds, tvd.Caltech101):
-        base = Path(ds.root) / "101_ObjectCategories"
-        return [str(base / ds.categories[y] / f"image_{i:04d}.jpg") for i, y in zip(ds.index, ds.y, strict=True)]
-    if isinstance(ds, tvd.StanfordCars):
-        return [p for p, _ in ds._samples]
-    if isinstance(ds, tvd.ImageFolder):
-        return [p for p, _ in ds.samples]
-    for attr in ("_image_files", "_images"):
-        if hasattr(ds, attr):
-            return [str(p) for p in getattr(ds, attr)]
-    return None
+# Preprocessing and lazy image access.
 
 
 class BadImageError(UserError):
@@ -401,17 +348,10 @@ class BadImageError(UserError):
         super().__init__(message)
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return "UnidentifiedImageError: not an image PIL can read"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def bad_image_message(name: str, file: str | None, exc: BaseException) -> str:
     """The one-line error for an unreadable image."""
-    return (f"{name}: cannot read image {file or '(in-memory sample)'} ({_reason(exc)}); replace it with a good "
-            "copy, or run with --set data.skip_bad_images=true to skip unreadable images")
+    return (f"{name}: cannot read image {file or '(in-memory sample)'} ({read_error_reason(exc)}); replace it with a "
+            "good copy, or run with --skip-bad-images to skip unreadable images")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -455,8 +395,18 @@ class ImageView(Dataset):
         return None if all_files is None else [all_files[p] for p in self.positions]
 
 
+def task_from_selection(source: Source, sel: Selection, templates: list[str], info: dict, train_transform: Callable,
+                        test_transform: Callable) -> Task:
+    """The task over ``sel``'s positions of ``source`` (lazy image views); skipped images are added to ``info``."""
+    if sel.bad:
+        info["bad_images"] = sel.bad_images_info()
+    train = ImageView(source.name, source.train, sel.train, train_transform)
+    test = ImageView(source.name, source.test, sel.test, test_transform)
+    return Task(source.name, list(source.classnames), templates, train, test, info)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Few-shot picks and the bad-image scan.
+# Few-shot picks.
 
 
 def few_shot_positions(labels: Sequence[int], shots: int, seed: int = SPLIT_SEED,
@@ -473,84 +423,11 @@ def few_shot_positions(labels: Sequence[int], shots: int, seed: int = SPLIT_SEED
     return picks
 
 
-def image_problem(path: str) -> str | None:
-    """Why ``path`` cannot be decoded (missing, not an image, truncated), or None if it decodes."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; the whole stream is still read
-            image.load()
-    except READ_ERRORS as exc:
-        return _reason(exc)
-    return None
-
-
-def scan_images(files: Sequence[str], workers: int | None = None) -> dict[str, str]:
-    """Decode every file once (threads); returns ``{file: reason}`` for the unreadable ones."""
-    if not files:
-        return {}
-    workers = workers or min(16, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(image_problem, files, chunksize=64))
-    return {f: r for f, r in zip(files, reasons, strict=True) if r is not None}
-
-
-def missing_files(source: Source) -> list[str]:
-    """Listed image files that are not on disk (a half-extracted dataset)."""
-    seen: set[int] = set()
-    missing = []
-    for ds in (source.train, source.test):
-        if id(ds) in seen:
-            continue
-        seen.add(id(ds))
-        missing += [f for f in (dataset_files(ds) or []) if not os.path.isfile(f)]
-    return missing
-
-
-@dataclass
-class Selection:
-    """The positions a task uses after few-shot picking and bad-image skipping."""
-
-    train: list[int]
-    test: list[int]
-    bad: dict[str, str] = field(default_factory=dict)  # file -> reason
-    bad_train: int = 0
-    bad_test: int = 0
-
-
-def select_positions(source: Source, shots: int, skip_bad: bool) -> Selection:
-    """Apply few-shot picking (train) and, if ``skip_bad``, drop unreadable images from both splits."""
-    train_files, test_files = dataset_files(source.train), dataset_files(source.test)
-    sel = Selection(list(source.train_positions), list(source.test_positions))
-    if skip_bad and test_files is not None:
-        bad = scan_images([test_files[p] for p in sel.test])
-        sel.bad.update(bad)
-        kept = [p for p in sel.test if test_files[p] not in bad]
-        sel.bad_test, sel.test = len(sel.test) - len(kept), kept
+def few_shot_draw(shots: int) -> Draw | None:
+    """The few-shot rule as a :data:`~clbench.datasets.selection.Draw` (None for 0: the whole training split)."""
     if shots <= 0:
-        if skip_bad and train_files is not None:
-            bad = scan_images([train_files[p] for p in sel.train if train_files[p] not in sel.bad])
-            sel.bad.update(bad)
-            kept = [p for p in sel.train if train_files[p] not in sel.bad]
-            sel.bad_train, sel.train = len(sel.train) - len(kept), kept
-        return sel
-    all_labels = dataset_labels(source.train)
-    labels = [all_labels[p] for p in sel.train]
-    excluded: set[int] = set()
-    checked: set[int] = set()
-    while True:
-        picks = few_shot_positions(labels, shots, exclude=excluded)
-        if not (skip_bad and train_files is not None):
-            break
-        new = [i for i in picks if i not in checked]
-        checked.update(new)
-        bad = scan_images([train_files[sel.train[i]] for i in new])
-        if not bad:
-            break
-        sel.bad.update(bad)
-        excluded.update(i for i in new if train_files[sel.train[i]] in bad)
-    sel.bad_train = len(excluded)
-    sel.train = [sel.train[i] for i in picks]
-    return sel
+        return None
+    return lambda labels, excluded: few_shot_positions(labels, shots, exclude=excluded)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -558,77 +435,40 @@ def select_positions(source: Source, shots: int, skip_bad: bool) -> Selection:
 
 
 def _task_names(cfg: RunConfig) -> list[str]:
-    names = list(ORDERS[cfg.order])
-    if cfg.data.num_tasks:
-        if cfg.data.num_tasks > len(names):
-            raise UserError(f"data.num_tasks={cfg.data.num_tasks}: MTIL has {len(names)} tasks; use 0 (all) or "
-                            f"1..{len(names)}")
-        names = names[: cfg.data.num_tasks]
-    return names
+    return first_tasks(ORDERS[cfg.order], cfg.data.num_tasks, "MTIL")
 
 
 def unusable_line(root: Path, bad: Sequence[tuple[str, Path | None, str]], total: int) -> str:
     """One line for the unusable datasets, each given as (name, the absent path or None, its problem line)."""
-    if len(bad) == 1:
-        return bad[0][2]
-    if len(bad) == total and all(path == LAYOUTS[name].path(root) for name, path, _ in bad):
-        return (f"none of the {total} MTIL datasets is under {root} (e.g. expected {bad[0][1]}); check --data-root "
-                f"or {DATA_ROOT_ENV} ('clbench data check --data-root DIR' lists every expected path)")
-    parts = [f"{name} ({'missing ' + str(path) if path else problem})" for name, path, problem in bad]
-    return f"{len(bad)} of the {total} MTIL datasets are not usable under {root}: {'; '.join(parts)}"
-
-
-def check_all_present(root: Path, names: Sequence[str]) -> None:
-    """Raise one line for all absent or half-present datasets (nothing is read)."""
-    bad = [(n, first_missing(root, n), layout_problem(root, n)) for n in names if layout_problem(root, n)]
-    if bad:
-        raise UserError(unusable_line(root, bad, len(names)))
+    return CHECK.unusable_line(root, bad, total)
 
 
 def load_task(root: Path, name: str, data: DataConfig, train_transform: Callable, test_transform: Callable) -> Task:
     """One MTIL task: its splits (few-shot, bad images skipped if asked), class names and templates."""
-    source = read_source(root, name)
-    missing = missing_files(source)
-    if missing and not data.skip_bad_images:
-        raise UserError(f"{name}: incomplete: {len(missing)} listed image(s) are not on disk, e.g. {missing[0]}; "
-                        f"re-extract the dataset into {LAYOUTS[name].path(root)} (or --set data.skip_bad_images=true)")
-    sel = select_positions(source, data.shots, data.skip_bad_images)
-    if not sel.train or not sel.test:
-        split = "training" if not sel.train else "test"
-        raise UserError(f"{name}: no usable {split} images under {LAYOUTS[name].path(root)}; check the dataset")
-    if sel.bad:
-        log.warning("%s: skipped %d unreadable image(s) (train %d, test %d), e.g. %s", name, len(sel.bad),
-                    sel.bad_train, sel.bad_test, next(iter(sel.bad)))
-    layout = LAYOUTS[name]
+    source, layout = read_source(root, name), LAYOUTS[name]
+    sel = select_task(source, layout.path(root), data, few_shot_draw(data.shots))
     info = {"source": "mtil", "path": str(layout.path(root)), "train_split": layout.train_split,
             "test_split": layout.test_split, "n_train": len(sel.train), "n_test": len(sel.test),
             "n_classes": len(source.classnames), "expected_classes": EXPECTED_CLASSES[name], "notes": source.notes}
     if data.shots:
         info["shots"] = data.shots
         info["n_train_full"] = len(source.train_positions)
-    if sel.bad:
-        info["bad_images"] = {"train": sel.bad_train, "test": sel.bad_test, "files": dict(list(sel.bad.items())[:20])}
-    templates = templates_for(name, data.prompt)
-    train = ImageView(name, source.train, sel.train, train_transform)
-    test = ImageView(name, source.test, sel.test, test_transform)
-    return Task(name, list(source.classnames), templates, train, test, info)
+    return task_from_selection(source, sel, templates_for(name, data.prompt), info, train_transform, test_transform)
 
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before any model is loaded, if the data root or a dataset's files are absent (nothing is read)."""
-    check_all_present(resolve_data_root(cfg.data_root), _task_names(cfg))
+    CHECK.check_all_present(resolve_data_root(cfg.data_root), _task_names(cfg))
 
 
 def build_mtil(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
     """The MTIL task sequence in ``cfg.order`` from the datasets under the data root (see module docstring)."""
     root = resolve_data_root(cfg.data_root)
     names = _task_names(cfg)
-    check_all_present(root, names)
+    CHECK.check_all_present(root, names)
     test_transform = clip_transform(spec)
     train_transform = clip_transform(spec, augment=cfg.data.train_augment)
     tasks = [load_task(root, name, cfg.data, train_transform, test_transform) for name in names]
-    bad = {t.name: {k: v for k, v in t.info["bad_images"].items() if k != "files"}
-           for t in tasks if "bad_images" in t.info}
     info = {
         "data_root": str(root),
         "order": names,
@@ -645,9 +485,7 @@ def build_mtil(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
         "shots": cfg.data.shots,
         "few_shot": (f"first {cfg.data.shots} per class in the seed-{SPLIT_SEED} randperm of the training split; "
                      "full test sets") if cfg.data.shots else "off (full training sets)",
-        "skip_bad_images": cfg.data.skip_bad_images,
-        "bad_images": bad,
-        "bad_images_total": sum(v["train"] + v["test"] for v in bad.values()),
+        **bad_images_summary(cfg.data.skip_bad_images, tasks),
     }
     return Benchmark("mtil", cfg.order, tasks, info)
 
@@ -656,42 +494,6 @@ def build_mtil(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
 # ``clbench data check``.
 
 
-@dataclass
-class DatasetStatus:
-    """What ``clbench data check`` reports for one dataset."""
-
-    name: str
-    path: Path
-    usable: bool
-    problem: str = ""
-    n_train: int | None = None
-    n_test: int | None = None
-    n_classes: int | None = None
-    expected_classes: int = 0
-    missing: Path | None = None  # the exact path that is absent, if that is the problem
-
-
-def inspect_dataset(root: Path, name: str) -> DatasetStatus:
-    """Read dataset ``name`` (indexes only; images are checked for existence, not decoded)."""
-    status = DatasetStatus(name, LAYOUTS[name].path(root), False, expected_classes=EXPECTED_CLASSES[name],
-                           missing=first_missing(root, name))
-    try:
-        source = read_source(root, name)
-    except UserError as exc:
-        status.problem = str(exc)
-        return status
-    status.n_train, status.n_test = len(source.train_positions), len(source.test_positions)
-    status.n_classes = len(source.classnames)
-    missing = missing_files(source)
-    if missing:
-        status.missing = Path(missing[0])
-        status.problem = (f"{name}: incomplete: {len(missing)} listed image(s) are not on disk, e.g. {missing[0]}; "
-                          f"re-extract the dataset into {status.path}")
-    elif not status.n_train or not status.n_test:
-        status.problem = f"{name}: empty {'train' if not status.n_train else 'test'} split under {status.path}"
-    status.usable = not status.problem
-    return status
-
-
 def inspect_mtil(root: Path, names: Sequence[str] = tuple(ORDERS[1])) -> list[DatasetStatus]:
-    return [inspect_dataset(root, name) for name in names]
+    """The status of every MTIL dataset under ``root`` (indexes only; images are checked for existence)."""
+    return CHECK.inspect_all(root, names)

@@ -21,13 +21,13 @@ every rebuild). The chosen indices into the train split are stored in ``Benchmar
 and so in the run's manifest.
 
 Preprocessing, unreadable images (``data.skip_bad_images``), ``data.train_augment`` and ``data.num_tasks``
-behave as for MTIL (the transform, lazy image view and image scan are the MTIL reader's).
+behave as for MTIL (the transform and lazy image view are the MTIL reader's; the layout checks, image scan and
+position selection are shared through :mod:`clbench.datasets.datacheck` and :mod:`clbench.datasets.selection`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,18 +39,15 @@ from torchvision import datasets as tvd
 
 from clbench.config import DataConfig, RunConfig
 from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
-from clbench.datasets.mtil import (
-    DATA_ROOT_ENV,
-    DatasetStatus,
-    ImageView,
-    Selection,
+from clbench.datasets.datacheck import DatasetStatus, LayoutCheck
+from clbench.datasets.mtil import clip_transform, resolve_data_root, task_from_selection
+from clbench.datasets.selection import (
+    Draw,
     Source,
-    clip_transform,
-    dataset_files,
+    bad_images_summary,
     dataset_labels,
-    missing_files,
-    resolve_data_root,
-    scan_images,
+    first_tasks,
+    select_task,
 )
 from clbench.datasets.xtail_names import (
     EXPECTED_CLASSES,
@@ -66,8 +63,6 @@ from clbench.errors import UserError
 
 __all__ = ["build_xtail", "preflight", "duplicate_classnames", "inspect_xtail", "shot_positions", "read_xtail_source"]
 
-log = logging.getLogger(__name__)
-
 SHOTS_RULE = ("K per class from the train split, numpy default_rng([seed, crc32(dataset), label]) per class; "
               "without replacement, with replacement where a class has fewer than K")
 
@@ -76,54 +71,14 @@ SHOTS_RULE = ("K per class from the train split, numpy default_rng([seed, crc32(
 # Layout checks (nothing is read).
 
 
-def first_missing(root: Path, name: str) -> Path | None:
-    """The domain's folder if it is absent, else the first required file/folder that is absent, else None."""
-    layout = XLAYOUTS[name]
-    top = root / layout.folder
-    if not top.is_dir():
-        return top
-    for rel in layout.required:
-        path = root / rel
-        if not (path.is_dir() if rel.endswith("/") else path.is_file()):
-            return path
-    return None
+class CoopLayoutCheck(LayoutCheck):
+    """The layout checks, with a missing CoOp split file named together with where to get it."""
 
-
-def layout_problem(root: Path, name: str) -> str | None:
-    """One line if domain ``name`` is absent or half-present under ``root``, else None."""
-    layout = XLAYOUTS[name]
-    top = root / layout.folder
-    missing = first_missing(root, name)
-    if missing is None:
-        return None
-    if missing == top:
-        return (f"{name}: not found: expected {top} (CoOp layout: {', '.join(layout.required)}); put the dataset "
-                "there or fix --data-root")
-    kind = "folder" if any(missing == root / r and r.endswith("/") for r in layout.required) else "file"
-    if layout.split_file and missing == root / layout.split_file:
-        fix = f"put CoOp's {missing.name} (see CoOp's DATASETS.md) into {top}"
-    else:
-        fix = f"re-extract the dataset into {top}"
-    return f"{name}: incomplete: {kind} {missing} is missing; {fix}"
-
-
-def unusable_line(root: Path, bad: Sequence[tuple[str, Path | None, str]], total: int) -> str:
-    """One line for the unusable domains, each given as (name, the absent path or None, its problem line)."""
-    if len(bad) == 1:
-        return bad[0][2]
-    if len(bad) == total and all(path == root / XLAYOUTS[name].folder for name, path, _ in bad):
-        return (f"none of the {total} X-TAIL datasets is under {root} (e.g. expected {bad[0][1]}); check --data-root "
-                f"or {DATA_ROOT_ENV} ('clbench data check --benchmark xtail --data-root DIR' lists every expected "
-                "path)")
-    parts = [f"{name} ({'missing ' + str(path) if path else problem})" for name, path, problem in bad]
-    return f"{len(bad)} of the {total} X-TAIL datasets are not usable under {root}: {'; '.join(parts)}"
-
-
-def check_all_present(root: Path, names: Sequence[str]) -> None:
-    """Raise one line for all absent or half-present domains (nothing is read)."""
-    bad = [(n, first_missing(root, n), p) for n in names if (p := layout_problem(root, n))]
-    if bad:
-        raise UserError(unusable_line(root, bad, len(names)))
+    def fix(self, root: Path, name: str, missing: Path) -> str:
+        split_file = XLAYOUTS[name].split_file
+        if split_file and missing == root / split_file:
+            return f"put CoOp's {missing.name} (see CoOp's DATASETS.md) into {self.folder(root, name)}"
+        return super().fix(root, name, missing)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,7 +198,7 @@ def _read_mnist(root: Path) -> tuple[Source, int]:
 
 def read_xtail_source(root: Path, name: str) -> tuple[Source, int]:
     """Domain ``name`` and the size of its unused ``val`` split; any failure is one line naming it and its path."""
-    problem = layout_problem(root, name)
+    problem = CHECK.problem(root, name)
     if problem:
         raise UserError(problem)
     top = root / XLAYOUTS[name].folder
@@ -268,8 +223,12 @@ def read_xtail_source(root: Path, name: str) -> tuple[Source, int]:
     return source, n_val
 
 
+CHECK = CoopLayoutCheck("X-TAIL", "CoOp", "clbench data check --benchmark xtail --data-root DIR", XLAYOUTS,
+                        EXPECTED_CLASSES, lambda root, name: read_xtail_source(root, name)[0])
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Shots and the bad-image scan.
+# Shots.
 
 
 def shot_positions(labels: Sequence[int], shots: int, seed: int, dataset: str,
@@ -291,37 +250,11 @@ def shot_positions(labels: Sequence[int], shots: int, seed: int, dataset: str,
     return picks
 
 
-def select_xtail(source: Source, shots: int, seed: int, skip_bad: bool) -> Selection:
-    """Apply the shots rule (train) and, if ``skip_bad``, drop unreadable images from both splits."""
-    train_files, test_files = dataset_files(source.train), dataset_files(source.test)
-    sel = Selection(list(source.train_positions), list(source.test_positions))
-    if skip_bad and test_files is not None:
-        bad = scan_images([test_files[p] for p in sel.test])
-        sel.bad.update(bad)
-        kept = [p for p in sel.test if test_files[p] not in bad]
-        sel.bad_test, sel.test = len(sel.test) - len(kept), kept
+def shot_draw(shots: int, seed: int, dataset: str) -> Draw | None:
+    """The shots rule as a :data:`~clbench.datasets.selection.Draw` (None for 0: full-shot)."""
     if shots <= 0:
-        if skip_bad and train_files is not None:
-            sel.bad.update(scan_images([train_files[p] for p in sel.train if train_files[p] not in sel.bad]))
-            kept = [p for p in sel.train if train_files[p] not in sel.bad]
-            sel.bad_train, sel.train = len(sel.train) - len(kept), kept
-        return sel
-    labels = dataset_labels(source.train)
-    excluded: set[int] = set()
-    checked: set[int] = set()
-    while True:
-        picks = shot_positions(labels, shots, seed, source.name, exclude=excluded)
-        if not (skip_bad and train_files is not None):
-            break
-        new = sorted(set(picks) - checked)
-        checked.update(new)
-        bad = scan_images([train_files[i] for i in new])
-        if not bad:
-            break
-        sel.bad.update(bad)
-        excluded.update(i for i in new if train_files[i] in bad)
-    sel.bad_train, sel.train = len(excluded), picks
-    return sel
+        return None
+    return lambda labels, excluded: shot_positions(labels, shots, seed, dataset, exclude=excluded)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,13 +263,12 @@ def select_xtail(source: Source, shots: int, seed: int, skip_bad: bool) -> Selec
 
 def task_names(cfg: RunConfig) -> list[str]:
     """The domains of ``cfg.order``, cut to ``data.num_tasks`` if set."""
-    names = list(ORDERS[cfg.order])
-    if cfg.data.num_tasks:
-        if cfg.data.num_tasks > len(names):
-            raise UserError(f"data.num_tasks={cfg.data.num_tasks}: X-TAIL has {len(names)} tasks; use 0 (all) or "
-                            f"1..{len(names)}")
-        names = names[: cfg.data.num_tasks]
-    return names
+    return first_tasks(ORDERS[cfg.order], cfg.data.num_tasks, "X-TAIL")
+
+
+def unusable_line(root: Path, bad: Sequence[tuple[str, Path | None, str]], total: int) -> str:
+    """One line for the unusable domains, each given as (name, the absent path or None, its problem line)."""
+    return CHECK.unusable_line(root, bad, total)
 
 
 def _split_names(name: str) -> tuple[str, str]:
@@ -353,18 +285,8 @@ def load_task(root: Path, name: str, data: DataConfig, seed: int, train_transfor
               test_transform: Callable) -> Task:
     """One X-TAIL task: its splits (shots applied, bad images skipped if asked), class names and the template."""
     source, n_val = read_xtail_source(root, name)
-    top = root / XLAYOUTS[name].folder
-    missing = missing_files(source)
-    if missing and not data.skip_bad_images:
-        raise UserError(f"{name}: incomplete: {len(missing)} listed image(s) are not on disk, e.g. {missing[0]}; "
-                        f"re-extract the dataset into {top} (or --set data.skip_bad_images=true)")
-    sel = select_xtail(source, data.shots, seed, data.skip_bad_images)
-    if not sel.train or not sel.test:
-        split = "training" if not sel.train else "test"
-        raise UserError(f"{name}: no usable {split} images under {top}; check the dataset")
-    if sel.bad:
-        log.warning("%s: skipped %d unreadable image(s) (train %d, test %d), e.g. %s", name, len(sel.bad),
-                    sel.bad_train, sel.bad_test, next(iter(sel.bad)))
+    top = CHECK.folder(root, name)
+    sel = select_task(source, top, data, shot_draw(data.shots, seed, name))
     train_split, test_split = _split_names(name)
     info = {"source": "xtail", "path": str(top), "train_split": train_split, "test_split": test_split,
             "val_split": f"not used ({n_val} images)" if n_val else "not used", "n_train": len(sel.train),
@@ -373,28 +295,22 @@ def load_task(root: Path, name: str, data: DataConfig, seed: int, train_transfor
     if data.shots:
         info["shots"] = data.shots
         info["train_indices"] = list(sel.train)
-    if sel.bad:
-        info["bad_images"] = {"train": sel.bad_train, "test": sel.bad_test, "files": dict(list(sel.bad.items())[:20])}
-    train = ImageView(name, source.train, sel.train, train_transform)
-    test = ImageView(name, source.test, sel.test, test_transform)
-    return Task(name, list(source.classnames), [TEMPLATE], train, test, info)
+    return task_from_selection(source, sel, [TEMPLATE], info, train_transform, test_transform)
 
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before any model is loaded, if the data root or a domain's files are absent (nothing is read)."""
-    check_all_present(resolve_data_root(cfg.data_root, "xtail"), task_names(cfg))
+    CHECK.check_all_present(resolve_data_root(cfg.data_root, "xtail"), task_names(cfg))
 
 
 def build_xtail(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
     """The X-TAIL task sequence in ``cfg.order`` from the CoOp-layout datasets under the data root."""
     root = resolve_data_root(cfg.data_root, "xtail")
     names = task_names(cfg)
-    check_all_present(root, names)
+    CHECK.check_all_present(root, names)
     test_transform = clip_transform(spec)
     train_transform = clip_transform(spec, augment=cfg.data.train_augment)
     tasks = [load_task(root, name, cfg.data, cfg.seed, train_transform, test_transform) for name in names]
-    bad = {t.name: {k: v for k, v in t.info["bad_images"].items() if k != "files"}
-           for t in tasks if "bad_images" in t.info}
     shots = cfg.data.shots
     info = {
         "protocol": "xtail",
@@ -412,9 +328,7 @@ def build_xtail(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
         "shots_rule": SHOTS_RULE if shots else "full-shot: the whole train split",
         "shot_seed": cfg.seed if shots else None,
         "train_augment": "ZSCL RandomResizedCrop(scale=(0.9, 1.0), bicubic)" if cfg.data.train_augment else "none",
-        "skip_bad_images": cfg.data.skip_bad_images,
-        "bad_images": bad,
-        "bad_images_total": sum(v["train"] + v["test"] for v in bad.values()),
+        **bad_images_summary(cfg.data.skip_bad_images, tasks),
         "duplicate_classnames": duplicate_classnames(tasks),
     }
     if shots:
@@ -426,28 +340,6 @@ def build_xtail(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
 # ``clbench data check --benchmark xtail``.
 
 
-def inspect_domain(root: Path, name: str) -> DatasetStatus:
-    """Read domain ``name``'s index (images are checked for existence, not decoded)."""
-    status = DatasetStatus(name, root / XLAYOUTS[name].folder, False, expected_classes=EXPECTED_CLASSES[name],
-                           missing=first_missing(root, name))
-    try:
-        source, _ = read_xtail_source(root, name)
-    except UserError as exc:
-        status.problem = str(exc)
-        return status
-    status.n_train, status.n_test = len(source.train_positions), len(source.test_positions)
-    status.n_classes = len(source.classnames)
-    missing = missing_files(source)
-    if missing:
-        status.missing = Path(missing[0])
-        status.problem = (f"{name}: incomplete: {len(missing)} listed image(s) are not on disk, e.g. {missing[0]}; "
-                          f"re-extract the dataset into {status.path}")
-    elif not status.n_train or not status.n_test:
-        status.problem = f"{name}: empty {'train' if not status.n_train else 'test'} split under {status.path}"
-    status.usable = not status.problem
-    return status
-
-
 def inspect_xtail(root: Path, names: Sequence[str] = tuple(ORDER_I)) -> list[DatasetStatus]:
     """The status of every X-TAIL domain under ``root``, in Order I."""
-    return [inspect_domain(root, name) for name in names]
+    return CHECK.inspect_all(root, names)
