@@ -181,6 +181,18 @@ def test_union_run_writes_recall_and_its_own_folder(tmp_path: Path) -> None:
     assert not np.allclose(union_acc.to_numpy(), task_acc.to_numpy()), "--eval union was ignored"
     metrics = json.loads((union_run / "metrics.json").read_text())
     assert metrics["eval"] == "union" and set(metrics["selection_recall"]["per_dataset"]) == set(names)
+    # a report never pools the two rules, and says which rule its table is under
+    from clbench.errors import UserError
+    from clbench.reports.loading import collect
+    from clbench.reports.report import describe, table_stem
+
+    with pytest.raises(UserError, match="synthetic-union-order1.*evaluation rules|evaluation rules.*synthetic-union"):
+        collect([out])
+    report = collect([union_run.parent.parent])
+    assert report.eval_rule == "union" and not report.own_rule
+    assert describe(report) == "Synthetic Order I, union label space"
+    assert table_stem(report) == "synthetic-union-order1"
+    assert collect([task_run.parent.parent]).own_rule
 
 
 def _spec():
@@ -208,3 +220,12 @@ def test_union_run_resumes_to_the_same_recall(tmp_path: Path, monkeypatch) -> No
     assert reference.recall and resumed.recall == reference.recall
     a, b = (tmp_path / x / "synthetic-union-order1" / "lora" / "seed0" for x in ("a", "b"))
     assert (a / "selection_recall.csv").read_bytes() == (b / "selection_recall.csv").read_bytes()
+
+
+def test_published_numbers_only_beside_runs_under_their_own_rule() -> None:
+    from clbench.reports.literature import literature_for
+
+    xtail = literature_for("xtail", 1)
+    assert len(xtail) and set(xtail["benchmark"]) == {"xtail"} and (xtail["verified"] == "secondary").all()
+    assert len(literature_for("xtail", 1, own_rule=False)) == 0
+    assert len(literature_for("mtil", 1)) and len(literature_for("mtil", 1, own_rule=False)) == 0

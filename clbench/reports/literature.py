@@ -28,10 +28,12 @@ def load_literature() -> pd.DataFrame:
     return frame[COLUMNS]
 
 
-def literature_for(benchmark: str | None, order: int | None) -> pd.DataFrame:
-    """Rows for one benchmark and order (none when either is unknown)."""
+def literature_for(benchmark: str | None, order: int | None, own_rule: bool = True) -> pd.DataFrame:
+    """Rows for one benchmark and order (none when either is unknown, or when the runs were evaluated under
+    another rule than the benchmark's own, e.g. MTIL under ``--eval union``: the published numbers would not
+    compare)."""
     frame = load_literature()
-    if benchmark is None or order is None:
+    if benchmark is None or order is None or not own_rule:
         return frame.iloc[0:0]
     return frame[(frame["benchmark"] == benchmark) & (frame["order"] == int(order))].reset_index(drop=True)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clbench.config import DEFAULT_EVAL
 from clbench.errors import UserError
 from clbench.metrics import matrix_from_frame, mtil_metrics
 from clbench.reports.names import method_display
@@ -60,6 +61,14 @@ class ReportInput:
     datasets: list[str]
     matrices: list[Matrix]
     warnings: list[str] = field(default_factory=list)
+    eval_rule: str | None = None  # task or union (clbench runs); None for external matrices only
+
+    @property
+    def own_rule(self) -> bool:
+        """Whether the runs use their benchmark's own evaluation rule (so its published numbers compare)."""
+        from clbench.config import DEFAULT_EVAL
+
+        return self.eval_rule is None or self.eval_rule == DEFAULT_EVAL.get(self.benchmark or "", self.eval_rule)
 
     def groups(self) -> dict[str, list[Matrix]]:
         """Matrices by row label, rows in the order labels first appear, seeds sorted within a row."""
@@ -109,14 +118,14 @@ def collect(paths: list[Path], labels: list[str] | None = None) -> ReportInput:
         skipped = f" ({len(warnings)} not complete)" if warnings else ""
         raise UserError(f"no complete runs in {', '.join(str(p) for p in paths)}{skipped}; "
                         "finish or rerun them with clbench run")
-    benchmark, order = _single_group(runs)
+    benchmark, order, eval_rule = _single_group(runs)
     _label_runs(runs)
     matrices = runs + externals
     datasets = _single_task_list(matrices)
     _check_unique(matrices)
     if benchmark is None:
         benchmark, order = infer_mtil_order(datasets)
-    return ReportInput(benchmark, order, datasets, matrices, warnings)
+    return ReportInput(benchmark, order, datasets, matrices, warnings, eval_rule)
 
 
 def read_run(folder: Path, manifest: dict) -> Matrix:
@@ -138,14 +147,16 @@ def read_run(folder: Path, manifest: dict) -> Matrix:
             raise UserError(f"{folder / 'zeroshot.csv'} needs one row with a column per dataset of accuracy.csv")
         zeroshot = frame.iloc[0][list(accuracy.columns)].astype(float)
     config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    benchmark = manifest.get("benchmark", config.get("benchmark"))
+    rule = manifest.get("evaluation", {}).get("rule") or config.get("eval") or DEFAULT_EVAL.get(benchmark, "task")
     method = str(manifest.get("method") or config.get("method") or folder.parent.name)
     seed = manifest.get("seed", config.get("seed"))
     return Matrix(label=method, source=RUN, path=folder, seed=None if seed is None else int(seed),
                   datasets=list(accuracy.columns), accuracy=accuracy, metrics=metrics, method=method,
                   zeroshot=zeroshot, profile=_optional_csv(folder / "profile.csv", PROFILE_COLUMNS),
                   state=_optional_csv(folder / "state_bytes.csv", STATE_COLUMNS),
-                  config={**config, "benchmark": manifest.get("benchmark", config.get("benchmark")),
-                          "order": manifest.get("order", config.get("order"))})
+                  config={**config, "benchmark": benchmark, "order": manifest.get("order", config.get("order")),
+                          "eval": rule})
 
 
 def read_external(path: Path, label: str) -> Matrix:
@@ -213,20 +224,24 @@ def _check_metrics(metrics, accuracy: pd.DataFrame, path: Path) -> None:
         raise UserError(f"{path} is corrupt (bad or missing {exc}); rerun that run or remove its folder") from None
 
 
-def _single_group(runs: list[Matrix]) -> tuple[str | None, int | None]:
+def _single_group(runs: list[Matrix]) -> tuple[str | None, int | None, str | None]:
+    """The one (benchmark, order, evaluation rule) of ``runs``; a mix is a one-line error."""
     groups: dict[tuple, int] = defaultdict(int)
     for m in runs:
-        groups[(m.config.get("benchmark"), m.config.get("order"))] += 1
+        groups[(m.config.get("benchmark"), m.config.get("order"), m.config.get("eval"))] += 1
     if len(groups) > 1:
-        names = ", ".join(f"{b}-order{o} ({n} run{'s' if n != 1 else ''})"
-                          for (b, o), n in sorted(groups.items(), key=str))
+        def folder(b, o, e) -> str:
+            return f"{b}-order{o}" if e == DEFAULT_EVAL.get(b, e) else f"{b}-{e}-order{o}"
+
+        names = ", ".join(f"{folder(*key)} ({n} run{'s' if n != 1 else ''})"
+                          for key, n in sorted(groups.items(), key=str))
         first = next(iter(sorted(groups, key=str)))
-        raise UserError(f"the runs mix benchmarks/orders: {names}; one table holds one, so report each apart, "
-                        f"e.g. clbench report <results>/{first[0]}-order{first[1]}")
+        raise UserError(f"the runs mix benchmarks/orders/evaluation rules: {names}; one table holds one, so report "
+                        f"each apart, e.g. clbench report <results>/{folder(*first)}")
     if not groups:
-        return None, None
-    benchmark, order = next(iter(groups))
-    return (None if benchmark is None else str(benchmark)), (None if order is None else int(order))
+        return None, None, None
+    benchmark, order, rule = next(iter(groups))
+    return (None if benchmark is None else str(benchmark)), (None if order is None else int(order)), rule
 
 
 def _single_task_list(matrices: list[Matrix]) -> list[str]:

@@ -88,14 +88,16 @@ def table_stem(inp: ReportInput) -> str:
     """File stem: ``<benchmark>-order<k>``, or ``report`` when the input names no benchmark."""
     if inp.benchmark is None:
         return "report"
-    return f"{inp.benchmark}-order{inp.order}" if inp.order is not None else inp.benchmark
+    name = inp.benchmark if inp.own_rule else f"{inp.benchmark}-{inp.eval_rule}"
+    return f"{name}-order{inp.order}" if inp.order is not None else name
 
 
 def describe(inp: ReportInput) -> str:
     """``MTIL Order I``; the task list when the input names no benchmark."""
     if inp.benchmark is None:
         return f"{len(inp.datasets)} tasks ({', '.join(inp.datasets)})"
-    return benchmark_display(inp.benchmark, inp.order)
+    rule = "" if inp.own_rule else (", union label space" if inp.eval_rule == "union" else ", per-task label space")
+    return benchmark_display(inp.benchmark, inp.order) + rule
 
 
 def _caption(inp: ReportInput, with_reported: str | bool, fmt: str) -> str:

@@ -72,7 +72,7 @@ def _measured_rows(label: str, matrices, datasets: list[str]) -> pd.DataFrame:
 
 def reported_rows(inp: ReportInput) -> pd.DataFrame:
     """Literature rows for this table's benchmark and order, in the long layout (std empty, not ranked)."""
-    lit = match_datasets(literature_for(inp.benchmark, inp.order), inp.datasets)
+    lit = match_datasets(literature_for(inp.benchmark, inp.order, inp.own_rule), inp.datasets)
     rows = []
     for method, group in lit.groupby("method", sort=False):
         if (group["verified"] == "secondary").all():
@@ -91,7 +91,7 @@ def reported_rows(inp: ReportInput) -> pd.DataFrame:
 
 def literature_sources(inp: ReportInput) -> pd.DataFrame:
     """Method, source and verified status of each reported row shown (one line per method and source)."""
-    lit = match_datasets(literature_for(inp.benchmark, inp.order), inp.datasets)
+    lit = match_datasets(literature_for(inp.benchmark, inp.order, inp.own_rule), inp.datasets)
     return lit[["method", "source", "verified"]].drop_duplicates().reset_index(drop=True)
 
 
