@@ -31,12 +31,15 @@ from benchmarks.workloads import (
     Shapes,
     basis_route,
     build_model,
+    eval_unit_costs,
     eval_workload,
     fraction_curve,
     gradient_workload,
     max_relative_difference,
+    measure_many,
     measure_pair,
     min_factor_cosine,
+    mtil_eval_projection,
     principal_cosines,
     spectral_matrix,
     state_bytes,
@@ -86,7 +89,7 @@ def _mib(value: float) -> float:
 
 
 # ---- the comparisons ----------------------------------------------------------------------------------------
-def grad_rows(shapes: Shapes, device: str, repeats: int, console: Console) -> list[Row]:
+def grad_rows(shapes: Shapes, device: str, repeats: int, console: Console, float64: bool = False) -> list[Row]:
     console.print(f"[dim]gradient estimation: {shapes.backbone}, {shapes.grad_batches} batches of "
                   f"{shapes.grad_batch}, {shapes.classes} classes[/dim]")
     work = gradient_workload(build_model(shapes.backbone, device), shapes.grad_batch, shapes.grad_batches,
@@ -95,6 +98,10 @@ def grad_rows(shapes: Shapes, device: str, repeats: int, console: Console) -> li
     diff = max_relative_difference(ours.value, ref.value)
     cosine = min_factor_cosine(work.initial_factors(ours.value), work.initial_factors(ref.value))
     check = f"max rel. diff {diff:.1e}; A cosines >= {cosine:.4f}"
+    if float64:  # how far each float32 estimate is from the float64 one (the scale of float32 rounding)
+        exact = work.float64()
+        check += (f"; vs float64: clbench {max_relative_difference(ours.value, exact):.1e}, official "
+                  f"{max_relative_difference(ref.value, exact):.1e}")
     setting = f"B={shapes.grad_batch}, {shapes.grad_batches} batches"
     return [Row("grad_estimation", "time", ours.seconds, ref.seconds, "s", "<=0.8", check, setting,
                 ours.cpu_seconds, ref.cpu_seconds),
@@ -131,15 +138,15 @@ def eval_rows(shapes: Shapes, device: str, repeats: int, console: Console) -> li
     ours, ref = measure_pair(work.clbench, work.official, repeats, memory=False, device=device, warmup=warmup)
     check = f"same accuracy: {ours.value == ref.value}"
     setting = f"C={shapes.eval_classes}, {shapes.eval_batches} batches of {shapes.eval_batch}"
-    n = shapes.eval_batches
-    if n >= 2:  # clbench = n·I + T, reference = n·(I + T): solve for the per-batch image and text costs
-        text = (ref.seconds - ours.seconds) / (n - 1)
-        image = (ours.seconds - text) / n
-        if text > 0 and image > 0:
-            setting += f"; large test sets: ratio -> {image / (image + text):.2f} (image {image:.2f} s, " \
-                       f"text {text:.2f} s per batch)"
-    return [Row("eval (one dataset)", "time", ours.seconds, ref.seconds, "s", "<=0.3", check, setting,
+    rows = [Row("eval (one dataset)", "time", ours.seconds, ref.seconds, "s", "<=0.3", check, setting,
                 ours.cpu_seconds, ref.cpu_seconds)]
+    costs = eval_unit_costs(work, repeats)
+    mine, official = mtil_eval_projection(costs)
+    rows.append(Row("eval (all 11 MTIL test sets, projected)", "time", mine, official, "s", "<=0.3",
+                    "unit costs measured here; MTIL test sizes and classes, batch 64",
+                    f"per image {costs.image * 1e3:.1f} ms, per prompt {costs.prompt_full * 1e3:.1f} ms "
+                    f"(full context) / {costs.prompt_clbench * 1e3:.1f} ms (cut)"))
+    return rows
 
 
 def step_rows(shapes: Shapes, device: str, repeats: int, console: Console) -> list[Row]:
@@ -155,27 +162,41 @@ def step_rows(shapes: Shapes, device: str, repeats: int, console: Console) -> li
 
 
 def basis_rows(shapes: Shapes, device: str, repeats: int, console: Console, thresholds: tuple[float, ...],
-               routes: tuple[str, ...] = ("gram_eigh", "lowrank")) -> list[Row]:
+               routes: tuple[str, ...] = ("auto", "lowrank")) -> list[Row]:
+    """Each clbench route against the official float32 SVD and clbench's float64 SVD. Every basis, the official
+    one included, is checked against the float64 SVD's: same number of columns, principal-angle cosines
+    >= 0.999 (the ``check`` column)."""
     rows = []
     for n in shapes.basis_sizes:
         W = spectral_matrix(n).to(device)
         for threshold in thresholds:
             console.print(f"[dim]principal basis {n}x{n}, eps={threshold}[/dim]")
             warmup = 1 if n <= 1024 else 0
-            runs = repeats * 5 if n <= 256 else repeats  # small ones take milliseconds: more runs against noise
+            runs = repeats * 5 if n <= 1024 else repeats  # milliseconds to a second: more runs against noise
+            names = [*routes, "official", "svd"]
+            measured = dict(zip(names, measure_many(
+                [lambda W=W, t=threshold, r=r: basis_route(W, t, r) for r in names], runs, memory=False,
+                device=device, warmup=warmup), strict=True))
+            exact = measured["svd"].value
+
+            def same(basis: torch.Tensor, exact: torch.Tensor = exact) -> tuple[bool, str]:
+                if basis.shape != exact.shape:
+                    return False, f"p={basis.shape[1]} vs {exact.shape[1]} (DIFFERENT basis)"
+                cosine = float(principal_cosines(basis, exact).min())
+                return cosine >= 0.999, f"p={basis.shape[1]}, cos >= {cosine:.4f}"
+
+            official_ok, official_check = same(measured["official"].value)
             for route in routes:
-                other, svd = measure_pair(lambda W=W, t=threshold, r=route: basis_route(W, t, r),
-                                          lambda W=W, t=threshold: basis_route(W, t, "svd"), runs, memory=False,
-                                          device=device, warmup=warmup)
-                same_p = other.value.shape == svd.value.shape
-                cosine = float(principal_cosines(other.value, svd.value).min()) if same_p else float("nan")
-                same = same_p and cosine >= 0.999
-                check = f"p={other.value.shape[1]} vs {svd.value.shape[1]}"
-                check += (f"; cosines >= {cosine:.4f}" if same_p else "") + ("" if same else " (DIFFERENT basis)")
-                rows.append(Row(f"principal basis {n}², eps={threshold}", f"{route} vs svd", other.seconds,
-                                svd.seconds, "s", ">=2" if same else "", check,
-                                "target void: not the same basis" if not same else "", other.cpu_seconds,
-                                svd.cpu_seconds, speedup=True))
+                ours = measured[route]
+                ok, check = same(ours.value)
+                for ref_name, label in (("official", "official fp32 svd"), ("svd", "float64 svd")):
+                    ref = measured[ref_name]
+                    valid = ok and (official_ok or ref_name == "svd")
+                    note = "" if valid else "target void: not the same basis"
+                    check_text = f"{check}; official {official_check}" if ref_name == "official" else check
+                    rows.append(Row(f"principal basis {n}², eps={threshold}", f"{route} vs {label}", ours.seconds,
+                                    ref.seconds, "s", ">=2" if valid else "", check_text, note, ours.cpu_seconds,
+                                    ref.cpu_seconds, speedup=True))
     return rows
 
 
@@ -248,7 +269,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override the shape")
     parser.add_argument("--basis-sizes", default=None, help="comma-separated n of the n×n bases")
     parser.add_argument("--basis-thresholds", default="0.85,0.2", help="energy thresholds (vision 0.85, text 0.2)")
-    parser.add_argument("--basis-routes", default="gram_eigh,lowrank", help="routes compared with linalg.svd")
+    parser.add_argument("--basis-routes", default="auto,lowrank",
+                        help="clbench routes compared with the official float32 svd and the float64 svd "
+                             "(of svd, gram_eigh, lowrank, mixed, auto; KeepLoRA uses auto)")
+    parser.add_argument("--grad-float64", action="store_true",
+                        help="also run the gradient pass in float64 and report each side's distance to it")
     parser.add_argument("--principal", choices=("on", "off"), default=None,
                         help="run KeepLoRA's S0 SVDs in the gradient workloads (default: on small, off full)")
     parser.add_argument("--fraction-data", choices=("random", "embedded"), default="random",
@@ -280,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]{shapes.label}[/bold] on {args.device}: {machine_line(args.device)}", highlight=False)
     rows: list[Row] = []
     if "grad" in parts:
-        rows += grad_rows(shapes, args.device, repeats, console)
+        rows += grad_rows(shapes, args.device, repeats, console, args.grad_float64)
     if "features" in parts:
         rows += feature_rows(shapes, args.device, repeats, console)
     if "eval" in parts:

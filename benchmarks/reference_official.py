@@ -12,7 +12,10 @@ from the official sources; clbench itself never uses them.
 - :class:`RunningMeanFeatures` (D2): the running mean ``F ← n/(n+m)·F + X_bᵀ/(n+m)`` of each batch's
   ``d × (L·B)`` token matrix (LND order), kept in float32, one per adapted matrix: four per block (q, k and v
   hold three identical copies of the same input's statistic, o its own).
-- :func:`official_accuracy`: evaluation that re-encodes the class prompts for every test batch.
+- :func:`official_accuracy`: evaluation that re-encodes the class prompts for every test batch (the text head
+  is built on every forward pass, MTIL protocol spec §3), full 77-token context.
+- :func:`official_principal_basis` (S0, spec §8.1): one full float32 ``torch.linalg.svd`` per weight, the cut
+  taken on its σ².
 """
 
 from __future__ import annotations
@@ -25,15 +28,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from clbench.datasets.base import Task
+from clbench.linalg import BASIS_DTYPE, Rule, Side, energy_rank
 from clbench.methods.keeplora import AdaptedMatrix
 from clbench.models.clip import ClipModel
 
 OFFICIAL_FEATURE_SLOTS = ("q", "k", "v", "o")  # one accumulator per adapted matrix
 
 
+def official_encode_text(model: ClipModel, tokens: Tensor) -> Tensor:
+    """L2-normalised text features over the full context (open_clip's ``encode_text``, as the official code)."""
+    return F.normalize(model.clip.encode_text(tokens), dim=-1)
+
+
 def clip_ce_loss(model: ClipModel, images: Tensor, labels: Tensor, tokens: Tensor) -> Tensor:
     """CE over the task's classes on ``logit_scale · cos(image, text)``, text features encoded with grad."""
-    text = model.encode_text(tokens)
+    text = official_encode_text(model, tokens)
     image = model.encode_image(images)
     return F.cross_entropy(model.logit_scale() * image @ text.T, labels)
 
@@ -120,8 +129,16 @@ def official_accuracy(model: ClipModel, task: Task, batch_size: int, device: tor
     prompts = task.prompts(0)
     for images, labels in DataLoader(task.test, batch_size=batch_size, shuffle=False):
         images, labels = images.to(device), labels.to(device)
-        text = model.encode_text(model.tokenize(prompts))
+        text = official_encode_text(model, model.tokenize(prompts))
         logits = model.logit_scale() * model.encode_image(images) @ text.T
         correct += int((logits.argmax(-1) == labels).sum())
         total += len(labels)
     return 100.0 * correct / max(total, 1)
+
+
+def official_principal_basis(W: Tensor, threshold: float, side: Side = "input", rule: Rule = "paper") -> Tensor:
+    """S0 the official way: a full float32 ``torch.linalg.svd`` of the weight (spec §8.1: "96 full fp32 SVDs"),
+    the kept singular vectors of ``side`` cut by ``rule`` at ``threshold`` on σ²; float32 basis."""
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    vectors = Vh.T if side == "input" else U
+    return vectors[:, : energy_rank(S**2, threshold, rule)].to(BASIS_DTYPE).contiguous()

@@ -1,6 +1,7 @@
-"""Principal basis of a weight (KeepLoRA S0) by three routes: ``linalg.svd``, eigh of the Gram matrix,
-randomized low-rank SVD. Each must give the svd route's basis at the energy threshold: same number of
-columns and principal-angle cosines ≥ 0.999."""
+"""Principal basis of a weight (KeepLoRA S0) by every route: clbench's ``linalg.svd`` (float64), eigh of the
+Gram matrix, randomized low-rank SVD, the mixed float32/float64 eigh, ``auto`` (what KeepLoRA uses), and the
+official float32 ``torch.linalg.svd``. Each must give the float64 SVD's basis at the energy threshold: same
+number of columns and principal-angle cosines ≥ 0.999."""
 
 from __future__ import annotations
 
@@ -13,20 +14,7 @@ from benchmarks.workloads import basis_route, current_shapes, principal_cosines,
 
 SHAPES = current_shapes()
 THRESHOLDS = (0.85, 0.2)  # ε_w of the vision and text encoders
-# Known defect, measured here: clbench.linalg's lowrank route stops doubling its sketch as soon as it captures
-# ε of the energy, with no oversampling beyond p; when p is a sizeable share of d (ε_w = 0.85 on a slowly
-# decaying spectrum: p ≈ d/3) its trailing directions are inaccurate (measured: min cosine 0.13 at 64², 0.47 at
-# 128²; at 512² to 1024² one column too many or cosines down to 0.90). Strict: this turns into a failure once
-# the route is fixed, so the mark gets removed.
-LOWRANK_AT_HIGH_ENERGY = pytest.mark.xfail(strict=True, reason="lowrank route without oversampling gives a "
-                                           "different basis when p is a large share of d")
-ROUTES = ("svd", "gram_eigh", "lowrank")
-
-
-def cases() -> list:
-    return [pytest.param(n, route, threshold,
-                         marks=LOWRANK_AT_HIGH_ENERGY if route == "lowrank" and threshold > 0.5 else ())
-            for n in SHAPES.basis_sizes for route in ROUTES for threshold in THRESHOLDS]
+ROUTES = ("svd", "gram_eigh", "lowrank", "mixed", "auto", "official")
 
 
 @functools.cache
@@ -39,7 +27,9 @@ def reference(n: int, threshold: float) -> torch.Tensor:
     return basis_route(weight(n), threshold, "svd")
 
 
-@pytest.mark.parametrize(("n", "route", "threshold"), cases())
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("n", SHAPES.basis_sizes)
 def test_principal_basis_route(benchmark, n: int, route: str, threshold: float) -> None:
     benchmark.group = f"principal_basis {n}x{n} eps={threshold}"
     W = weight(n)
@@ -47,6 +37,19 @@ def test_principal_basis_route(benchmark, n: int, route: str, threshold: float) 
     ref = reference(n, threshold)
     assert basis.shape == ref.shape and 0 < ref.shape[1] < n
     assert float(principal_cosines(basis, ref).min()) >= 0.999
+
+
+@pytest.mark.parametrize("n", [300, 520])
+def test_same_basis_where_the_mixed_route_runs(n: int) -> None:
+    """Above d = 256 ``auto`` is the mixed route; ε = 0.85 keeps about a third of the directions (the case the
+    old lowrank route got wrong), ε = 0.2 two of them."""
+    W = weight(n)
+    for threshold in THRESHOLDS:
+        ref = basis_route(W, threshold, "svd")
+        for route in ("mixed", "auto", "lowrank", "official"):
+            basis = basis_route(W, threshold, route)
+            assert basis.shape == ref.shape, (route, threshold)
+            assert float(principal_cosines(basis, ref).min()) >= 0.999, (route, threshold)
 
 
 def test_svd_route_cut_matches_the_known_spectrum() -> None:

@@ -25,7 +25,9 @@ from benchmarks.reference_official import (
     RunningMeanFeatures,
     matrix_gradients,
     official_accuracy,
+    official_encode_text,
     official_mean_gradients,
+    official_principal_basis,
 )
 from clbench.config import TrainConfig
 from clbench.costs.fake import random_task, task_context
@@ -34,7 +36,7 @@ from clbench.harness import Hooks, evaluate
 from clbench.linalg import CovarianceAccumulator, principal_basis, project_out, top_r_factors
 from clbench.methods import get_method
 from clbench.methods.base import Method, NoHparams, TaskContext
-from clbench.methods.keeplora import KeepLoRA, task_batches
+from clbench.methods.keeplora import AdaptedMatrix, KeepLoRA, task_batches
 from clbench.models.backbones import load_backbone
 from clbench.models.clip import ClipModel
 from clbench.profiling import Profiler, TensorPeakTracker
@@ -72,10 +74,18 @@ SMALL = Shapes("small (tiny backbone)", "tiny", grad_batch=16, grad_batches=2, c
                eval_batches=2, eval_classes=10, feat_width=128, feat_tokens=17, feat_batch=64, feat_layers=4,
                feat_batches=2, basis_sizes=(64, 128), step_batch=16, step_repeats=3, fraction_batches=10,
                rounds=3, principal=True)
-FULL = Shapes("ViT-B-16", "ViT-B-16", grad_batch=8, grad_batches=2, classes=100, eval_batch=64, eval_batches=2,
+# MTIL's training and evaluation batch (64, KeepLoRA's MTIL configs) and CIFAR100's 100 classes; the feature
+# statistics of one ViT-B-16 batch (197 tokens × 64 images, 12 blocks); the widths of S0's weights.
+FULL = Shapes("ViT-B-16", "ViT-B-16", grad_batch=64, grad_batches=2, classes=100, eval_batch=64, eval_batches=2,
               eval_classes=100, feat_width=768, feat_tokens=197, feat_batch=64, feat_layers=12, feat_batches=2,
               basis_sizes=(512, 768, 1024, 4096), step_batch=8, step_repeats=3, fraction_batches=10,
               rounds=1, principal=False)
+
+# MTIL's eleven datasets: (name, test images, classes), from the MTIL protocol spec §1.1.
+MTIL_TEST_SETS = (("Aircraft", 3333, 100), ("Caltech101", 1736, 101), ("CIFAR100", 10000, 100), ("DTD", 1880, 47),
+                  ("EuroSAT", 5400, 10), ("Flowers", 6149, 102), ("Food", 25250, 101), ("MNIST", 10000, 10),
+                  ("OxfordPet", 3669, 37), ("StanfordCars", 8041, 196), ("SUN397", 21751, 397))
+MTIL_EVAL_BATCH = 64  # KeepLoRA's MTIL evaluation batch (MTIL protocol spec §3.1)
 
 
 def current_shapes() -> Shapes:
@@ -124,7 +134,12 @@ def measure_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any] | None, repeat
                  device: torch.device | str = "cpu", warmup: int = 0) -> list[Measured]:
     """:func:`measure` for one or two functions, their timed runs interleaved (a, b, a, b, ...) so that load
     from other processes falls on both alike."""
-    fns = [fn_a] if fn_b is None else [fn_a, fn_b]
+    return measure_many([fn_a] if fn_b is None else [fn_a, fn_b], repeats, memory, device, warmup)
+
+
+def measure_many(fns: list[Callable[[], Any]], repeats: int = 1, memory: bool = True,
+                 device: torch.device | str = "cpu", warmup: int = 0) -> list[Measured]:
+    """:func:`measure` for several functions, their timed runs interleaved (a, b, c, a, b, c, ...)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -180,6 +195,15 @@ class GradientWorkload:
         batches = task_batches(self.ctx, self.method.hparams.grad_fraction)
         grads = official_mean_gradients(self.model, batches, tokens)
         return matrix_gradients(self.model, grads, self.method.matrices())
+
+    def float64(self) -> dict[str, Tensor]:
+        """The official-style estimate in float64 on a copy of the model: the yardstick of float32 rounding."""
+        model = copy.deepcopy(self.model).double()
+        sites = {site.name: site for site in model.attention_sites()}
+        matrices = [AdaptedMatrix(sites[m.site.name], m.proj) for m in self.method.matrices()]
+        batches = [(x.double(), y) for x, y in task_batches(self.ctx, self.method.hparams.grad_fraction)]
+        grads = official_mean_gradients(model, batches, model.tokenize(self.ctx.prompts))
+        return matrix_gradients(model, grads, matrices)
 
     def initial_factors(self, grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """``(A, S)`` of every matrix: top-r left singular vectors of ``Ĝ = (I − UUᵀ)G`` (exact SVD) and their
@@ -322,6 +346,39 @@ def eval_workload(model: ClipModel, batch_size: int, batches: int, classes: int,
     return EvalWorkload(model, Benchmark("random", 1, [task]), batch_size, device)
 
 
+@dataclass
+class EvalUnitCosts:
+    """Seconds per image (image tower, one eval batch), per prompt over the full 77-token context (the official
+    text head) and per prompt as clbench encodes it (context cut after the last end-of-text token)."""
+
+    image: float
+    prompt_full: float
+    prompt_clbench: float
+
+
+@torch.no_grad()
+def eval_unit_costs(work: EvalWorkload, repeats: int = 1) -> EvalUnitCosts:
+    """Fastest of interleaved runs of each part of one evaluation batch, on the workload's own data."""
+    model, task = work.model, work.benchmark.tasks[0]
+    model.eval()
+    images = torch.stack([task.test[i][0] for i in range(min(work.batch_size, len(task.test)))]).to(work.device)
+    tokens = model.tokenize(task.prompts(0))
+    image, full, cut = measure_many([lambda: model.encode_image(images), lambda: official_encode_text(model, tokens),
+                                     lambda: model.encode_text(tokens)], repeats, memory=False, device=work.device)
+    return EvalUnitCosts(image.seconds / len(images), full.seconds / len(tokens), cut.seconds / len(tokens))
+
+
+def mtil_eval_projection(costs: EvalUnitCosts, batch_size: int = MTIL_EVAL_BATCH) -> tuple[float, float]:
+    """Seconds of one evaluation of all eleven MTIL test sets (clbench, official style) from unit costs: the
+    official style re-encodes a dataset's C prompts for each of its ⌈n/B⌉ batches, clbench once per dataset."""
+    ours = official = 0.0
+    for _, n, classes in MTIL_TEST_SETS:
+        batches = -(-n // batch_size)
+        ours += n * costs.image + classes * costs.prompt_clbench
+        official += n * costs.image + batches * classes * costs.prompt_full
+    return ours, official
+
+
 # ---- training step ---------------------------------------------------------------------------------------
 @dataclass
 class StepWorkload:
@@ -380,7 +437,11 @@ def spectral_matrix(n: int, decay: float = SPECTRUM_DECAY, seed: int = 0) -> Ten
 
 
 def basis_route(W: Tensor, threshold: float, route: str, seed: int = 0) -> Tensor:
-    """KeepLoRA S0's principal basis of ``W`` by ``route`` (svd, gram_eigh, lowrank; paper reading)."""
+    """KeepLoRA S0's principal basis of ``W`` (paper reading) by ``route``: one of clbench's
+    (:func:`clbench.linalg.principal_basis` methods: svd in float64, gram_eigh, lowrank, mixed, auto) or
+    ``"official"`` (a full float32 ``torch.linalg.svd``, :func:`official_principal_basis`)."""
+    if route == "official":
+        return official_principal_basis(W, threshold, side="input", rule="paper")
     return principal_basis(W, threshold, side="input", rule="paper", method=route,
                            generator=torch.Generator().manual_seed(seed))
 

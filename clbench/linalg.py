@@ -29,7 +29,7 @@ from torch import Tensor
 
 Rule = Literal["paper", "official"]
 Side = Literal["input", "output"]
-BasisMethod = Literal["svd", "gram_eigh", "lowrank"]
+BasisMethod = Literal["svd", "gram_eigh", "lowrank", "mixed", "auto"]
 FactorMethod = Literal["exact", "randomized"]
 
 BASIS_DTYPE = torch.float32
@@ -37,6 +37,18 @@ COMPUTE_DTYPE = torch.float64
 # Residual directions whose energy is below this fraction of the total are numerical noise (or lie in the
 # span of the old basis): GPM never adds them, so a basis cannot gain columns outside the data's span.
 RELATIVE_ENERGY_FLOOR = 1e-12
+# principal_basis: sketch columns beyond the kept dimension p (randomized route: q >= 2p + LOWRANK_EXTRA), the
+# share of d above which a sketch is no cheaper than an eigendecomposition, the size up to which "auto" simply
+# runs the float64 eigh (milliseconds), and the "mixed" route's refinement window and energy margin.
+LOWRANK_EXTRA = 10
+LOWRANK_MAX_SHARE = 4  # "lowrank": sketches up to d/4 columns
+LOWRANK_TOLERANCE = 1e-4  # accepted power-iteration error factor of the last kept direction
+AUTO_EXACT_MAX_DIM = 256
+MIXED_WINDOW = 16
+MIXED_ENERGY_MARGIN = 1e-6  # relative to the total energy
+# CovarianceAccumulator: tokens per float64 chunk (8 MiB at d = 768), so the float64 copy of a batch is never
+# made whole.
+COVARIANCE_CHUNK_BYTES = 8 * 2**20
 
 
 # ---- energy rules ---------------------------------------------------------------------------------------
@@ -153,40 +165,122 @@ def principal_basis(
     singular vectors of the paper-layout ``Wᵀ``. ``side="output"`` (official MTIL code, spec D1): the top left
     singular vectors of ``W`` (``d_out × p``). ``p`` is set by the energy ``rule`` at ``threshold`` on σ².
 
-    Routes, all giving the same subspace: ``"svd"`` (``torch.linalg.svd``), ``"gram_eigh"`` (``eigh`` of
-    ``WᵀW`` or ``WWᵀ``: σ² are its eigenvalues; faster), ``"lowrank"`` (randomized SVD whose sketch doubles
-    until it captures ``threshold`` of ``‖W‖_F²``; cheap when ``p ≪ d``). SVD/eigh run in float64; the basis
-    is returned in float32.
+    Routes, all giving the same subspace and cut: ``"svd"`` (``torch.linalg.svd``), ``"gram_eigh"`` (``eigh``
+    of ``WᵀW`` or ``WWᵀ``: σ² are its eigenvalues; faster), ``"lowrank"`` (randomized SVD, cheap when
+    ``p ≪ d`` and the spectrum decays: the sketch grows until it captures ``threshold`` of ``‖W‖_F²`` with at
+    least ``2p + 10`` columns and ``niter`` power iterations have converged on its last kept direction
+    (:func:`_converged`); where that would take more than ``d/4`` columns it is no cheaper than an
+    eigendecomposition and ``"gram_eigh"`` runs instead), ``"mixed"`` (:func:`_principal_mixed`: float32 eigh
+    of the Gram matrix, refined and checked in float64 around the cut; the float64 eigh where the check
+    fails) and ``"auto"`` (float64 ``"gram_eigh"`` up to ``d = 256``, where it takes milliseconds, else
+    ``"mixed"``). SVD/eigh run in float64 unless stated; the basis is returned in float32. ``generator`` draws
+    the sketches (default: the global generator).
     """
     if side not in ("input", "output"):
         raise ValueError(f"unknown side {side!r}; expected 'input' or 'output'")
+    if method not in ("svd", "gram_eigh", "lowrank", "mixed", "auto"):
+        raise ValueError(f"unknown basis method {method!r}; expected 'svd', 'gram_eigh', 'lowrank', 'mixed' or "
+                         "'auto'")
     M = (W.T if side == "input" else W).detach().to(COMPUTE_DTYPE)  # basis = top left singular vectors of M
-    if method == "svd":
+    if method == "auto":
+        method = "gram_eigh" if min(M.shape) <= AUTO_EXACT_MAX_DIM else "mixed"
+    found = None
+    if method == "lowrank":
+        found = _principal_lowrank(M, threshold, rule, niter, generator, max(1, min(M.shape) // LOWRANK_MAX_SHARE))
+    if method == "mixed":
+        found = _principal_mixed(M, threshold, rule)
+    if found is None and method == "svd":
         U, S, _ = torch.linalg.svd(M, full_matrices=False)
-        p = energy_rank(S**2, threshold, rule)
-    elif method == "gram_eigh":
+        found = U, energy_rank(S**2, threshold, rule)
+    if found is None:  # gram_eigh, and the fallback of the others
         evals, evecs = torch.linalg.eigh(M @ M.T)
         evals, U = evals.flip(0).clamp_min(0), evecs.flip(1)
-        p = energy_rank(evals, threshold, rule)
-    elif method == "lowrank":
-        U, p = _principal_lowrank(M, threshold, rule, niter, generator)
-    else:
-        raise ValueError(f"unknown basis method {method!r}; expected 'svd', 'gram_eigh' or 'lowrank'")
+        found = U, energy_rank(evals, threshold, rule)
+    U, p = found
     return U[:, :p].to(BASIS_DTYPE).contiguous()
 
 
 def _principal_lowrank(
-    M: Tensor, threshold: float, rule: Rule, niter: int, generator: torch.Generator | None
-) -> tuple[Tensor, int]:
+    M: Tensor, threshold: float, rule: Rule, niter: int, generator: torch.Generator | None, max_columns: int
+) -> tuple[Tensor, int] | None:
+    """Top left singular vectors of ``M`` and the cut ``p`` from a randomized SVD whose sketch has at least
+    ``2p + LOWRANK_EXTRA`` columns (oversampling: the trailing kept directions converge too), captures
+    ``threshold`` of the energy and has converged on direction ``p`` (:func:`_converged`); None when that needs
+    more than ``max_columns`` columns (slowly decaying spectra, or ``p`` a large share of ``d``)."""
     total = float((M**2).sum())
     full = min(M.shape)
-    q = min(full, 16)
+    if total <= 0 or threshold <= 0:  # degenerate: the exact route answers it
+        return None
+    q = min(full, 16, max_columns)
     while True:
         U, S, _ = randomized_svd(M, q, niter, generator)
-        captured = float((S**2).sum()) / total if total > 0 else 1.0
-        if captured >= threshold or q >= full:
-            return U, energy_rank(S**2, threshold, rule, total=total if q < full else None)
-        q = min(full, 2 * q)
+        energies = S**2
+        captured = float(energies.sum()) / total
+        if captured >= threshold:
+            p = energy_rank(energies, threshold, rule, total=total)
+            need = 2 * p + LOWRANK_EXTRA
+            if q >= full or (q >= need and _converged(S, p, niter)):
+                return U, p
+            need = max(need, 2 * q)
+        else:  # the rest of the energy lies in directions of energy <= S_q²: at least this many more are needed
+            tail = float(energies[-1]) if energies.numel() else 0.0
+            more = (threshold - captured) * total / tail if tail > 0 else float(full)
+            need = 2 * (q + int(more)) + LOWRANK_EXTRA
+        if need > max_columns or q >= full:
+            return None
+        q = min(full, max(2 * q, need))
+
+
+def _converged(S: Tensor, p: int, niter: int) -> bool:
+    """Whether ``niter`` power iterations on a sketch with singular values ``S`` have resolved its top ``p``
+    directions: the error of direction ``p`` shrinks like ``(σ_{q+1}/σ_p)^(2·niter+1)`` (Halko et al. 2011,
+    §4.5), estimated with the sketch's last value, to at most ``LOWRANK_TOLERANCE``."""
+    if p == 0:
+        return True
+    if p >= S.numel() or float(S[p - 1]) <= 0:
+        return False
+    ratio = float(S[-1]) / float(S[p - 1])
+    return ratio ** (2 * niter + 1) <= LOWRANK_TOLERANCE
+
+
+def _principal_mixed(M: Tensor, threshold: float, rule: Rule) -> tuple[Tensor, int] | None:
+    """Principal basis from a float32 eigendecomposition of ``MMᵀ`` made exact where it matters, in float64.
+
+    Float32 eigenvectors are accurate except for mixing between directions of nearly equal energy, which
+    only changes the kept subspace across the cut. So: the float32 cut ``p₀``; a window of
+    ``MIXED_WINDOW`` directions on either side re-solved in float64 (Rayleigh–Ritz with ``M``); the
+    energy of the directions above the window measured in float64 (``‖VᵀM‖_F²``), the window's added one by
+    one, against the exact total ``‖M‖_F²``. Returns None (the caller runs the float64 eigh) when the cut
+    falls on the window's edge or within ``MIXED_ENERGY_MARGIN`` of the threshold.
+    """
+    d = M.shape[0]
+    total = float((M**2).sum())
+    if total <= 0 or threshold <= 0:
+        return None
+    M32 = M.to(torch.float32)
+    evals, V = torch.linalg.eigh(M32 @ M32.T)
+    evals, V = evals.flip(0).to(COMPUTE_DTYPE).clamp_min(0), V.flip(1)
+    p0 = energy_rank(evals, threshold, rule, total=total)
+    lo, hi = max(0, p0 - MIXED_WINDOW), min(d, p0 + MIXED_WINDOW)
+    head = V[:, :lo].to(COMPUTE_DTYPE)
+    head_energy = float(((head.T @ M) ** 2).sum())
+    Q = torch.linalg.qr(project_out(V[:, lo:hi].to(COMPUTE_DTYPE), head)).Q
+    B = Q.T @ M
+    theta, Z = torch.linalg.eigh(B @ B.T)
+    theta, Z = theta.flip(0).clamp_min(0), Z.flip(1)
+    ratios = (head_energy + torch.cumsum(theta, 0)) / total
+    margin = MIXED_ENERGY_MARGIN
+    if lo > 0 and head_energy / total >= threshold - margin:  # the cut may lie above the window
+        return None
+    if bool(((ratios - threshold).abs() < margin).any()):  # too close to call in float64 from here
+        return None
+    below = int((ratios < threshold).sum())
+    if below == ratios.numel() and hi < d:  # the cut lies below the window
+        return None
+    p = min(lo + (below if rule == "official" else below + 1), d)
+    if rule == "official":
+        p = max(p, 1)
+    return torch.cat([head, Q @ Z], dim=1), p
 
 
 # ---- streaming statistics of projection inputs ----------------------------------------------------------
@@ -195,9 +289,10 @@ class CovarianceAccumulator:
 
     State: the ``d × d`` sum in float64 and the token count. ``update(x)`` takes ``[..., d]`` (all leading
     dimensions are tokens). Each batch's product ``XᵀX`` is formed in float64 (``product_dtype``), so the
-    result equals the float64 Gram matrix of the stacked tokens up to float64 rounding. With
+    result equals the float64 Gram matrix of the stacked tokens up to float64 rounding. The float64 copy is
+    made ``COVARIANCE_CHUNK_BYTES`` at a time, never for the whole batch. With
     ``product_dtype=torch.float32`` (faster on GPUs with weak float64) the per-batch error is bounded by the
-    dot-product bound ``|ΔC_ij| ≤ γ_m Σ_n |x_ni||x_nj|``, ``γ_m ≈ m·2⁻²⁴`` for ``m`` tokens per batch
+    dot-product bound ``|ΔC_ij| ≤ γ_m Σ_n |x_ni||x_nj|``, ``γ_m ≈ m·2⁻²⁴`` for ``m`` tokens per chunk
     (keep TF32 off), before the float64 sum.
     """
 
@@ -212,9 +307,15 @@ class CovarianceAccumulator:
     def update(self, x: Tensor) -> None:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected [..., {self.dim}] inputs, got {tuple(x.shape)}")
-        X = x.detach().reshape(-1, self.dim).to(self.product_dtype)
+        X = x.detach().reshape(-1, self.dim)
+        rows = max(1, COVARIANCE_CHUNK_BYTES // (self.dim * torch.finfo(self.product_dtype).bits // 8))
         with torch.autocast(X.device.type, enabled=False):
-            self.sum += (X.T @ X).to(COMPUTE_DTYPE)
+            for start in range(0, X.shape[0], rows):
+                chunk = X[start : start + rows].to(self.product_dtype)
+                if self.product_dtype == COMPUTE_DTYPE:
+                    self.sum.addmm_(chunk.T, chunk)
+                else:
+                    self.sum += (chunk.T @ chunk).to(COMPUTE_DTYPE)
         self.count += X.shape[0]
 
     def covariance(self) -> Tensor:

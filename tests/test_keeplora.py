@@ -123,19 +123,64 @@ def test_grad_estimation_uses_a_share_of_the_batches_and_only_the_adapted_weight
     method = _method(tiny_model, grad_fraction=0.5, encoders="vision")
     seen, grad_on = [], set()
 
-    def spy(images, labels, tokens):
-        seen.append(len(labels))
+    def spy(images, labels, text, denominator=None):
+        seen.append((len(labels), denominator))
         grad_on.update(n for n, p in tiny_model.named_parameters() if p.requires_grad)
-        return KeepLoRA.clip_loss(method, images, labels, tokens)
+        return KeepLoRA.image_text_loss(method, images, labels, text, denominator)
 
-    method.clip_loss = spy
+    method.image_text_loss = spy
     flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
     method.estimate_gradients(_ctx(task))
-    assert len(seen) == 3
+    assert seen == [(BATCH, BATCH)] * 3
     adapted = {n for n in flags if n.startswith("clip.visual.") and n.endswith(("attn.in_proj_weight",
                                                                            "attn.out_proj.weight"))}
     assert len(adapted) == 8 and grad_on == adapted
     assert flags == {n: p.requires_grad for n, p in tiny_model.named_parameters()}  # restored afterwards
+
+
+@pytest.mark.parametrize("encoders", ["vision,text", "text", "vision"])
+def test_micro_batches_and_text_chunks_give_the_same_estimate(tiny_model: ClipModel, encoders: str) -> None:
+    """Micro-batches (3 images, not a divisor of the batch) and text chunks (2 prompts) change only the
+    float summation order: the estimate is the batch-mean gradient either way, for each encoder choice."""
+    task = _task("A", classes=5)
+    method = _method(tiny_model, encoders=encoders)
+    whole = method.estimate_gradients(_ctx(task))
+    method.grad_chunk, method.text_chunk = 3, 2
+    seen = []
+
+    def spy(images, labels, text, denominator=None):
+        seen.append((len(labels), denominator))
+        return KeepLoRA.image_text_loss(method, images, labels, text, denominator)
+
+    method.image_text_loss = spy
+    chunked = method.estimate_gradients(_ctx(task))
+    assert seen[:3] == [(3, BATCH), (3, BATCH), (2, BATCH)]
+    assert set(chunked) == set(whole) == {m.name for m in method.matrices()}
+    assert {name.split(".")[0] for name in whole} == set(encoders.split(","))
+    for name, G in whole.items():
+        assert float(G.norm()) > 0, name
+        assert _rel(chunked[name], G) <= 1e-5, name
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_passes_follow_autocast_and_the_subspace_algebra_ignores_it(tiny_model: ClipModel) -> None:
+    """Under a caller's autocast (``--precision amp``; bfloat16 on the CPU here) the gradient pass runs in low
+    precision like the official fp16 pass, while S2–S3 and S7 keep their own precision: A stays orthogonal to
+    the basis and the extended bases stay orthonormal to float32 accuracy."""
+    task = _task("A")
+    method = _method(tiny_model)
+    method.setup()
+    exact = method.estimate_gradients(_ctx(task))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = method.estimate_gradients(_ctx(task))
+    flat = torch.cat([g.flatten() for g in exact.values()])
+    low_flat = torch.cat([low[name].flatten() for name in exact])
+    assert 1e-4 < _rel(low_flat, flat) < 0.1  # autocast was in effect, and it is the same gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method.before_task(_ctx(task))
+        method.after_task(_ctx(task))
+    assert max(stats["a_leak"] for stats in method.init_stats.values()) < 1e-5
+    assert all(is_orthonormal(basis, atol=1e-5) for basis in method.bases.values())
 
 
 # ---- S2–S4: design of the adapters and the output-preserving shift ---------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import clbench.linalg as linalg
 from clbench.linalg import (
     CovarianceAccumulator,
     SlotSumAccumulator,
@@ -110,12 +111,70 @@ def test_every_basis_route_equals_brute_force(side, rule):
     M = W.to(D).T if side == "input" else W.to(D)
     evals, evecs = torch.linalg.eigh(M @ M.T)
     expected = evecs[:, torch.argsort(evals, descending=True)[:p]]
-    for method in ("svd", "gram_eigh", "lowrank"):
+    for method in ("svd", "gram_eigh", "lowrank", "mixed", "auto"):
         basis = principal_basis(W, eps, side=side, rule=rule, method=method, generator=gen(5))
         assert basis.shape == (W.shape[1] if side == "input" else W.shape[0], p), method
         assert basis.dtype == torch.float32
         assert is_orthonormal(basis)
         assert torch.allclose(proj(basis), proj(expected), atol=1e-5), method
+
+
+def power_spectrum(d_out: int, d_in: int, decay: float, seed: int) -> torch.Tensor:
+    """A float32 weight with σ_i = i^(−decay): slowly decaying for decay ≤ 0.5 (ε = 0.85 keeps a large share)."""
+    k = min(d_out, d_in)
+    return with_spectrum(d_out, d_in, [i ** -decay for i in range(1, k + 1)], seed).float()
+
+
+def principal_cosines(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(torch.linalg.qr(A.to(D)).Q.T @ torch.linalg.qr(B.to(D)).Q)
+
+
+@pytest.mark.parametrize(("decay", "eps"), [(0.5, 0.85), (0.5, 0.2), (0.25, 0.3), (1.0, 0.85)])
+@pytest.mark.parametrize("rule", ["paper", "official"])
+def test_basis_routes_give_the_svd_basis_where_p_is_a_large_share_or_the_spectrum_is_flat(decay, eps, rule):
+    """Above d = 256, where ``auto`` takes the mixed route; including the cases that broke the old lowrank
+    route (p ≈ d/3 at ε = 0.85, and flat spectra): same cut, principal-angle cosines ≥ 0.999."""
+    W = power_spectrum(300, 280, decay, seed=7)
+    for side in ("input", "output"):
+        ref = principal_basis(W, eps, side=side, rule=rule, method="svd")
+        assert 0 < ref.shape[1] < min(W.shape)
+        for method in ("gram_eigh", "lowrank", "mixed", "auto"):
+            basis = principal_basis(W, eps, side=side, rule=rule, method=method, generator=gen(3))
+            assert basis.shape == ref.shape, (method, side)
+            assert float(principal_cosines(basis, ref).min()) >= 0.999, (method, side)
+
+
+def test_lowrank_sketches_only_where_it_converges_and_falls_back_otherwise():
+    fast = power_spectrum(300, 300, 1.5, seed=1).T.to(D)  # energy in a few directions: a 16-column sketch
+    flat = power_spectrum(300, 300, 0.5, seed=2).T.to(D)  # p ≈ d/3 at ε = 0.85: no cheaper than eigh
+    found = linalg._principal_lowrank(fast, 0.85, "paper", 4, gen(0), 75)
+    assert found is not None and found[0].shape[1] <= 32
+    assert linalg._principal_lowrank(flat, 0.85, "paper", 4, gen(0), 75) is None
+    assert linalg._principal_lowrank(flat, 0.2, "paper", 4, gen(0), 75) is not None  # p = 2: it converges
+
+
+def test_mixed_route_defers_to_float64_when_the_cut_is_too_close_to_call():
+    """Equal energies 1..d: at ε = k/d the cumulative ratio hits the threshold exactly at k; the float32
+    estimate cannot certify which side of it the cut lies, so the exact route answers."""
+    d = 300
+    W = with_spectrum(d, d, [1.0] * 150 + [0.5] * 150, seed=3)
+    M = W.T.to(D)
+    total = 150 * 1.0 + 150 * 0.25
+    eps = 100 / total  # exactly the energy of the first 100 directions
+    assert linalg._principal_mixed(M, eps, "paper") is None
+    mixed = principal_basis(W.float(), eps, method="mixed")
+    exact = principal_basis(W.float(), eps, method="gram_eigh")
+    assert torch.equal(mixed, exact)
+    # away from any boundary the mixed route answers itself: here the cut at the 1 → 0.25 gap (a unique subspace)
+    found = linalg._principal_mixed(M, 149.5 / total, "paper")
+    assert found is not None and found[1] == 150
+    ref = principal_basis(W.float(), 149.5 / total, method="svd")
+    assert float(principal_cosines(found[0][:, :150], ref).min()) >= 0.999
+
+
+def test_auto_route_is_float64_eigh_for_small_matrices():
+    W = power_spectrum(200, 200, 0.5, seed=4)
+    assert torch.equal(principal_basis(W, 0.85, method="auto"), principal_basis(W, 0.85, method="gram_eigh"))
 
 
 def test_input_side_is_right_singular_vectors_of_pytorch_weight():
@@ -140,6 +199,20 @@ def test_covariance_accumulator_equals_stacked_gram():
     assert acc.count == 4 * 15
     assert torch.allclose(acc.covariance(), X.T @ X, atol=1e-10, rtol=1e-12)
     assert torch.allclose(acc.mean(), X.T @ X / 60, atol=1e-10)
+
+
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+def test_covariance_accumulator_in_chunks_equals_stacked_gram(monkeypatch, product_dtype):
+    """The float64 copy is made a chunk at a time (here 7 rows of 8 values, not a divisor of a batch)."""
+    monkeypatch.setattr(linalg, "COVARIANCE_CHUNK_BYTES", 7 * 8 * 8)
+    batches = [torch.randn(4, 9, 8, generator=gen(i)) for i in range(3)]
+    acc = CovarianceAccumulator(8, product_dtype=product_dtype)
+    for x in batches:
+        acc.update(x)
+    X = torch.cat([x.reshape(-1, 8) for x in batches]).to(D)
+    tol = 1e-12 if product_dtype == torch.float64 else 1e-5
+    assert acc.count == 3 * 36
+    assert torch.allclose(acc.covariance(), X.T @ X, atol=tol, rtol=tol)
 
 
 def test_slotsum_accumulator_matches_official_running_mean():

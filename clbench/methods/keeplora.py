@@ -4,7 +4,9 @@ KeepLoRA, per adapted matrix W (q, k, v, o of every block of the adapted encoder
 ``y = x W`` with ``W ∈ R^{d_in×d_out}`` (PyTorch stores ``W_pt = Wᵀ``):
 
 - (S0, ``setup``) a principal basis ``U = W_p`` of the pretrained weight by an energy threshold ε_w on σ²
-  (vision 0.85, text 0.2; ε_w ≤ 1e-8 skips it, the "no W_p" ablation).
+  (vision 0.85, text 0.2; ε_w ≤ 1e-8 skips it, the "no W_p" ablation); ``principal_basis(method="auto")``:
+  float64 eigh of the Gram matrix for small widths, float32 eigh refined and checked in float64 otherwise
+  (the same basis as a float64 SVD, at about a third of its cost).
 - (S1) the mean gradient ``G`` of the task's CE loss over its training batches, at the current weights.
 - (S2) ``Ĝ = (I − U Uᵀ) G`` on the input side.
 - (S3) the top-r SVD ``Ĝ ≈ U_r S_r V_rᵀ``: ``A = U_r`` frozen (adapter ``down = Aᵀ``, a buffer) and
@@ -25,13 +27,17 @@ Two readings behind ``compat`` (spec §7):
   columns and 4 power iterations (D6).
 
 Adapted for speed without changing the math: only the q/k/v/o weights require grad in the gradient pass
-(identical ``G``; D3), gradients are accumulated on the device (``.grad``), and the statistics of the input
-shared by q/k/v are collected once per layer (D9). The gradient and feature passes run in float32 (the
-official code uses fp16 autocast without loss scaling for the gradient). ``grad_fraction`` < 1 estimates
-``G`` on the first share of the shuffled batches (the LLaVA code uses 20%). Where ``Ĝ`` has rank < r or the
-basis leaves fewer than r free directions, ``A`` is completed (or shortened) inside ``span(U)^⊥`` (spec §4
-edge case; the official code has no guard). Text features use the current task's class prompts, all
-positions including padding (D8).
+(identical ``G``; D3), gradients are accumulated on the device (``.grad``), the class text features are
+encoded once per pass and their summed gradient pushed through the text tower once (instead of a text
+forward and backward per batch), batches are split into micro-batches (same batch-mean loss), and the
+statistics of the input shared by q/k/v are collected once per layer (D9). The gradient and feature passes
+run at the caller's precision: float32, or the caller's autocast if it wraps the hooks (the official code uses
+fp16 autocast without loss scaling for the gradient); the subspace algebra always runs without autocast.
+``grad_fraction`` < 1 estimates ``G`` on the first share of the shuffled batches (the LLaVA code uses 20%).
+Where ``Ĝ`` has rank < r or the basis leaves fewer than r free directions, ``A`` is completed (or shortened)
+inside ``span(U)^⊥`` (spec §4 edge case; the official code has no guard). Text features use the current
+task's class prompts, all positions including padding (D8; the text context is cut after the last
+end-of-text token only where no observer watches, see ``ClipModel.encode_text``).
 
 KeepLoRA+ (official code, spec §5): a cosine head per task, ``30·cos(z, w_c)`` on the normalised image
 embedding, initialised from the normalised class means of the image features after the shift (S4) and before
@@ -130,32 +136,6 @@ def layer_scales(num_layers: int, gamma: float) -> list[float]:
     return [gamma + (1.0 - gamma) * layer / (num_layers - 1) for layer in range(num_layers)]
 
 
-def mean_gradients(
-    matrices: list[AdaptedMatrix], batches: Iterator[tuple[Tensor, Tensor]], loss_fn
-) -> dict[str, Tensor]:
-    """Mean over ``batches`` of ``∇ loss_fn(images, labels)`` w.r.t. each matrix (PyTorch layout).
-
-    Gradients accumulate in the parameters' ``.grad`` on the device (no host copies); the caller decides
-    which parameters require grad. The ``.grad`` of the touched parameters is cleared before and after.
-    """
-    params = _weight_parameters(matrices)
-    for p in params:
-        p.grad = None
-    count = 0
-    for images, labels in batches:
-        loss_fn(images, labels).backward()
-        count += 1
-    if count == 0:
-        raise UserError("the task has no training batches to estimate KeepLoRA's gradient; add training data")
-    grads = {}
-    for m in matrices:
-        g = m.grad()
-        grads[m.name] = torch.zeros_like(m.weight()) if g is None else g.detach() / count
-    for p in params:
-        p.grad = None
-    return grads
-
-
 def _weight_parameters(matrices: list[AdaptedMatrix]) -> list[nn.Parameter]:
     params: dict[int, nn.Parameter] = {}
     for m in matrices:
@@ -183,6 +163,8 @@ class KeepLoRA(Method):
     summary = "residual-gradient LoRA orthogonal to pretrained + past-feature subspaces (ICLR 2026)"
     Hparams = KeepLoRAHparams
     shift_at_init = True  # B = S_r V_rᵀ and W ← W − sAB (v1); KeepLoRA++ starts from B = 0 instead
+    grad_chunk = 16  # images per backward in S1 (micro-batches of a batch; bounds the activations held)
+    text_chunk = 128  # prompts per text-tower backward in S1
 
     def __init__(self, model, hparams, profiler) -> None:
         super().__init__(model, hparams, profiler)
@@ -216,17 +198,22 @@ class KeepLoRA(Method):
             raise UserError(f"{self.name}.rank={self.hparams.rank} exceeds the width {width} of the adapted "
                             f"layers; use --set {self.name}.rank=<value <= {width}>")
 
+    def _no_autocast(self) -> torch.autocast:
+        """The subspace algebra (S0, S2–S3, S7) runs at its own precision even when the caller enabled autocast
+        (the gradient and feature passes follow the caller's autocast, like the official fp16 pass)."""
+        return torch.autocast(self.model.device.type, enabled=False)
+
     # ---- S0: pretrained principal subspace ---------------------------------------------------------------
     def setup(self) -> None:
         side = "output" if self.official else "input"
-        with self.profiler.section("pretrained_svd"):
+        with self.profiler.section("pretrained_svd"), self._no_autocast():
             for m in self.matrices():
                 eps = self.eps_w(m.site.encoder)
                 if eps <= DISABLED:
                     basis = empty_basis(m.site.width, self.model.device)
                 else:
                     basis = principal_basis(m.weight(), eps, side=side, rule=self.hparams.compat,
-                                            method="gram_eigh")
+                                            method="auto")
                 self.bases[m.name] = basis.to(self.model.device)
         self._record_bases(-1)
 
@@ -234,31 +221,71 @@ class KeepLoRA(Method):
     def before_task(self, task: TaskContext) -> None:
         with self.profiler.section("grad_estimation"):
             grads = self.estimate_gradients(task)
-        with self.profiler.section("grad_svd"):
+        with self.profiler.section("grad_svd"), self._no_autocast():
             self.init_adapters(grads)
 
     def clip_loss(self, images: Tensor, labels: Tensor, tokens: Tensor) -> Tensor:
         """CE over the task's classes (tokenised prompts ``tokens``) on plain CLIP logits, text features
         recomputed with grad (no head: the loss of S1)."""
-        text = self.model.encode_text(tokens)
+        return self.image_text_loss(images, labels, self.model.encode_text(tokens))
+
+    def image_text_loss(self, images: Tensor, labels: Tensor, text: Tensor, denominator: int | None = None) -> Tensor:
+        """S1's CE on ``logit_scale · cos(image, text)`` summed over the samples and divided by ``denominator``
+        (default: their number, the batch mean; a micro-batch passes its whole batch's size)."""
         image = self.model.encode_image(images)
-        return F.cross_entropy(self.model.logit_scale() * image @ text.T, labels)
+        loss = F.cross_entropy(self.model.logit_scale() * image @ text.T, labels, reduction="sum")
+        return loss / (len(labels) if denominator is None else denominator)
 
     def estimate_gradients(self, task: TaskContext) -> dict[str, Tensor]:
-        """S1: mean gradient (PyTorch layout) of every adapted weight; nothing else requires grad."""
+        """S1: mean over the task's batches of the batch-mean loss gradient of every adapted weight (PyTorch
+        layout). The same estimate as the official pass (text re-encoded with grad every batch, every encoder
+        parameter requiring grad, spec D3), computed more cheaply and exactly:
+
+        - only the adapted q/k/v/o weights require grad (no other weight gradient is formed), accumulated in
+          ``.grad`` on the device (no host copies);
+        - the class text features are encoded once without grad; each batch's loss backpropagates into them
+          as a leaf, and at the end the summed text-feature gradient is pushed through the text tower once
+          (``Σ_b J_textᵀ g_b = J_textᵀ Σ_b g_b``: the text features do not depend on the batch), in chunks of
+          ``text_chunk`` prompts recomputed with grad;
+        - each batch is processed in micro-batches of ``grad_chunk`` images, each loss summed and divided by
+          the batch size (same batch mean, activations of one micro-batch at a time).
+        """
         model, matrices = self.model, self.matrices()
         flags = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training
+        params = _weight_parameters(matrices)
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for p in _weight_parameters(matrices):
+            for p in params:
                 p.requires_grad_(True)
+                p.grad = None
             model.train()
-            batches = task_batches(task, self.hparams.grad_fraction)
             tokens = model.tokenize(task.prompts)
-            return mean_gradients(matrices, batches, lambda x, y: self.clip_loss(x, y, tokens))
+            with torch.no_grad():
+                text = model.encode_text(tokens)
+            text.requires_grad_(any(m.site.encoder == "text" for m in matrices))
+            count = 0
+            for images, labels in task_batches(task, self.hparams.grad_fraction):
+                size = len(labels)
+                for start in range(0, size, self.grad_chunk):
+                    end = start + self.grad_chunk
+                    self.image_text_loss(images[start:end], labels[start:end], text, size).backward()
+                count += 1
+            if count == 0:
+                raise UserError("the task has no training batches to estimate KeepLoRA's gradient; add training data")
+            if text.grad is not None:
+                for start in range(0, len(tokens), self.text_chunk):
+                    end = start + self.text_chunk
+                    model.encode_text(tokens[start:end]).backward(text.grad[start:end])
+            grads = {}
+            for m in matrices:
+                g = m.grad()
+                grads[m.name] = torch.zeros_like(m.weight()) if g is None else g.detach() / count
+            return grads
         finally:
+            for p in params:
+                p.grad = None
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             model.train(was_training)
@@ -293,7 +320,7 @@ class KeepLoRA(Method):
         if self.hparams.eps_f > DISABLED:
             with self.profiler.section("feature_stats"):
                 stats = self.feature_statistics(task)
-            with self.profiler.section("feature_svd"):
+            with self.profiler.section("feature_svd"), self._no_autocast():
                 self.extend_bases(stats)
         self._record_bases(task.index)
 
