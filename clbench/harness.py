@@ -278,11 +278,13 @@ def run_sequence(
         ctx = TaskContext(index, task, num, device, make_loader, steps_for(task, train, index),
                           prompts=[p[0] for p in dataset_prompts(task, "first")])
         hooks.on_phase(f"prepare {task.name}", 0)
-        method.before_task(ctx)
+        with autocast():  # --precision amp on CUDA reaches the methods' own passes (gradient, feature statistics)
+            method.before_task(ctx)
         with profiler.section("train"):
             train_task(method, ctx, train, hooks, precision)
         hooks.on_phase(f"finish {task.name}", 0)
-        method.after_task(ctx)
+        with autocast():
+            method.after_task(ctx)
         for name, nbytes in method.state_bytes().items():
             profiler.record_state(index, name, nbytes)
         hooks.on_phase(f"eval after {task.name}", num)

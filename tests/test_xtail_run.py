@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fake_xtail import build_fake_xtail
 
 from clbench.cli import main
 from clbench.datasets.xtail_names import ORDERS
-from fake_xtail import build_fake_xtail
 
 SMOKE = ["--preset", "smoke", "--backbone", "tiny", "--pretrained", "none", "--quiet"]
 
@@ -34,7 +34,7 @@ def test_lora_runs_end_to_end_under_the_union_rule(tree: Path, tmp_path: Path, o
     assert list(accuracy["trained_on"]) == names and list(accuracy.columns)[1:] == names
     recall = pd.read_csv(run / "selection_recall.csv")
     assert list(recall["trained_on"]) == ["zeroshot", *names]
-    assert ((accuracy[names].to_numpy() <= recall[names].to_numpy()[1:] + 1e-9)).all()
+    assert (accuracy[names].to_numpy() <= recall[names].to_numpy()[1:] + 1e-9).all()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["evaluation"]["rule"] == "union"
     duplicates = {d["name"] for d in manifest["evaluation"]["duplicate_classnames"]}
