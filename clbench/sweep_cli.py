@@ -64,7 +64,8 @@ def sweep(
     grid: Annotated[list[str] | None, typer.Option(
         "--grid", help="a swept setting, key=v1,v2,... (repeatable); method.key sweeps that method's runs only")]
     = None,
-    benchmark: Annotated[str, typer.Option(help="synthetic (embedded) or mtil")] = "synthetic",
+    benchmark: Annotated[str, typer.Option(help="synthetic (embedded), mtil or xtail")] = "synthetic",
+    eval_: Annotated[str, typer.Option("--eval", help="task or union (default: the benchmark's own rule)")] = "",
     out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
     preset: Annotated[str, typer.Option(help="smoke, default or paper")] = "default",
     backbone: Annotated[str, typer.Option(help="'tiny' (embedded) or an open_clip model name")] = "tiny",
@@ -101,7 +102,8 @@ def sweep(
     axes = parse_grid(list(grid or []), names)
     check_sets(list(set_ or []), names, axes)
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
-               "data_root": data_root or None, "device": device, "precision": precision or None}
+               "data_root": data_root or None, "device": device, "precision": precision or None,
+               "eval": eval_ or None}
     request = SweepRequest(tuple(names), int_list(orders, "--orders"), int_list(seeds, "--seeds"), axes, preset,
                            tuple(options.items()), tuple(set_ or []), str(Path(out).resolve()), cpus_per_job)
     specs = expand(request)

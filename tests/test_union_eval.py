@@ -229,3 +229,9 @@ def test_published_numbers_only_beside_runs_under_their_own_rule() -> None:
     assert len(xtail) and set(xtail["benchmark"]) == {"xtail"} and (xtail["verified"] == "secondary").all()
     assert len(literature_for("xtail", 1, own_rule=False)) == 0
     assert len(literature_for("mtil", 1)) and len(literature_for("mtil", 1, own_rule=False)) == 0
+
+
+def test_sweep_takes_the_rule_and_plans_its_folders(tmp_path: Path, capsys) -> None:
+    assert main(["sweep", "--methods", "zeroshot", "--eval", "union", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic-union-order1/zeroshot/seed0" in out
