@@ -16,6 +16,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clbench.cli_options import (
+    Backbone,
+    BenchmarkName,
+    DataRoot,
+    Device,
+    EvalRule,
+    Methods,
+    OutFolder,
+    Precision,
+    PresetName,
+    Pretrained,
+    Sets,
+)
 from clbench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,24 +43,23 @@ def _split(value: str) -> list[str]:
 
 @app.command()
 def run(
-    methods: Annotated[str, typer.Option(help="comma-separated method names (see 'clbench methods')")],
+    methods: Methods,
     order: Annotated[int, typer.Option(help="task order, 1 or 2")] = 1,
-    benchmark: Annotated[str, typer.Option(help="synthetic (embedded), mtil or xtail")] = "synthetic",
+    benchmark: BenchmarkName = "synthetic",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
-    preset: Annotated[str, typer.Option(help="smoke, default or paper")] = "default",
-    backbone: Annotated[str, typer.Option(help="'tiny' (embedded) or an open_clip model name")] = "tiny",
-    pretrained: Annotated[str, typer.Option(help="open_clip tag, weight file, or 'none'")] = "",
-    data_root: Annotated[str, typer.Option(help="folder holding the real datasets")] = "",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i]")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 or amp")] = "",
-    eval_: Annotated[str, typer.Option("--eval", help="task (classes of the image's own dataset; default for "
-                                       "synthetic and mtil) or union (all datasets' classes; default for xtail)")] = "",
+    out: OutFolder = Path("results"),
+    preset: PresetName = "default",
+    backbone: Backbone = "tiny",
+    pretrained: Pretrained = "",
+    data_root: DataRoot = "",
+    device: Device = "auto",
+    precision: Precision = "",
+    eval_: EvalRule = "",
     shots: Annotated[int | None, typer.Option(help="few-shot: K training images per class (mtil: 5 in the "
                                               "literature; xtail: 16); default full training sets")] = None,
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="count and report unreadable images "
                                                   "instead of stopping at the first")] = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")] = None,
+    set_: Sets = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue each run after its last completed task "
                                          "(same options as the interrupted run)")] = False,

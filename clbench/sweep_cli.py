@@ -24,6 +24,19 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from clbench.cli_options import (
+    Backbone,
+    BenchmarkName,
+    DataRoot,
+    Device,
+    EvalRule,
+    Methods,
+    OutFolder,
+    Precision,
+    PresetName,
+    Pretrained,
+    Sets,
+)
 from clbench.errors import UserError
 from clbench.sweep import (
     DONE,
@@ -58,22 +71,22 @@ def register(app: typer.Typer) -> None:
 
 
 def sweep(
-    methods: Annotated[str, typer.Option(help="comma-separated method names (see 'clbench methods')")],
+    methods: Methods,
     orders: Annotated[str, typer.Option(help="comma-separated task orders, e.g. 1,2")] = "1",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds, e.g. 0,1,2")] = "0",
     grid: Annotated[list[str] | None, typer.Option(
         "--grid", help="a swept setting, key=v1,v2,... (repeatable); method.key sweeps that method's runs only")]
     = None,
-    benchmark: Annotated[str, typer.Option(help="synthetic (embedded), mtil or xtail")] = "synthetic",
-    eval_: Annotated[str, typer.Option("--eval", help="task or union (default: the benchmark's own rule)")] = "",
-    out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
-    preset: Annotated[str, typer.Option(help="smoke, default or paper")] = "default",
-    backbone: Annotated[str, typer.Option(help="'tiny' (embedded) or an open_clip model name")] = "tiny",
-    pretrained: Annotated[str, typer.Option(help="open_clip tag, weight file, or 'none'")] = "",
-    data_root: Annotated[str, typer.Option(help="folder holding the real datasets")] = "",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:i]")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 or amp")] = "",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")] = None,
+    benchmark: BenchmarkName = "synthetic",
+    eval_: EvalRule = "",
+    out: OutFolder = Path("results"),
+    preset: PresetName = "default",
+    backbone: Backbone = "tiny",
+    pretrained: Pretrained = "",
+    data_root: DataRoot = "",
+    device: Device = "auto",
+    precision: Precision = "",
+    set_: Sets = None,
     launcher: Annotated[str, typer.Option(help="local (process pool), ray, slurm, or inline (this process)")]
     = "local",
     jobs: Annotated[int, typer.Option(help="most runs at once (0: local = CPUs / --cpus-per-job, or 1 on a GPU; "
