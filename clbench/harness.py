@@ -14,12 +14,13 @@ Evaluation follows one of two rules, chosen per run (``--eval``), never by the m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from clbench.config import TrainConfig
@@ -113,6 +114,14 @@ def dataset_prompts(task: Task, policy: str) -> list[list[str]]:
     return [[task.templates[0].format(c)] for c in task.classnames]
 
 
+def test_batches(task: Task, train: TrainConfig, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """``task``'s test split in order, in evaluation batches moved to ``device`` (both evaluation rules)."""
+    loader = DataLoader(task.test, batch_size=train.eval_batch_size, shuffle=False,
+                        num_workers=train.num_workers, pin_memory=device.type == "cuda")
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(method: Method, benchmark: Benchmark, trained: int, train: TrainConfig, prompt_policy: str,
              device: torch.device, hooks: Hooks, autocast=nullcontext) -> list[float]:
@@ -124,10 +133,7 @@ def evaluate(method: Method, benchmark: Benchmark, trained: int, train: TrainCon
         with autocast():
             text = model.class_text_features(dataset_prompts(task, prompt_policy))
         correct = total = 0
-        loader = DataLoader(task.test, batch_size=train.eval_batch_size, shuffle=False,
-                            num_workers=train.num_workers, pin_memory=device.type == "cuda")
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for images, labels in test_batches(task, train, device):
             with autocast():
                 logits = method.logits(model.encode_image(images), text, task.name, trained=index < trained)
             correct += int((logits.argmax(-1) == labels).sum())
@@ -151,10 +157,7 @@ def evaluate_union(method: Method, benchmark: Benchmark, trained: int, train: Tr
     accuracy, recall = [], []
     for task, span in zip(benchmark.tasks, spans, strict=True):
         correct = inside = total = 0
-        loader = DataLoader(task.test, batch_size=train.eval_batch_size, shuffle=False,
-                            num_workers=train.num_workers, pin_memory=device.type == "cuda")
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for images, labels in test_batches(task, train, device):
             with autocast():
                 logits = method.logits_union(model.encode_image(images), text, spans, trained)
             predicted = logits.argmax(-1)

@@ -35,14 +35,21 @@ def safe_component(value: str, what: str) -> str:
     return value
 
 
+def group_label(benchmark: str, eval_rule: str | None) -> str:
+    """``benchmark``, or ``benchmark-<rule>`` when ``eval_rule`` is not the benchmark's own (``mtil-union``): the
+    name that keeps runs, and reports, under the two evaluation rules apart."""
+    from clbench.config import DEFAULT_EVAL
+
+    own = not eval_rule or eval_rule == DEFAULT_EVAL.get(benchmark, eval_rule)
+    return benchmark if own else f"{benchmark}-{eval_rule}"
+
+
 def run_dir(out: Path, benchmark: str, order: int, method: str, seed: int, eval_rule: str = "") -> Path:
     """``out/<benchmark>-order<k>/<method>/seed<s>``; an evaluation rule other than the benchmark's own
     (``--eval union`` on mtil, ``--eval task`` on xtail) is part of the first folder
     (``mtil-union-order1``), so runs under both rules never share a folder."""
-    from clbench.config import DEFAULT_EVAL
-
-    label = benchmark if not eval_rule or eval_rule == DEFAULT_EVAL.get(benchmark) else f"{benchmark}-{eval_rule}"
-    parts = [safe_component(f"{label}-order{order}", "benchmark"), safe_component(method, "method name"),
+    parts = [safe_component(f"{group_label(benchmark, eval_rule)}-order{order}", "benchmark"),
+             safe_component(method, "method name"),
              f"seed{int(seed)}"]
     path = Path(out).joinpath(*parts)
     if Path(out).resolve() not in path.resolve().parents:

@@ -22,7 +22,7 @@ from clbench.config import DEFAULT_EVAL
 from clbench.errors import UserError
 from clbench.metrics import matrix_from_frame, mtil_metrics
 from clbench.reports.names import method_display
-from clbench.results import read_accuracy_csv
+from clbench.results import group_label, read_accuracy_csv
 
 RUN = "run here"
 EXTERNAL = "external matrix"
@@ -66,8 +66,6 @@ class ReportInput:
     @property
     def own_rule(self) -> bool:
         """Whether the runs use their benchmark's own evaluation rule (so its published numbers compare)."""
-        from clbench.config import DEFAULT_EVAL
-
         return self.eval_rule is None or self.eval_rule == DEFAULT_EVAL.get(self.benchmark or "", self.eval_rule)
 
     def groups(self) -> dict[str, list[Matrix]]:
@@ -231,7 +229,7 @@ def _single_group(runs: list[Matrix]) -> tuple[str | None, int | None, str | Non
         groups[(m.config.get("benchmark"), m.config.get("order"), m.config.get("eval"))] += 1
     if len(groups) > 1:
         def folder(b, o, e) -> str:
-            return f"{b}-order{o}" if e == DEFAULT_EVAL.get(b, e) else f"{b}-{e}-order{o}"
+            return f"{group_label(b, e)}-order{o}"
 
         names = ", ".join(f"{folder(*key)} ({n} run{'s' if n != 1 else ''})"
                           for key, n in sorted(groups.items(), key=str))

@@ -21,7 +21,7 @@ from clbench.reports.tables import (
     to_latex,
     to_markdown,
 )
-from clbench.results import atomic_write_bytes, atomic_write_text
+from clbench.results import atomic_write_bytes, atomic_write_text, group_label
 
 FORMATS = {"latex": ".tex", "markdown": ".md", "csv": ".csv"}
 
@@ -88,7 +88,7 @@ def table_stem(inp: ReportInput) -> str:
     """File stem: ``<benchmark>-order<k>``, or ``report`` when the input names no benchmark."""
     if inp.benchmark is None:
         return "report"
-    name = inp.benchmark if inp.own_rule else f"{inp.benchmark}-{inp.eval_rule}"
+    name = group_label(inp.benchmark, inp.eval_rule)
     return f"{name}-order{inp.order}" if inp.order is not None else name
 
 
