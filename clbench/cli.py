@@ -28,6 +28,8 @@ from clbench.cli_options import (
     PresetName,
     Pretrained,
     Sets,
+    Shots,
+    SkipBadImages,
 )
 from clbench.errors import UserError
 
@@ -55,10 +57,8 @@ def run(
     device: Device = "auto",
     precision: Precision = "",
     eval_: EvalRule = "",
-    shots: Annotated[int | None, typer.Option(help="few-shot: K training images per class (mtil: 5 in the "
-                                              "literature; xtail: 16); default full training sets")] = None,
-    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="count and report unreadable images "
-                                                  "instead of stopping at the first")] = False,
+    shots: Shots = None,
+    skip_bad_images: SkipBadImages = False,
     set_: Sets = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue each run after its last completed task "

@@ -21,3 +21,13 @@ DataRoot = Annotated[str, typer.Option("--data-root", help="folder holding the r
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:i]")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32 or amp")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")]
+Shots = Annotated[int | None, typer.Option(help="few-shot: K training images per class (mtil: 5 in the literature; "
+                                           "xtail: 16); default full training sets")]
+SkipBadImages = Annotated[bool, typer.Option("--skip-bad-images", help="count and report unreadable images instead "
+                                             "of stopping at the first")]
+
+
+def data_assignments(shots: int | None, skip_bad_images: bool) -> list[str]:
+    """``--shots`` and ``--skip-bad-images`` as the ``data.*`` settings they stand for (``--set`` form)."""
+    return ([f"data.shots={shots}"] if shots is not None else []) + (
+        ["data.skip_bad_images=true"] if skip_bad_images else [])

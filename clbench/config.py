@@ -252,11 +252,17 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     if cfg.benchmark == "synthetic" and cfg.data_root:
         raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded "
                         "(drop --data-root, or pass --benchmark mtil)")
-    if cfg.benchmark == "synthetic" and (cfg.data.shots or cfg.data.skip_bad_images):
-        flag = "--shots" if cfg.data.shots else "--skip-bad-images"
+    check_real_data_options(cfg.benchmark, cfg.data.shots, cfg.data.skip_bad_images)
+    return cfg
+
+
+def check_real_data_options(benchmark: str, shots: int | None, skip_bad_images: bool) -> None:
+    """Refuse ``--shots`` / ``--skip-bad-images`` on the synthetic benchmark: they only mean something for real
+    datasets, and ignoring them would hide the mistake."""
+    if benchmark == "synthetic" and (shots or skip_bad_images):
+        flag = "--shots" if shots else "--skip-bad-images"
         raise UserError(f"{flag} is for real datasets; the synthetic benchmark is drawn in memory (set its size "
                         "with --set data.train_per_class=K, or pass --benchmark mtil)")
-    return cfg
 
 
 def _is_method(name: str) -> bool:

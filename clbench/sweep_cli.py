@@ -36,7 +36,11 @@ from clbench.cli_options import (
     PresetName,
     Pretrained,
     Sets,
+    Shots,
+    SkipBadImages,
+    data_assignments,
 )
+from clbench.config import check_real_data_options
 from clbench.errors import UserError
 from clbench.sweep import (
     DONE,
@@ -86,6 +90,8 @@ def sweep(
     data_root: DataRoot = "",
     device: Device = "auto",
     precision: Precision = "",
+    shots: Shots = None,
+    skip_bad_images: SkipBadImages = False,
     set_: Sets = None,
     launcher: Annotated[str, typer.Option(help="local (process pool), ray, slurm, or inline (this process)")]
     = "local",
@@ -113,12 +119,14 @@ def sweep(
     if len(set(names)) != len(names):
         raise UserError(f"--methods {methods!r} repeats a method; give each once")
     axes = parse_grid(list(grid or []), names)
-    check_sets(list(set_ or []), names, axes)
+    check_real_data_options(benchmark, shots, skip_bad_images)
+    sets = [*data_assignments(shots, skip_bad_images), *(set_ or [])]
+    check_sets(sets, names, axes)
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
                "data_root": data_root or None, "device": device, "precision": precision or None,
                "eval": eval_ or None}
     request = SweepRequest(tuple(names), int_list(orders, "--orders"), int_list(seeds, "--seeds"), axes, preset,
-                           tuple(options.items()), tuple(set_ or []), str(Path(out).resolve()), cpus_per_job)
+                           tuple(options.items()), tuple(sets), str(Path(out).resolve()), cpus_per_job)
     specs = expand(request)
     statuses = {s.id: run_status(s) for s in specs}
     if dry_run:

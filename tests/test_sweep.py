@@ -137,6 +137,9 @@ def test_folder_names_are_safe_and_distinct() -> None:
     (["--launcher", "dask"], "not one of"),
     (["--launcher", "slurm"], "needs --time"),
     (["--launcher", "local", "--gpus-per-job", "1"], "for --launcher ray or slurm"),
+    (["--shots", "4"], "--shots is for real datasets"),
+    (["--skip-bad-images"], "--skip-bad-images is for real datasets"),
+    (["--shots", "4", "--grid", "data.shots=2,8", "--benchmark", "mtil"], "both in --set and --grid"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys, args: list[str], message: str) -> None:
     assert main(["sweep", "--methods", "lora", *FAST, "--out", str(tmp_path), *args]) == 2

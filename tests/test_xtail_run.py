@@ -56,3 +56,19 @@ def test_xtail_under_the_task_rule_is_its_own_run(tree: Path, tmp_path: Path) ->
     task_acc = pd.read_csv(task_run / "zeroshot.csv").drop(columns="trained_on").to_numpy()
     union_acc = pd.read_csv(union_run / "zeroshot.csv").drop(columns="trained_on").to_numpy()
     assert (union_acc <= task_acc + 1e-9).all()
+
+
+def test_sweep_passes_shots_to_every_run(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["sweep", "--benchmark", "xtail", "--data-root", str(tree), "--methods", "zeroshot", "--seeds", "0,1",
+            "--shots", "4", "--set", "data.num_tasks=2", "--out", str(out), "--launcher", "inline", *SMOKE]
+    assert main(args) == 0
+    picks = {}
+    for seed in (0, 1):
+        run = out / "xtail-order1" / "zeroshot" / f"seed{seed}"
+        assert json.loads((run / "config.json").read_text())["data"]["shots"] == 4
+        picks[seed] = json.loads((run / "manifest.json").read_text())["benchmark_info"]["train_indices"]
+        assert list(picks[seed]) == list(ORDERS[1][:2])
+    for name, indices in picks[0].items():
+        assert len(indices) == len(picks[1][name]) and len(indices) % 4 == 0 and indices
+    assert picks[0] != picks[1]  # each run draws its shots with its own seed
