@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from benchmarks.reference_official import official_encode_text
-from benchmarks.workloads import EvalWorkload, Shapes, eval_unit_costs, eval_workload, mtil_eval_projection
+from benchmarks.workloads import (
+    EvalWorkload,
+    Shapes,
+    eval_unit_costs,
+    eval_workload,
+    mtil_eval_floor,
+    mtil_eval_projection,
+)
 from clbench.models.clip import ClipModel
 
 
@@ -43,3 +50,12 @@ def test_mtil_projection_counts_one_text_head_per_batch_officially(workload: Eva
     # ⌈n/64⌉ · C summed by hand: 53·100 + 28·101 + 157·100 + 30·47 + 85·10 + 97·102 + 395·101 + 157·10 + 58·37
     # + 126·196 + 340·397
     assert official == pytest.approx(images * costs.image + 239_269 * costs.prompt_full)
+
+
+def test_mtil_floor_is_the_image_work_both_sides_share(workload: EvalWorkload) -> None:
+    costs = eval_unit_costs(workload)
+    ours, official = mtil_eval_projection(costs)
+    floor = mtil_eval_floor(costs)
+    assert floor == pytest.approx(97_209 * costs.image)
+    assert floor < ours < official
+    assert ours - floor == pytest.approx(1_201 * costs.prompt_clbench)

@@ -379,6 +379,12 @@ def mtil_eval_projection(costs: EvalUnitCosts, batch_size: int = MTIL_EVAL_BATCH
     return ours, official
 
 
+def mtil_eval_floor(costs: EvalUnitCosts) -> float:
+    """Seconds of the image tower alone over the eleven MTIL test sets: a lower bound on any evaluation that
+    encodes every test image once at the same precision, whatever it does with the text."""
+    return sum(n for _, n, _ in MTIL_TEST_SETS) * costs.image
+
+
 # ---- training step ---------------------------------------------------------------------------------------
 @dataclass
 class StepWorkload:
