@@ -1,8 +1,8 @@
 """``clbench report``: numbers against an independent pandas computation, emphasis placement, the three
 formats carrying the same cells, external matrices, the literature block, figures, costs and bad input.
 
-pdflatex is not installed here, so the LaTeX is checked structurally (booktabs rules, column count,
-balanced braces, ``\\textbf`` / ``\\underline`` on the right cells)."""
+The LaTeX is checked structurally here (booktabs rules, column count, balanced braces, ``\\textbf`` /
+``\\underline`` on the right cells); tests/test_latex_compiles.py compiles it with pdflatex."""
 
 from __future__ import annotations
 
