@@ -73,6 +73,16 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """``--precision amp`` is CUDA autocast with a GradScaler; elsewhere the run would silently be float32
+    while its config said amp, so it is refused."""
+    if precision == "amp" and device.type != "cuda":
+        from clbench.errors import UserError
+
+        raise UserError(f"--precision amp needs a CUDA device, but this run is on {device.type}; drop --precision "
+                        "amp (float32) or use --device cuda")
+
+
 def loader_seed(seed: int, task: int, call: int) -> int:
     """Shuffling seed of the ``call``-th loader (1-based) made during task ``task`` (-1: before the first).
 

@@ -36,7 +36,7 @@ from clbench.checkpoint import (
 from clbench.config import RunConfig, method_run_config, run_id, train_config_for
 from clbench.datasets.base import Benchmark, ImageSpec, duplicate_classnames
 from clbench.errors import UserError
-from clbench.harness import DivergenceError, Hooks, SequenceResult, resolve_device, run_sequence
+from clbench.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
 from clbench.lock import RunLock
 from clbench.methods import get_method
 from clbench.metrics import mtil_metrics
@@ -134,6 +134,7 @@ def run_methods(
     notify = notify or _print_notice
     check_method_names(methods)
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval) for m in methods}
     _check_writable(Path(out))
     check_adapter_widths(cfg, methods)

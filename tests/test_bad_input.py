@@ -85,6 +85,8 @@ RUN_CASES: dict[str, tuple[Case, tuple[str, ...]]] = {
     "order 0": (run("--order", "0"), ("order=0", "1, 2")),
     "unknown backbone": (run("--backbone", "nosuch-vit"), ("unknown backbone 'nosuch-vit'",)),
     "precision not among the choices": (run("--precision", "fp16"), ("precision", "fp32")),
+    "amp on the CPU": (run("--precision", "amp", "--device", "cpu"), ("--precision amp needs a CUDA device",
+                                                                      "--device cuda")),
     "benchmark not implemented": (run("--benchmark", "xtail"), ("xtail",)),
     "empty --methods": (lambda out: ["run", "--methods", " , ", "--out", str(out), *SMOKE], ("--methods is empty",)),
     "method listed twice": (lambda out: ["run", "--methods", "lora,lora", "--out", str(out), *SMOKE],
