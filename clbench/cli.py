@@ -66,6 +66,9 @@ def run(
     trust_torchscript: Annotated[bool, typer.Option(
         "--trust-torchscript", help="allow --pretrained to be a TorchScript archive (OpenAI .pt); loading one runs "
         "code from the file, so only for files you trust")] = False,
+    allow_download: Annotated[bool, typer.Option(
+        "--allow-download", help="let open_clip download missing --pretrained weights (default: local files only; "
+        "or set CLBENCH_ALLOW_DOWNLOAD=1)")] = False,
 ) -> None:
     """Run methods over a task sequence and write one results folder per method."""
     from clbench.config import build_config
@@ -83,7 +86,7 @@ def run(
     with RunProgress(quiet=quiet, console=console) as progress:
         outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
                                on_pretrain_step=progress.pretrain_step, resume=resume,
-                               allow_torchscript=trust_torchscript,
+                               allow_torchscript=trust_torchscript, allow_download=allow_download,
                                notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True))
     _print_summary(outcomes)
     if not quiet:

@@ -82,9 +82,9 @@ def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
 
 
 def load_model(cfg: RunConfig, device: torch.device, on_pretrain_step=None,
-               allow_torchscript: bool = False) -> ClipModel:
+               allow_torchscript: bool = False, allow_download: bool = False) -> ClipModel:
     return load_backbone(cfg.backbone, cfg.pretrained or None, device, allow_torchscript=allow_torchscript,
-                         on_pretrain_step=on_pretrain_step)
+                         on_pretrain_step=on_pretrain_step, allow_download=allow_download)
 
 
 def write_results(path: Path, result: SequenceResult, profiler: Profiler) -> dict:
@@ -122,6 +122,7 @@ def run_methods(
     resume: bool = False,
     allow_torchscript: bool = False,
     notify: Callable[[str], None] | None = None,
+    allow_download: bool = False,
 ) -> list[MethodOutcome]:
     """Run every method in ``methods`` on the configured benchmark; one results directory each.
 
@@ -149,7 +150,7 @@ def run_methods(
 
         xtail_preflight(cfg)
     torch.manual_seed(cfg.seed)  # random-init backbones (--pretrained none) are seeded too
-    base_model = load_model(cfg, device, on_pretrain_step, allow_torchscript)
+    base_model = load_model(cfg, device, on_pretrain_step, allow_torchscript, allow_download)
     benchmark = build_benchmark(cfg, base_model.image_spec)
     notes: list[str] = []  # said once everything is checked and locked, so an error stays the only line
     plans = [plan_run(cfg, name, base_model, benchmark, device, paths[name], resume, notes.append)

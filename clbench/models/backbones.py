@@ -1,8 +1,9 @@
 """Building backbones: any open_clip architecture, with weights by tag, by local file, or the embedded
 ``tiny`` model that clbench pretrains offline itself.
 
-Nothing here downloads: tags resolve through open_clip's own cache with ``HF_HUB_OFFLINE=1``, and a missing
-weight is a :class:`~clbench.errors.UserError` that says which file to put where.
+Nothing here downloads unless the user opts in (``--allow-download`` or ``CLBENCH_ALLOW_DOWNLOAD=1``): a tag
+resolves to a file already in the Hugging Face cache or open_clip's ``~/.cache/clip`` by a purely local lookup
+(no request is made), and a missing weight is a :class:`~clbench.errors.UserError` that says which file to put where.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from clbench.datasets.base import ImageSpec
 from clbench.errors import UserError
@@ -140,9 +141,12 @@ def _quick_gelu(name: str, tag: str) -> bool:
 
 def load_backbone(
     name: str, pretrained: str | None = None, device: str | torch.device = "cpu", allow_torchscript: bool = False,
-    on_pretrain_step: Callable[[int, float], None] | None = None,
+    on_pretrain_step: Callable[[int, float], None] | None = None, allow_download: bool = False,
 ) -> ClipModel:
-    """Build backbone ``name`` with weights ``pretrained`` (a tag, a file, ``none``, or the embedded default)."""
+    """Build backbone ``name`` with weights ``pretrained`` (a tag, a file, ``none``, or the embedded default).
+
+    A tag loads from local files only, unless ``allow_download`` or ``CLBENCH_ALLOW_DOWNLOAD=1``.
+    """
     if name == TINY:
         _register_tiny()
         clip = _create_without_weights(TINY_OPEN_CLIP_NAME)
@@ -156,31 +160,80 @@ def load_backbone(
         if name not in open_clip.list_models():
             raise UserError(f"unknown backbone {name!r}; use 'tiny' or an open_clip model name "
                             "(python -c 'import open_clip; print(open_clip.list_models())')")
-        tokenizer = open_clip.get_tokenizer(name)
         if pretrained in (None, "none"):
             clip = _create_without_weights(name)
         elif Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
             clip = _create_without_weights(name)
             clip.load_state_dict(_checked_state(load_state_file(Path(pretrained), allow_torchscript), clip, name))
-        else:
-            clip = _from_tag(name, pretrained)
+        else:  # weights first: a missing file is refused before anything else is built
+            clip = _from_tag(name, pretrained, allow_download)
+        tokenizer = open_clip.get_tokenizer(name)
     clip.eval()
     model = ClipModel(clip, tokenizer, _image_spec(clip), name)
     return model.to(device)
 
 
-def _from_tag(name: str, tag: str) -> torch.nn.Module:
+ALLOW_DOWNLOAD_ENV = "CLBENCH_ALLOW_DOWNLOAD"
+
+
+def downloads_allowed(flag: bool = False) -> bool:
+    """Whether weights may be fetched from the network: ``--allow-download`` or ``CLBENCH_ALLOW_DOWNLOAD=1``."""
+    return flag or os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _from_tag(name: str, tag: str, allow_download: bool = False) -> torch.nn.Module:
     if tag not in open_clip.list_pretrained_tags_by_model(name):
         raise UserError(f"unknown pretrained tag {tag!r} for {name}; known: "
                         f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return open_clip.create_model(name, pretrained=tag, force_quick_gelu=_quick_gelu(name, tag))
-    except Exception as exc:  # noqa: BLE001 - download failures surface as several types
-        hub = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "")
-        raise UserError(f"weights {name}/{tag} are not in the local cache and clbench never downloads "
-                        f"({type(exc).__name__}); put them in the Hugging Face cache (repo {hub or '?'}) "
-                        "or pass --pretrained /path/to/weights.safetensors") from None
+    quick_gelu = _quick_gelu(name, tag)
+    if downloads_allowed(allow_download):
+        return open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu)
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    local = cached_tag_file(cfg)
+    if local is None:
+        hub = cfg.get("hf_hub", "").rstrip("/")
+        where = f"the Hugging Face cache (repo {hub})" if hub else f"~/.cache/clip ({cfg.get('url', '?')})"
+        raise UserError(f"weights {name}/{tag} are not on this machine and downloads are off; put them in {where}, "
+                        "pass --pretrained /path/to/weights.safetensors, or allow the download with "
+                        f"--allow-download (or {ALLOW_DOWNLOAD_ENV}=1)")
+    return open_clip.create_model(name, pretrained=str(local), force_quick_gelu=quick_gelu)
+
+
+def cached_tag_file(cfg: dict) -> Path | None:
+    """The local file of an open_clip pretrained entry, looked up without any network request, or ``None``.
+
+    Mirrors open_clip's ``download_pretrained``: an explicit ``file``, then the Hugging Face cache entry (the
+    ``.safetensors`` twin first), then the URL's file in ``~/.cache/clip``.
+    """
+    if cfg.get("file"):
+        return Path(cfg["file"]) if Path(cfg["file"]).is_file() else None
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        filename = filename or HF_WEIGHTS_NAME
+        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else str(Path(filename).with_suffix(".safetensors"))
+        candidates = [safe, filename]
+        for candidate in dict.fromkeys(candidates):
+            found = try_to_load_from_cache(repo, candidate, cache_dir=_hf_hub_cache())
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    url = cfg.get("url", "")
+    if url:
+        path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if path.is_file():
+            return path
+    return None
+
+
+def _hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as ``huggingface_hub`` resolves it, read from the environment now (its own
+    constant is fixed when it is first imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")) / "hub"
 
 
 def _checked_state(state: dict, clip: torch.nn.Module, name: str) -> dict:
