@@ -30,6 +30,7 @@ from clbench.cli_options import (
     Sets,
     Shots,
     SkipBadImages,
+    Threads,
 )
 from clbench.errors import UserError
 
@@ -60,6 +61,7 @@ def run(
     shots: Shots = None,
     skip_bad_images: SkipBadImages = False,
     set_: Sets = None,
+    threads: Threads = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue each run after its last completed task "
                                          "(same options as the interrupted run)")] = False,
@@ -83,6 +85,10 @@ def run(
                "precision": precision or None, "eval": eval_ or None}
     data_options = {"shots": shots, "skip_bad_images": True if skip_bad_images else None}
     cfg = build_config(preset, options, set_ or [], names, data_options)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     with RunProgress(quiet=quiet, console=console) as progress:
         outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
                                on_pretrain_step=progress.pretrain_step, resume=resume,

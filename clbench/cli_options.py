@@ -23,6 +23,8 @@ Precision = Annotated[str, typer.Option("--precision", help="fp32 or amp")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="override any config value: key=value")]
 Shots = Annotated[int | None, typer.Option(help="few-shot: K training images per class (mtil: 5 in the literature; "
                                            "xtail: 16); default full training sets")]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's "
+                                            "choice); results are bit-identical only for the same thread count")]
 SkipBadImages = Annotated[bool, typer.Option("--skip-bad-images", help="count and report unreadable images instead "
                                              "of stopping at the first")]
 

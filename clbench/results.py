@@ -152,7 +152,23 @@ def environment_info(device: torch.device | str) -> dict:
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_revision": git_revision(),
+        **thread_info(),
     }
+
+
+def thread_info() -> dict:
+    """The CPU thread counts and the BLAS/LAPACK torch was built with: results are bit-identical across runs only
+    for the same thread count (reductions split differently)."""
+    import re
+
+    build = torch.__config__.show()
+
+    def setting(key: str) -> str | None:
+        found = re.search(rf"{key}=([^,\s]+)", build)
+        return found.group(1) if found else None
+
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "blas": setting("BLAS_INFO"), "lapack": setting("LAPACK_INFO")}
 
 
 def git_revision() -> str | None:
