@@ -23,6 +23,7 @@ from clbench.cli_options import (
     Device,
     EvalRule,
     Methods,
+    Order,
     OutFolder,
     Precision,
     PresetName,
@@ -34,10 +35,28 @@ from clbench.cli_options import (
 )
 from clbench.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last).")
 console = Console(stderr=True)
 out_console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from clbench import __version__
+
+        typer.echo(f"clbench {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last)."""
 
 
 def _split(value: str) -> list[str]:
@@ -47,7 +66,7 @@ def _split(value: str) -> list[str]:
 @app.command()
 def run(
     methods: Methods,
-    order: Annotated[int, typer.Option(help="task order, 1 or 2")] = 1,
+    order: Order = 1,
     benchmark: BenchmarkName = "synthetic",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     out: OutFolder = Path("results"),
@@ -56,8 +75,8 @@ def run(
     pretrained: Pretrained = "",
     data_root: DataRoot = "",
     device: Device = "auto",
-    precision: Precision = "",
-    eval_: EvalRule = "",
+    precision: Precision = None,
+    eval_: EvalRule = None,
     shots: Shots = None,
     skip_bad_images: SkipBadImages = False,
     set_: Sets = None,
@@ -167,6 +186,10 @@ def metrics(
 
     frame = read_accuracy_csv(file)
     matrix, names = matrix_from_frame(frame, str(file))
+    if matrix.size and float(abs(matrix).max()) <= 1.0:
+        console.print(f"note: every accuracy in {file} is between 0 and 1; clbench reads percent (0-100), so the "
+                      "metrics below are in the file's units; multiply the file by 100 if these are fractions",
+                      highlight=False, soft_wrap=True, markup=False)
     result = mtil_metrics(matrix, names)
     if as_json:
         out_console.print_json(json.dumps(result))

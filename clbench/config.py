@@ -237,7 +237,7 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
                 raise UserError(f"--set {key}: name a hyperparameter, e.g. --set {head}.rank=8")
             if rest.startswith("train."):
                 probe = TrainConfig()
-                set_field(probe, rest.split(".")[1:], raw, f"--set {key}")
+                set_field(probe, rest.split(".")[1:], raw, key)
                 cfg.method_train[head][rest.split(".", 1)[1]] = raw
             else:
                 method_overrides[head][rest] = raw

@@ -84,7 +84,7 @@ def test_methods_lists_registry(capsys) -> None:
     "args, needle",
     [
         (["run", "--methods", "nosuch"], "unknown method"),
-        (["run", "--methods", "lora", "--preset", "nosuch"], "unknown preset"),
+        (["run", "--methods", "lora", "--preset", "nosuch"], "'nosuch' is not one of 'default'"),
         (["run", "--methods", "lora", "--order", "3"], "order"),
         (["run", "--methods", "lora", "--set", "lora.nosuch=1"], "nosuch"),
         (["run", "--methods", "lora", "--set", "lora.rank=abc"], "rank"),

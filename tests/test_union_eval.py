@@ -204,7 +204,7 @@ def _spec():
 def test_unknown_eval_rule_is_one_line(tmp_path: Path, capsys) -> None:
     code = main(["run", "--methods", "zeroshot", "--eval", "domain", "--out", str(tmp_path / "o"), *SMOKE])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "task, union" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "'task', 'union'" in err
     assert not (tmp_path / "o").exists()
 
 

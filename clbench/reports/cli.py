@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -19,8 +19,9 @@ def report(
     inputs: Annotated[list[Path] | None, typer.Argument(
         metavar="RESULTS_DIR_OR_CSV",
         help="results folders (searched recursively for runs) and/or accuracy CSVs made elsewhere")] = None,
-    format_: Annotated[str, typer.Option("--format", help="latex, markdown or csv")] = "latex",
-    out: Annotated[Path, typer.Option(help="folder the report is written to")] = Path("reports"),
+    format_: Annotated[Literal["latex", "markdown", "csv"], typer.Option("--format", help="table format")] = "latex",
+    out: Annotated[Path, typer.Option(help="folder the report is written to; '-' prints the table to stdout")]
+    = Path("reports"),
     with_literature: Annotated[bool, typer.Option(
         "--with-literature", help="add published numbers for the same benchmark/order, as 'reported (not re-run)'")]
     = False,
@@ -48,7 +49,19 @@ def report(
     else:
         result = build_report(list(inputs or []), format_, label, with_literature, figures, costs)
     err = Console(stderr=True)
+    if str(out) == "-":
+        _print_tables(result)
     for line in result.warnings:
         err.print(f"warning: {line}", highlight=False, soft_wrap=True)
+    if str(out) == "-":
+        return
     for path in write_report(result, out):
         typer.echo(f"wrote {path}")
+
+
+def _print_tables(result) -> None:
+    """``--out -``: the text tables on stdout, in file order; figures need a folder."""
+    if any(isinstance(content, bytes) for content in result.files.values()):
+        raise UserError("--out - prints tables only; give --out a folder for --figures")
+    for i, content in enumerate(result.files.values()):
+        typer.echo(("\n" if i else "") + content, nl=False)
