@@ -13,7 +13,6 @@ from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from clbench.cli_options import (
@@ -33,14 +32,15 @@ from clbench.cli_options import (
     SkipBadImages,
     Threads,
 )
+from clbench.consoles import make_console
 from clbench.errors import UserError
 
 # Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last).")
-console = Console(stderr=True)
-out_console = Console()
+console = make_console(stderr=True)
+out_console = make_console()
 
 
 def _version(value: bool) -> None:
@@ -108,7 +108,7 @@ def run(
         import torch
 
         torch.set_num_threads(threads)
-    with RunProgress(quiet=quiet, console=console) as progress:
+    with RunProgress(quiet=quiet, console=console, methods=names) as progress:
         outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
                                on_pretrain_step=progress.pretrain_step, resume=resume,
                                allow_torchscript=trust_torchscript, allow_download=allow_download,
@@ -140,7 +140,8 @@ def _print_summary(outcomes) -> None:
     table = Table(title=f"Transfer / Average / Last (percent, {rule})")
     columns = ("method", "Transfer", "Average", "Last", "BWT", *(("recall (last)",) if union else ()), "results")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("method", "results") else "right")
+        table.add_column(col, justify="left" if col in ("method", "results") else "right",
+                         overflow="fold" if col == "results" else "ellipsis")  # a path is never cut to "…"
     for o in outcomes:
         m = o.metrics or {}
         cells = [f"{m[k]:.1f}" if k in m else "-" for k in ("transfer", "average", "last", "bwt")]

@@ -41,6 +41,7 @@ from clbench.cli_options import (
     data_assignments,
 )
 from clbench.config import check_real_data_options
+from clbench.consoles import make_console
 from clbench.errors import UserError
 from clbench.sweep import (
     DONE,
@@ -65,8 +66,8 @@ SLURM_EXAMPLE = """clbench sweep --methods keeplora,inflora,lora --orders 1,2 --
     --launcher slurm --partition gpu --time 12:00:00 --gpus-per-job 1 --cpus-per-job 8 --jobs 16
     --slurm-param account=myproject"""
 
-console = Console(stderr=True)
-out_console = Console()
+console = make_console(stderr=True)
+out_console = make_console()
 
 
 def register(app: typer.Typer) -> None:

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from clbench.consoles import make_console
 from clbench.errors import UserError
 
-console = Console(stderr=True)
-out_console = Console()
+console = make_console(stderr=True)
+out_console = make_console()
 
 
 def _split(value: str) -> list[str]:

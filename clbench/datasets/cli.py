@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from clbench.consoles import make_console
 from clbench.errors import UserError
 
 
@@ -18,7 +19,6 @@ def _check(
     Exits 0 only if every dataset is usable; otherwise exits 2 with one line naming what is missing.
     Images are checked for existence, not decoded (a run with --skip-bad-images decodes them).
     """
-    from rich.console import Console
     from rich.table import Table
 
     from clbench.datasets.mtil import resolve_data_root
@@ -49,7 +49,7 @@ def _check(
             classes += f" (full: {s.expected_classes})"
         counts = ["-" if v is None else f"{v:,}" for v in (s.n_train, s.n_test)]
         table.add_row(s.name, status, *counts, classes, where)
-    console = Console()
+    console = make_console()
     console.print(table)
     bad = [(s.name, s.missing, s.problem) for s in statuses if not s.usable]
     if bad:

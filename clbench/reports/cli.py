@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from clbench.consoles import make_console
 from clbench.errors import UserError
 
 
@@ -36,8 +37,6 @@ def report(
         "(clbench sweep --grid)")] = "",
 ) -> None:
     """MTIL comparison table (Transfer / Average / Last per dataset, best bold) from runs and matrices."""
-    from rich.console import Console
-
     from clbench.reports.report import build_report, write_report
 
     if sensitivity:
@@ -48,7 +47,7 @@ def report(
         result = build_sensitivity_report(list(inputs or []), sensitivity, format_, figures)
     else:
         result = build_report(list(inputs or []), format_, label, with_literature, figures, costs)
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     if str(out) == "-":
         _print_tables(result)
     for line in result.warnings:
