@@ -6,6 +6,7 @@ Debian's texlive packages so CI compiles every table."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,16 +23,29 @@ REQUIRED = os.environ.get("CLBENCH_REQUIRE_PDFLATEX") == "1"
 pytestmark = pytest.mark.skipif(PDFLATEX is None and not REQUIRED, reason="pdflatex is not installed (Debian: "
                                 "texlive-latex-base, texlive-latex-recommended, texlive-latex-extra)")
 
-PREAMBLE = "\n".join([r"\documentclass{article}", r"\usepackage[T1]{fontenc}", r"\usepackage{booktabs,multirow}",
-                      r"\usepackage[a3paper,landscape,margin=1cm]{geometry}", r"\begin{document}"])
+# A wide page, so that only compile errors fail here; the page-width tests below use a paper's page.
+PREAMBLE = "\n".join([r"\documentclass{article}", r"\usepackage[T1]{fontenc}",
+                      r"\usepackage[a3paper,landscape,margin=1cm]{geometry}"])
+ONE_COLUMN = "\n".join([r"\documentclass{article}", r"\usepackage[T1]{fontenc}",
+                        r"\usepackage[a4paper,margin=2cm]{geometry}"])
+TWO_COLUMN = "\n".join([r"\documentclass[twocolumn]{article}", r"\usepackage[T1]{fontenc}",
+                        r"\usepackage[a4paper,margin=2cm]{geometry}"])
 
 
-def compile_table(table: Path, work: Path) -> str:
+def needed_packages(tex: str) -> str:
+    """The packages a table's first line says it needs (``% needs \\usepackage{...}``)."""
+    found = re.search(r"% needs \\usepackage\{([^}]*)\}", tex)
+    return found.group(1) if found else "booktabs"
+
+
+def compile_table(table: Path, work: Path, preamble: str = PREAMBLE) -> str:
     """Compile ``table`` inside a minimal article; returns the log. Fails with the log's error lines."""
     assert PDFLATEX, "pdflatex is required here (CLBENCH_REQUIRE_PDFLATEX=1) but not installed"
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(table, work / "table.tex")
-    (work / "doc.tex").write_text(PREAMBLE + "\n\\input{table.tex}\n\\end{document}\n")
+    packages = needed_packages(table.read_text())
+    (work / "doc.tex").write_text(preamble + f"\n\\usepackage{{{packages}}}\n\\begin{{document}}\n"
+                                  "\\input{table.tex}\n\\end{document}\n")
     done = subprocess.run([PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", "doc.tex"],
                           cwd=work, capture_output=True, text=True, timeout=120)
     log = (work / "doc.log").read_text(errors="replace") if (work / "doc.log").exists() else done.stdout
@@ -88,3 +102,50 @@ def test_the_check_fails_on_tex_that_does_not_compile(tmp_path: Path) -> None:
     bad.write_text("\\begin{tabular}{ll}\n\\toprule\nrank_eps & 1 \\\\\n\\bottomrule\n\\end{tabular}\n")
     with pytest.raises(AssertionError, match="does not compile"):
         compile_table(bad, tmp_path / "tex")
+
+
+def overfull(log: str) -> list[float]:
+    """Points by which each overfull line of the log is too wide."""
+    return [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
+
+
+EIGHT = ["Shapes", "Digits", "Colours", "Patterns", "Textures", "Glyphs", "Scenes", "Symbols"]
+NINE_METHODS = ("zeroshot", "finetune", "lora", "zscl", "inflora", "loda", "keeplora", "keeplora+", "keeplora++")
+
+
+@pytest.fixture(scope="module")
+def paper_inputs(tmp_path_factory) -> dict[str, Path]:
+    """Nine methods x two seeds on eight datasets (with nested cost sections), and MTIL runs for literature."""
+    root = tmp_path_factory.mktemp("paper")
+    for method in NINE_METHODS:
+        for seed in (0, 1):
+            write_fake_run(root / "eight", method, seed, datasets=EIGHT,
+                           sections=("pretrained_svd", "grad_estimation", "train", "reference_forward", "merge"))
+    for method in ("lora", "zscl", "keeplora"):
+        write_fake_run(root / "mtil", method, 0, datasets=list(mtil_names.ORDER_I), benchmark="mtil", order=1)
+    return {"eight": root / "eight", "mtil": root / "mtil"}
+
+
+PAGES = [([], ONE_COLUMN), (["--table-star"], TWO_COLUMN), (["--layout", "full"], ONE_COLUMN)]
+
+
+@pytest.mark.parametrize("options, preamble", PAGES, ids=["default-one-column", "table-star", "full"])
+@pytest.mark.parametrize("inputs, extra", [("eight", ["--costs"]), ("mtil", ["--with-literature"])])
+def test_tables_fit_the_page(paper_inputs, tmp_path: Path, options, preamble, inputs, extra) -> None:
+    """Compiled on an A4 article with 2 cm margins (one column, or two with table*): no overfull box."""
+    out = tmp_path / "rep"
+    assert main(["report", str(paper_inputs[inputs]), "--out", str(out), *extra, *options]) == 0
+    for table in written_tables(out):
+        log = compile_table(table, tmp_path / "tex" / table.stem, preamble)
+        assert overfull(log) == [], f"{table.name} is too wide: {overfull(log)} pt"
+        if "--table-star" in options:
+            assert "\\begin{table*}" in table.read_text()
+
+
+def test_natural_width_overflows_and_the_check_sees_it(paper_inputs, tmp_path: Path) -> None:
+    """Without the width limit the 8-dataset table is wider than a column: the check above would see that."""
+    out = tmp_path / "rep"
+    assert main(["report", str(paper_inputs["eight"]), "--out", str(out), "--width", "natural"]) == 0
+    (table,) = written_tables(out)
+    assert "adjustbox" not in table.read_text()
+    assert overfull(compile_table(table, tmp_path / "tex", ONE_COLUMN))

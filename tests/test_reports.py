@@ -171,7 +171,7 @@ def test_latex_structure_cells_and_emphasis(results, tmp_path, capsys):
             mean, std, emphasis = want[(method, block, column)]
             text, mark = unwrap(cell)
             assert mark == emphasis, (method, block, column)
-            assert text == ("--" if np.isnan(mean) else f"{mean:.1f} $\\pm$ {std:.1f}")
+            assert text == ("--" if np.isnan(mean) else f"{mean:.1f}{{\\scriptsize$\\pm${std:.1f}}}")
     assert [r[0] != "" for r in rows].count(True) == 3  # one multirow label per block
 
 
@@ -268,7 +268,8 @@ def test_literature_block_matches_benchmark_and_order(tmp_path, capsys):
     measured = got[got["section"] == "run here"]
     assert set(measured["method"]) == {"LoRA", "KeepLoRA"} and "best" in set(measured["emphasis"])
     tex = (tmp_path / "rep" / "mtil-order1.tex").read_text()
-    assert "reported (not re-run)" in tex and "run here" in tex
+    assert "{*}{reported}" in tex and "{*}{run}" in tex  # compact LaTeX: short section names, the caption says more
+    assert "Reported rows are copied from their sources, not re-run" in tex
     assert_balanced(tex)
 
 

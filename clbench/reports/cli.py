@@ -27,16 +27,25 @@ def report(
         "--with-literature", help="add published numbers for the same benchmark/order, as 'reported (not re-run)'")]
     = False,
     label: Annotated[list[str] | None, typer.Option(
-        "--label", help="row label of each accuracy CSV, in the order given (default: the file name)")] = None,
+        "--label", metavar="<name>",
+        help="row label of each accuracy CSV, in the order given (default: the file name)")] = None,
     figures: Annotated[bool, typer.Option("--figures", help="also write figures (PNG and PDF) under OUT/figures")]
     = False,
     costs: Annotated[bool, typer.Option("--costs", help="also write the time / memory table per profiled section")]
     = False,
+    layout: Annotated[Literal["compact", "full"], typer.Option(
+        help="LaTeX: compact (small type, tight columns; fits one column) or full (normal size)")] = "compact",
+    table_star: Annotated[bool, typer.Option("--table-star", help="LaTeX: table* spanning both columns of a "
+                                             "two-column paper")] = False,
+    width: Annotated[str | None, typer.Option(
+        metavar="<length|natural>", help="LaTeX: shrink wider tables to this width (default \\linewidth, "
+        "\\textwidth with --table-star); 'natural' never shrinks")] = None,
     sensitivity: Annotated[str, typer.Option(
         "--sensitivity", help="instead: Transfer / Average / Last against one swept setting, e.g. keeplora.eps_f "
         "(clbench sweep --grid)")] = "",
 ) -> None:
     """MTIL comparison table (Transfer / Average / Last per dataset, best bold) from runs and matrices."""
+    from clbench.reports.latex import LatexLayout
     from clbench.reports.report import build_report, write_report
 
     if sensitivity:
@@ -46,7 +55,8 @@ def report(
             raise UserError("--sensitivity makes its own table; drop --with-literature, --costs and --label")
         result = build_sensitivity_report(list(inputs or []), sensitivity, format_, figures)
     else:
-        result = build_report(list(inputs or []), format_, label, with_literature, figures, costs)
+        result = build_report(list(inputs or []), format_, label, with_literature, figures, costs,
+                              LatexLayout(layout, table_star, width))
     err = make_console(stderr=True)
     if str(out) == "-":
         _print_tables(result)

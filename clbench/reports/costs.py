@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from clbench.reports.latex import LatexLayout, set_table
 from clbench.reports.loading import RUN, ReportInput
 from clbench.reports.tables import booktabs_rules
 
@@ -67,8 +68,8 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
     return cells
 
 
-def costs_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
-    """Booktabs LaTeX through ``Styler.to_latex``, methods as multirow groups."""
+def costs_latex(frame: pd.DataFrame, caption: str, label: str, layout: LatexLayout | None = None) -> str:
+    """Booktabs LaTeX through ``Styler.to_latex``, methods as multirow groups, set in ``layout``."""
     cells = _display(frame)
     cells.index.names = [None, None]
     styler = cells.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
@@ -76,7 +77,7 @@ def costs_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
     tex = styler.to_latex(column_format="ll" + "r" * (cells.shape[1] - 1) + "l", hrules=True,
                           clines="skip-last;data", multirow_align="t", caption=caption, label=label,
                           position="t", position_float="centering")
-    return "% needs \\usepackage{booktabs,multirow}\n" + booktabs_rules(tex)
+    return set_table(booktabs_rules(tex), layout or LatexLayout())
 
 
 def costs_markdown(frame: pd.DataFrame, caption: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,13 @@ import pandas as pd
 from clbench.config import DEFAULT_EVAL
 from clbench.errors import UserError
 from clbench.metrics import matrix_from_frame, mtil_metrics
-from clbench.reports.names import method_display
+from clbench.reports.names import method_display, method_order_key
 from clbench.results import group_label, read_accuracy_csv
 
 RUN = "run here"
 EXTERNAL = "external matrix"
 REPORTED = "reported (not re-run)"
+REFERENCE = "zero-shot reference"  # the zero-shot run: shown on its own line, never ranked
 
 # Config keys that do not change a run's numbers (or are the seed itself): seeds differing only here pool.
 IGNORED_CONFIG_KEYS = frozenset({"seed", "device", "data_root", "preset", "datasets", "_doc",
@@ -62,6 +64,7 @@ class ReportInput:
     matrices: list[Matrix]
     warnings: list[str] = field(default_factory=list)
     eval_rule: str | None = None  # task or union (clbench runs); None for external matrices only
+    preset: str | None = None  # the runs' preset (one per table); None for external matrices only
 
     @property
     def own_rule(self) -> bool:
@@ -69,11 +72,21 @@ class ReportInput:
         return self.eval_rule is None or self.eval_rule == DEFAULT_EVAL.get(self.benchmark or "", self.eval_rule)
 
     def groups(self) -> dict[str, list[Matrix]]:
-        """Matrices by row label, rows in the order labels first appear, seeds sorted within a row."""
+        """Matrices by row label, seeds sorted within a row. Rows in a fixed order: runs before external
+        matrices; runs by :data:`~clbench.reports.names.METHOD_ORDER` (zero-shot first), then by label;
+        external matrices in the order given."""
         out: dict[str, list[Matrix]] = {}
         for m in self.matrices:
             out.setdefault(m.label, []).append(m)
-        return {k: sorted(v, key=lambda m: -1 if m.seed is None else m.seed) for k, v in out.items()}
+        first = {label: i for i, label in enumerate(out)}
+
+        def key(label: str) -> tuple:
+            m = out[label][0]
+            if m.source != RUN:
+                return (1, (0, ""), first[label], label)
+            return (0, method_order_key(m.method), 0, label)
+
+        return {k: sorted(out[k], key=lambda m: -1 if m.seed is None else m.seed) for k in sorted(out, key=key)}
 
 
 def collect(paths: list[Path], labels: list[str] | None = None) -> ReportInput:
@@ -117,13 +130,14 @@ def collect(paths: list[Path], labels: list[str] | None = None) -> ReportInput:
         raise UserError(f"no complete runs in {', '.join(str(p) for p in paths)}{skipped}; "
                         "finish or rerun them with clbench run")
     benchmark, order, eval_rule = _single_group(runs)
+    preset = _single_setup(runs)
     _label_runs(runs)
     matrices = runs + externals
     datasets = _single_task_list(matrices)
     _check_unique(matrices)
     if benchmark is None:
         benchmark, order = infer_mtil_order(datasets)
-    return ReportInput(benchmark, order, datasets, matrices, warnings, eval_rule)
+    return ReportInput(benchmark, order, datasets, matrices, warnings, eval_rule, preset)
 
 
 def read_run(folder: Path, manifest: dict) -> Matrix:
@@ -264,6 +278,38 @@ def _flatten(data, prefix: str = "") -> dict[str, object]:
 def _signature(m: Matrix) -> dict[str, str]:
     flat = _flatten(m.config)
     return {k: json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in IGNORED_CONFIG_KEYS}
+
+
+def _setup_signature(m: Matrix) -> dict[str, str]:
+    """What every method of one table must share: the config beyond the method, its hyperparameters, its own
+    training recipe (presets tune ``train`` per method) and the seed; the preset's name counts too."""
+    sig = {k: v for k, v in _signature(m).items() if not k.startswith(("hparams.", "train.")) and k != "method"}
+    sig["preset"] = json.dumps(m.config.get("preset"))
+    return sig
+
+
+def _single_setup(runs: list[Matrix]) -> str | None:
+    """The runs' one preset. Runs of several methods made under different settings (another preset, other data
+    settings, another backbone...) are refused: one table compares methods under one setup."""
+    if not runs:
+        return None
+    sigs = [_setup_signature(m) for m in runs]
+    keys = sorted({k for s in sigs for k in s} - {k for k in sigs[0] if all(s.get(k) == sigs[0][k] for s in sigs)})
+    if keys and len({m.method for m in runs}) > 1:
+        def values(key: str) -> str:
+            seen = dict.fromkeys(json.loads(s[key]) if key in s else "-" for s in sigs)
+            return f"{key} {' vs '.join(str(v) for v in seen)}"
+
+        same = [m.path for m, s in zip(runs, sigs, strict=True) if all(s.get(k) == sigs[0].get(k) for k in keys)]
+        common = Path(os.path.commonpath([str(p) for p in same]))
+        others = [m.path for m in runs if m.path not in same]
+        example = (str(common) if not any(common in p.parents or p == common for p in others)
+                   else " ".join(str(p) for p in same[:3]) + (" ..." if len(same) > 3 else ""))
+        raise UserError(f"the runs were made with different settings ({'; '.join(values(k) for k in keys[:4])}"
+                        f"{'; ...' if len(keys) > 4 else ''}), so their numbers do not compare; report each setting "
+                        f"apart, e.g. clbench report {example}")
+    preset = runs[0].config.get("preset")
+    return None if preset is None or keys else str(preset)
 
 
 def _label_runs(runs: list[Matrix]) -> None:

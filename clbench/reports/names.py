@@ -49,6 +49,17 @@ METHOD_NAMES: dict[str, str] = {
     "finetune": "Fine-tune",
 }
 
+# The fixed order of rows in every table and legend: the zero-shot reference, the baselines, then the methods
+# roughly by publication (ZSCL 2023, InfLoRA 2024, LoDA and KeepLoRA 2026); unknown names follow alphabetically.
+METHOD_ORDER: tuple[str, ...] = ("zeroshot", "finetune", "lora", "zscl", "inflora", "loda", "keeplora", "keeplora+",
+                                 "keeplora++")
+
+
+def method_order_key(name: str) -> tuple[int, str]:
+    """Sort key putting ``name`` (a registered name) in :data:`METHOD_ORDER`, unknown names after, by name."""
+    return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), name)
+
+
 BENCHMARK_NAMES: dict[str, str] = {"mtil": "MTIL", "synthetic": "Synthetic", "xtail": "X-TAIL"}
 ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV"}
 

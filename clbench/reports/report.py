@@ -11,7 +11,8 @@ from pathlib import Path
 
 from clbench.errors import UserError
 from clbench.reports import costs as cost_table
-from clbench.reports.loading import ReportInput, collect
+from clbench.reports.latex import LatexLayout
+from clbench.reports.loading import RUN, ReportInput, collect
 from clbench.reports.names import benchmark_display
 from clbench.reports.tables import (
     comparison_frame,
@@ -35,8 +36,10 @@ class Report:
 
 
 def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None = None,
-                 with_literature: bool = False, figures: bool = False, costs: bool = False) -> Report:
-    """Every output of one ``clbench report`` call, rendered but not written."""
+                 with_literature: bool = False, figures: bool = False, costs: bool = False,
+                 layout: LatexLayout | None = None) -> Report:
+    """Every output of one ``clbench report`` call, rendered but not written (LaTeX set in ``layout``)."""
+    layout = layout or LatexLayout()
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     inp = collect(paths, labels)
@@ -46,13 +49,13 @@ def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None
     sources = literature_sources(inp) if with_literature else None
     if with_literature and (sources is None or not len(sources)):
         report.warnings.append(f"no literature rows for {describe(inp)}; the table has no reported block")
-    report.files[stem + FORMATS[fmt]] = _render_table(frame, inp, fmt, sources)
+    report.files[stem + FORMATS[fmt]] = _render_table(frame, inp, fmt, sources, layout)
     cost_frame = cost_table.cost_frame(inp) if (costs or figures) else None
     if costs:
         if cost_frame is None or not len(cost_frame):
             raise UserError("--costs: no run in the input has a profile.csv; drop --costs or pass runs written "
                             "by clbench run")
-        report.files[f"{stem}_costs{FORMATS[fmt]}"] = _render_costs(cost_frame, inp, fmt)
+        report.files[f"{stem}_costs{FORMATS[fmt]}"] = _render_costs(cost_frame, inp, fmt, layout)
     if figures:
         from clbench.reports.figures import all_figures, render
 
@@ -92,12 +95,20 @@ def table_stem(inp: ReportInput) -> str:
     return f"{name}-order{inp.order}" if inp.order is not None else name
 
 
+RULES = {"task": "per-task label space", "union": "union label space"}
+
+
 def describe(inp: ReportInput) -> str:
-    """``MTIL Order I``; the task list when the input names no benchmark."""
+    """``MTIL Order I, preset default, per-task label space``; the task list when the input names no benchmark.
+    The preset and the evaluation rule are named whenever the rows include runs made here."""
     if inp.benchmark is None:
         return f"{len(inp.datasets)} tasks ({', '.join(inp.datasets)})"
-    rule = "" if inp.own_rule else (", union label space" if inp.eval_rule == "union" else ", per-task label space")
-    return benchmark_display(inp.benchmark, inp.order) + rule
+    text = benchmark_display(inp.benchmark, inp.order)
+    if inp.preset:
+        text += f", preset {inp.preset}"
+    if inp.eval_rule:
+        text += f", {RULES.get(inp.eval_rule, inp.eval_rule)}"
+    return text
 
 
 def _caption(inp: ReportInput, with_reported: str | bool, fmt: str) -> str:
@@ -106,12 +117,17 @@ def _caption(inp: ReportInput, with_reported: str | bool, fmt: str) -> str:
     pct = r"\%" if fmt == "latex" else "%"
     text = (f"{esc(describe(inp))}: Transfer, Average and Last accuracy ({pct}) per dataset and "
             f"their mean. Rows with several seeds show mean {pm} sample std (seeds in the row label). "
-            "Best per column in bold, second underlined, among the rows run here and external matrices.")
+            "Best per column in bold, second underlined, among the rows run here and external matrices"
+            + ("; the zero-shot row is a reference, not ranked." if _has_reference(inp) else "."))
     if with_reported:
         text += " Reported rows are copied from their sources, not re-run, and not ranked"
         text += ("; (secondary): cited by a later paper, not checked against the authors' files."
                  if with_reported == "secondary" else ".")
     return text
+
+
+def _has_reference(inp: ReportInput) -> bool:
+    return any(m.source == RUN and m.method == "zeroshot" for m in inp.matrices)
 
 
 def _notes(sources) -> list[str]:
@@ -122,7 +138,7 @@ def _notes(sources) -> list[str]:
             for method, group in sources.groupby("method", sort=False)]
 
 
-def _render_table(frame, inp: ReportInput, fmt: str, sources) -> str:
+def _render_table(frame, inp: ReportInput, fmt: str, sources, layout: LatexLayout) -> str:
     reported: str | bool = sources is not None and len(sources) > 0
     if reported and (sources["verified"] == "secondary").any():
         reported = "secondary"
@@ -132,10 +148,10 @@ def _render_table(frame, inp: ReportInput, fmt: str, sources) -> str:
     if fmt == "markdown":
         return to_markdown(frame, caption, _notes(sources))
     notes = "".join(f"% reported: {line}\n" for line in _notes(sources))
-    return notes + to_latex(frame, caption, f"tab:{table_stem(inp)}")
+    return notes + to_latex(frame, caption, f"tab:{table_stem(inp)}", layout)
 
 
-def _render_costs(frame, inp: ReportInput, fmt: str) -> str:
+def _render_costs(frame, inp: ReportInput, fmt: str, layout: LatexLayout) -> str:
     if fmt == "csv":
         return cost_table.costs_csv(frame)
     esc = latex_escape if fmt == "latex" else str
@@ -143,4 +159,4 @@ def _render_costs(frame, inp: ReportInput, fmt: str) -> str:
                "and total over the run; peak memory (MiB) mean over those tasks and maximum; mean over seeds.")
     if fmt == "markdown":
         return cost_table.costs_markdown(frame, caption)
-    return cost_table.costs_latex(frame, caption, f"tab:{table_stem(inp)}-costs")
+    return cost_table.costs_latex(frame, caption, f"tab:{table_stem(inp)}-costs", layout)

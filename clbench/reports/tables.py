@@ -22,14 +22,16 @@ import re
 import numpy as np
 import pandas as pd
 
+from clbench.reports.latex import LatexLayout, set_table, std_format
 from clbench.reports.literature import literature_for, match_datasets
-from clbench.reports.loading import EXTERNAL, REPORTED, RUN, ReportInput
+from clbench.reports.loading import EXTERNAL, REFERENCE, REPORTED, RUN, ReportInput
 from clbench.reports.names import abbreviate_datasets
 
 BLOCKS = {"transfer": "Transfer", "average": "Average", "last": "Last"}
 MEAN = "Mean"
 DECIMALS = 1
 BEST, SECOND = "best", "second"
+SHORT_SECTIONS = {RUN: "run", EXTERNAL: "external", REPORTED: "reported", REFERENCE: "reference"}
 LONG_COLUMNS = ["block", "section", "method", "seeds", "dataset", "column", "mean", "std", "emphasis"]
 
 
@@ -60,7 +62,8 @@ def _measured_rows(label: str, matrices, datasets: list[str]) -> pd.DataFrame:
         per_seed.append(values)
     seeds = pd.DataFrame(per_seed)
     n = len(matrices)
-    rows = [{"block": block, "section": matrices[0].source, "method": label, "seeds": n,
+    reference = matrices[0].source == RUN and matrices[0].method == "zeroshot"
+    rows = [{"block": block, "section": REFERENCE if reference else matrices[0].source, "method": label, "seeds": n,
              "dataset": dataset, "mean": seeds[(block, dataset)].mean(),
              "std": seeds[(block, dataset)].std(ddof=1) if n > 1 else np.nan}
             for block, dataset in seeds.columns]
@@ -115,7 +118,9 @@ def displayed(value: float) -> float:
 
 
 def row_label(method: str, section: str, seeds: float) -> str:
-    """The method label with its seed count for runs (``LoRA (2 seeds)``)."""
+    """The method label with its seed count for runs (``LoRA (2 seeds)``); the zero-shot row says what it is."""
+    if section == REFERENCE:
+        return f"{method} (reference)"
     if section != RUN or seeds is None or (isinstance(seeds, float) and math.isnan(seeds)):
         return method
     n = int(seeds)
@@ -137,32 +142,40 @@ def wide(frame: pd.DataFrame, cell: str = "mean") -> pd.DataFrame:
     return table
 
 
-def _cell_text(mean: float, std: float, pm: str, na: str) -> str:
+def _cell_text(mean: float, std: float, pm: str, na: str, close: str = "") -> str:
     if mean is None or math.isnan(mean):
         return na
     if std is None or math.isnan(std):
         return f"{mean:.{DECIMALS}f}"
-    return f"{mean:.{DECIMALS}f}{pm}{std:.{DECIMALS}f}"
+    return f"{mean:.{DECIMALS}f}{pm}{std:.{DECIMALS}f}{close}"
 
 
-def cell_texts(frame: pd.DataFrame, pm: str, na: str) -> pd.DataFrame:
-    """The wide table of formatted cells (mean, or mean ± std)."""
-    texts = frame.assign(text=[_cell_text(m, s, pm, na) for m, s in zip(frame["mean"], frame["std"], strict=True)])
+def cell_texts(frame: pd.DataFrame, pm: str, na: str, close: str = "") -> pd.DataFrame:
+    """The wide table of formatted cells (mean, or mean ± std; ``close`` ends the std's markup)."""
+    texts = frame.assign(text=[_cell_text(m, s, pm, na, close)
+                               for m, s in zip(frame["mean"], frame["std"], strict=True)])
     return wide(texts, "text")
 
 
 def _drop_single_section(table: pd.DataFrame) -> pd.DataFrame:
-    """The section level is shown only when the table mixes rows run here with external or reported ones."""
-    if table.index.get_level_values("section").nunique() == 1:
+    """The section level is shown only when the table mixes rows run here with external or reported ones (the
+    zero-shot reference row says what it is in its own label)."""
+    sections = set(table.index.get_level_values("section")) - {REFERENCE}
+    if len(sections) <= 1:
         return table.droplevel("section")
     return table
 
 
-def to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
-    """Booktabs LaTeX through ``Styler.to_latex``: multirow block labels, ``\\textbf`` / ``\\underline``."""
-    texts = _drop_single_section(cell_texts(frame, r" $\pm$ ", "--"))
+def to_latex(frame: pd.DataFrame, caption: str, label: str, layout: LatexLayout | None = None) -> str:
+    """Booktabs LaTeX through ``Styler.to_latex``: multirow block labels, ``\\textbf`` / ``\\underline``, a rule
+    under the zero-shot reference row, set in ``layout`` (compact and fitted to the column by default)."""
+    layout = layout or LatexLayout()
+    before_std, after_std = std_format(layout)
+    texts = _drop_single_section(cell_texts(frame, before_std, "--", after_std))
     marks = _drop_single_section(wide(frame, "emphasis")).fillna("")
     css = {BEST: "textbf: --rwrap;", SECOND: "underline: --rwrap;", "": ""}
+    if layout.compact and "section" in texts.index.names:  # the caption says what each section is
+        texts = texts.rename(index=SHORT_SECTIONS, level="section")
     texts.index.names = [None] * texts.index.nlevels
     styler = texts.style.apply(lambda _: marks.map(css.get).set_axis(texts.index), axis=None)
     styler = styler.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
@@ -170,7 +183,20 @@ def to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
         column_format="l" * texts.index.nlevels + "r" * texts.shape[1], hrules=True, clines="skip-last;data",
         multirow_align="t", caption=caption, label=label, position="t", position_float="centering",
     )
-    return "% needs \\usepackage{booktabs,multirow}\n" + booktabs_rules(tex)
+    return set_table(_rule_after_reference(booktabs_rules(tex), texts.index.nlevels + texts.shape[1]), layout)
+
+
+def _rule_after_reference(tex: str, ncols: int) -> str:
+    """A ``\\cmidrule`` under each zero-shot reference row (unless a rule follows anyway)."""
+    lines = tex.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        following = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        ruled = following.startswith(("\\cmidrule", "\\midrule", "\\bottomrule"))
+        if "(reference)" in line and line.rstrip().endswith("\\\\") and not ruled:
+            out.append(rf"\cmidrule(l){{2-{ncols}}}")
+    return "\n".join(out) + "\n"
 
 
 def booktabs_rules(tex: str) -> str:
