@@ -51,7 +51,7 @@ MEMORY_KINDS = {
     "cpu_process_peak_rss": "CPU process peak RSS since start",
 }
 FRAME_COLUMNS = ["task", "section", "seconds", "peak_bytes", "memory_kind", "calls", "start_bytes",
-                 "tensor_peak_bytes"]
+                 "tensor_peak_bytes", "parent"]
 
 
 # ---- exact peak of the tensors an operation sequence creates ----------------------------------------------
@@ -155,6 +155,7 @@ class SectionRecord:
     calls: int = 1
     start_bytes: int = 0
     tensor_peak_bytes: int | None = None
+    parent: str = ""  # the section this one ran inside ("" at top level): its time is part of the parent's
 
 
 @dataclass(eq=False)
@@ -178,6 +179,7 @@ class Profiler:
     track_tensors: bool = False
     process_peak_bytes: int = 0
     _section_rss: bool | None = field(default=None, repr=False)
+    _names: list[str] = field(default_factory=list, repr=False)  # this profiler's open sections, innermost last
 
     # -- memory probes, one per device kind --
     @property
@@ -236,6 +238,8 @@ class Profiler:
         self._reset_peak()
         entry = _Open()
         self._open.append(entry)
+        parent = self._names[-1] if self._names else ""
+        self._names.append(name)
         start_bytes = self._current_bytes()
         tracker = TensorPeakTracker() if self.track_tensors else None
         start = time.perf_counter()
@@ -251,9 +255,10 @@ class Profiler:
             seconds = time.perf_counter() - start
             self._fold_peak()
             self._open.remove(entry)
+            self._names.pop()
             self._add(SectionRecord(self.task, name, seconds, int(entry.peak), self.memory_kind,
                                     start_bytes=int(start_bytes),
-                                    tensor_peak_bytes=None if tracker is None else int(tracker.peak)))
+                                    tensor_peak_bytes=None if tracker is None else int(tracker.peak), parent=parent))
 
     def _add(self, rec: SectionRecord) -> None:
         for old in self.records:

@@ -24,8 +24,11 @@ def random_matrix(rng: np.random.Generator, num: int) -> tuple[np.ndarray, np.nd
     return zeroshot, rows
 
 
-def fake_profiler(rng: np.random.Generator, num: int, sections: tuple[str, ...], with_state: bool) -> Profiler:
-    """A profiler holding setup/eval before the first task and ``sections`` + eval for every task."""
+def fake_profiler(rng: np.random.Generator, num: int, sections: tuple[str, ...], with_state: bool,
+                  nested: dict[str, str] | None = None) -> Profiler:
+    """A profiler holding setup/eval before the first task and ``sections`` + eval for every task; a section named
+    in ``nested`` (child -> parent) runs inside its parent and takes a part of the parent's time."""
+    nested = nested or {}
     prof = Profiler()
     prof.records.append(SectionRecord(-1, "setup", float(rng.uniform(0.1, 1)), int(rng.integers(1, 9) * 2**20),
                                       "cpu_process_peak_rss"))
@@ -39,13 +42,20 @@ def fake_profiler(rng: np.random.Generator, num: int, sections: tuple[str, ...],
         if with_state:
             prof.record_state(task, "basis", int((task + 1) * rng.integers(1000, 5000)))
             prof.record_state(task, "head", 4096)
+    for rec in prof.records:
+        parent = nested.get(rec.section)
+        if parent:
+            outer = next(r for r in prof.records if r.task == rec.task and r.section == parent)
+            rec.parent = parent
+            rec.seconds = outer.seconds * 0.4
     return prof
 
 
 def write_fake_run(out: Path, method: str, seed: int, *, datasets: list[str] | None = None,
                    benchmark: str = "synthetic", order: int = 1, status: str = "complete",
                    hparams: dict | None = None, rng_seed: int | None = None,
-                   sections: tuple[str, ...] = ("train", "merge"), with_state: bool = False) -> Path:
+                   sections: tuple[str, ...] = ("train", "merge"), with_state: bool = False,
+                   nested: dict[str, str] | None = None, setup_sections: tuple[str, ...] = ()) -> Path:
     """One run folder in the results contract; ``status != 'complete'`` leaves the rows half done."""
     datasets = list(datasets or DATASETS)
     rng = np.random.default_rng(zlib.crc32(f"{method}/{seed}".encode()) if rng_seed is None else rng_seed)
@@ -58,7 +68,11 @@ def write_fake_run(out: Path, method: str, seed: int, *, datasets: list[str] | N
     manifest = {"status": "running", "run_id": run_id(resolved), "method": method, "seed": seed,
                 "benchmark": benchmark, "order": order, "started": 0.0, "environment": {}, "benchmark_info": {}}
     atomic_write_json(path / "config.json", resolved)
-    profiler = fake_profiler(rng, len(datasets), sections, with_state)
+    profiler = fake_profiler(rng, len(datasets), sections, with_state, nested)
+    for name in setup_sections:  # sections of the setup before the first task (e.g. pretrained_svd)
+        setup = next(r for r in profiler.records if r.task == -1 and r.section == "setup")
+        profiler.records.append(SectionRecord(-1, name, setup.seconds * 0.5, setup.peak_bytes, setup.memory_kind,
+                                              parent="setup"))
     done = len(datasets) if status == "complete" else len(datasets) // 2
     write_results(path, SequenceResult(datasets, zeroshot.tolist(), rows[:done].tolist()), profiler)
     manifest.update(status=status, finished=1.0, seconds=1.0)

@@ -33,6 +33,7 @@ def report(
     = False,
     costs: Annotated[bool, typer.Option("--costs", help="also write the time / memory table per profiled section")]
     = False,
+    state_log: Annotated[bool, typer.Option("--state-log", help="figures: stored state on a log axis")] = False,
     layout: Annotated[Literal["compact", "full"], typer.Option(
         help="LaTeX: compact (small type, tight columns; fits one column) or full (normal size)")] = "compact",
     table_star: Annotated[bool, typer.Option("--table-star", help="LaTeX: table* spanning both columns of a "
@@ -56,7 +57,7 @@ def report(
         result = build_sensitivity_report(list(inputs or []), sensitivity, format_, figures)
     else:
         result = build_report(list(inputs or []), format_, label, with_literature, figures, costs,
-                              LatexLayout(layout, table_star, width))
+                              LatexLayout(layout, table_star, width), state_log)
     err = make_console(stderr=True)
     if str(out) == "-":
         _print_tables(result)

@@ -109,3 +109,31 @@ def state_growth(inp: ReportInput) -> pd.DataFrame:
         rows += [{"method": label, "task": int(t), "mib": float(b) / MIB} for t, b in mean.items()
                  if np.isfinite(b)]
     return pd.DataFrame(rows, columns=["method", "task", "mib"])
+
+
+def exclusive_seconds(inp: ReportInput) -> tuple[pd.DataFrame, bool]:
+    """Seconds each section spent outside the sections nested in it, total over the run, mean over seeds: columns
+    method, section, seconds. The parts add up to the run's total (a nested section's time, e.g. KeepLoRA's
+    ``pretrained_svd`` inside ``setup`` or ZSCL's ``reference_forward`` inside ``train``, is counted once).
+    The flag is False when some profile predates the ``parent`` column (nesting unknown, so counted twice)."""
+    rows = []
+    nesting_known = True
+    for label, matrices in inp.groups().items():
+        per_seed = []
+        for m in matrices:
+            if m.source != RUN or m.profile is None or not len(m.profile):
+                continue
+            profile = m.profile
+            if "parent" not in profile:
+                nesting_known = False
+                profile = profile.assign(parent="")
+            parents = profile["parent"].astype(object).where(profile["parent"].notna(), "").astype(str)
+            nested = profile[parents != ""].groupby([profile["task"], parents])["seconds"].sum()
+            own = [s - nested.get((t, name), 0.0) for t, name, s in
+                   zip(profile["task"], profile["section"], profile["seconds"], strict=True)]
+            per_seed.append(profile.assign(seconds=own).groupby("section", sort=False)["seconds"].sum())
+        if per_seed:
+            mean = pd.concat(per_seed, axis=1).fillna(0).mean(axis=1)
+            rows += [{"method": label, "section": section, "seconds": max(float(v), 0.0)} for section, v in
+                     mean.items()]
+    return pd.DataFrame(rows, columns=["method", "section", "seconds"]), nesting_known

@@ -52,6 +52,7 @@ class Matrix:
     profile: pd.DataFrame | None = None
     state: pd.DataFrame | None = None
     config: dict = field(default_factory=dict)
+    classes: dict[str, int] = field(default_factory=dict)  # classes per dataset, where known (chance level)
 
 
 @dataclass
@@ -163,12 +164,25 @@ def read_run(folder: Path, manifest: dict) -> Matrix:
     rule = manifest.get("evaluation", {}).get("rule") or config.get("eval") or DEFAULT_EVAL.get(benchmark, "task")
     method = str(manifest.get("method") or config.get("method") or folder.parent.name)
     seed = manifest.get("seed", config.get("seed"))
+    classes = manifest.get("classes") if isinstance(manifest.get("classes"), dict) else known_classes(benchmark)
     return Matrix(label=method, source=RUN, path=folder, seed=None if seed is None else int(seed),
                   datasets=list(accuracy.columns), accuracy=accuracy, metrics=metrics, method=method,
                   zeroshot=zeroshot, profile=_optional_csv(folder / "profile.csv", PROFILE_COLUMNS),
                   state=_optional_csv(folder / "state_bytes.csv", STATE_COLUMNS),
                   config={**config, "benchmark": benchmark, "order": manifest.get("order", config.get("order")),
-                          "eval": rule})
+                          "eval": rule},
+                  classes={str(k): int(v) for k, v in classes.items() if isinstance(v, int) and v > 0})
+
+
+def known_classes(benchmark: str | None) -> dict[str, int]:
+    """Class counts of the real benchmarks' datasets, for runs whose manifest predates recording them."""
+    if benchmark == "mtil":
+        from clbench.datasets.mtil_names import EXPECTED_CLASSES
+    elif benchmark == "xtail":
+        from clbench.datasets.xtail_names import EXPECTED_CLASSES
+    else:
+        return {}
+    return dict(EXPECTED_CLASSES)
 
 
 def read_external(path: Path, label: str) -> Matrix:

@@ -60,6 +60,29 @@ def method_order_key(name: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), name)
 
 
+# Profiled sections (clbench.profiling) as figure labels; unknown names are shown with spaces for underscores.
+SECTION_NAMES: dict[str, str] = {
+    "setup": "setup",
+    "eval": "evaluation",
+    "train": "training steps",
+    "merge": "merge",
+    "pretrained_svd": "SVD of pretrained weights",
+    "grad_estimation": "gradient estimation",
+    "grad_svd": "gradient SVD",
+    "feature_stats": "feature statistics",
+    "feature_svd": "feature-subspace SVD",
+    "memory_update": "memory update",
+    "reference_forward": "reference-model forward",
+    "recalibration": "recalibration",
+    "head_init": "head initialisation",
+}
+
+
+def section_display(name: str) -> str:
+    """``pretrained_svd`` -> ``SVD of pretrained weights``."""
+    return SECTION_NAMES.get(name, name.replace("_", " "))
+
+
 BENCHMARK_NAMES: dict[str, str] = {"mtil": "MTIL", "synthetic": "Synthetic", "xtail": "X-TAIL"}
 ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV"}
 

@@ -37,7 +37,7 @@ class Report:
 
 def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None = None,
                  with_literature: bool = False, figures: bool = False, costs: bool = False,
-                 layout: LatexLayout | None = None) -> Report:
+                 layout: LatexLayout | None = None, state_log: bool = False) -> Report:
     """Every output of one ``clbench report`` call, rendered but not written (LaTeX set in ``layout``)."""
     layout = layout or LatexLayout()
     if fmt not in FORMATS:
@@ -60,7 +60,7 @@ def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None
         from clbench.reports.figures import all_figures, render
 
         growth = cost_table.state_growth(inp)
-        for name, fig in all_figures(inp, frame, cost_frame, growth).items():
+        for name, fig in all_figures(inp, frame, cost_frame, growth, state_log).items():
             for ext, blob in render(fig).items():
                 report.files[f"figures/{stem}_{name}.{ext}"] = blob
     return report
