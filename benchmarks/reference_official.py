@@ -1,6 +1,6 @@
 """Reference implementations of the official codes' approaches, for side-by-side cost comparisons only.
 
-Written from the behaviour the KeepLoRA spec documents (shared/specs/keeplora.md §2 S1, §7 D2/D3, §8), not
+Written from the behaviour of KeepLoRA's official MTIL code (MaolinLuo/KeepLoRA ``MTIL/``), not
 from the official sources; clbench itself never uses them.
 
 - :func:`official_mean_gradients` (D3): every encoder parameter requires grad; after each batch's backward,
@@ -13,8 +13,9 @@ from the official sources; clbench itself never uses them.
   ``d × (L·B)`` token matrix (LND order), kept in float32, one per adapted matrix: four per block (q, k and v
   hold three identical copies of the same input's statistic, o its own).
 - :func:`official_accuracy`: evaluation that re-encodes the class prompts for every test batch (the text head
-  is built on every forward pass, MTIL protocol spec §3), full 77-token context.
-- :func:`official_principal_basis` (S0, spec §8.1): one full float32 ``torch.linalg.svd`` per weight, the cut
+  is built on every forward pass, as in that code), full 77-token context.
+- :func:`official_principal_basis` (S0, as the official code does it): one full float32 ``torch.linalg.svd`` per
+weight, the cut
   taken on its σ².
 """
 
@@ -137,7 +138,7 @@ def official_accuracy(model: ClipModel, task: Task, batch_size: int, device: tor
 
 
 def official_principal_basis(W: Tensor, threshold: float, side: Side = "input", rule: Rule = "paper") -> Tensor:
-    """S0 the official way: a full float32 ``torch.linalg.svd`` of the weight (spec §8.1: "96 full fp32 SVDs"),
+    """S0 the official way: a full float32 ``torch.linalg.svd`` of the weight (the official code: 96 full fp32 SVDs),
     the kept singular vectors of ``side`` cut by ``rule`` at ``threshold`` on σ²; float32 basis."""
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
     vectors = Vh.T if side == "input" else U

@@ -81,11 +81,11 @@ FULL = Shapes("ViT-B-16", "ViT-B-16", grad_batch=64, grad_batches=2, classes=100
               basis_sizes=(512, 768, 1024, 4096), step_batch=8, step_repeats=3, fraction_batches=10,
               rounds=1, principal=False)
 
-# MTIL's eleven datasets: (name, test images, classes), from the MTIL protocol spec §1.1.
+# MTIL's eleven datasets: (name, test images, classes), from torchvision's datasets as ZSCL's code loads them.
 MTIL_TEST_SETS = (("Aircraft", 3333, 100), ("Caltech101", 1736, 101), ("CIFAR100", 10000, 100), ("DTD", 1880, 47),
                   ("EuroSAT", 5400, 10), ("Flowers", 6149, 102), ("Food", 25250, 101), ("MNIST", 10000, 10),
                   ("OxfordPet", 3669, 37), ("StanfordCars", 8041, 196), ("SUN397", 21751, 397))
-MTIL_EVAL_BATCH = 64  # KeepLoRA's MTIL evaluation batch (MTIL protocol spec §3.1)
+MTIL_EVAL_BATCH = 64  # KeepLoRA's MTIL evaluation batch (MaolinLuo/KeepLoRA ``MTIL/`` configs)
 
 
 def current_shapes() -> Shapes:

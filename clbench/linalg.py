@@ -11,7 +11,7 @@ Pure functions on tensors; nothing here knows about models. Conventions:
 - Eigen/SVD work that decides a basis is done in float64 by default and returned in float32: the cut at an
   energy threshold then does not depend on float32 rounding.
 
-Energy rules (KeepLoRA spec §2 S0, §7 D4):
+Energy rules (KeepLoRA, Luo et al. ICLR 2026, and its MTIL code, MaolinLuo/KeepLoRA):
 
 - ``"paper"``: the smallest ``p`` with ``Σ_{i≤p} σ_i² / Σ_i σ_i² ≥ ε``.
 - ``"official"``: ``p = #{i : cumsum(σ²)_i / Σσ² < ε}``, at least 1 (the MTIL code; one fewer than the paper).
@@ -93,7 +93,7 @@ def project_out(G: Tensor, basis: Tensor) -> Tensor:
     """``(I − U Uᵀ) G``: remove the components of ``G``'s columns that lie in ``span(U)``.
 
     ``G``'s rows index the basis space (``d × n``). For a paper-layout gradient ``G = G_ptᵀ`` (``d_in × d_out``)
-    this is KeepLoRA's residual ``Ĝ`` (spec S2); for features ``X`` (``d × N``) it is ``X̂``. Computed as
+    this is KeepLoRA's residual ``Ĝ`` (paper, step 2); for features ``X`` (``d × N``) it is ``X̂``. Computed as
     ``G − U (Uᵀ G)`` without forming the ``d × d`` projector.
     """
     if basis.shape[1] == 0:
@@ -328,7 +328,7 @@ class CovarianceAccumulator:
 
 
 class SlotSumAccumulator:
-    """The official MTIL code's feature statistic for KeepLoRA (spec §2 "How [C-MTIL] builds X_t", D2).
+    """The official MTIL code's feature statistic for KeepLoRA (MaolinLuo/KeepLoRA ``MTIL/``).
 
     Each batch's tokens form ``X_b ∈ R^{(L·B) × d}`` in LND order (row ``l·B + n`` is token ``l`` of sample
     ``n``); the running sample-weighted mean ``F ← n/(n+m)·F + 1/(n+m)·X_bᵀ`` (``n`` tokens so far, ``m`` in
@@ -456,7 +456,8 @@ def top_r_factors(
 
     With ``basis`` (the stored ``U`` that ``Ĝ`` was projected off), ``A`` is kept in ``span(U)^⊥``: its columns
     are projected off ``U`` once more and re-orthonormalised (removing float error), and when
-    ``rank(Ĝ) < r`` (spec §4 edge case) the missing columns are drawn at random (``generator``) inside the
+    ``rank(Ĝ) < r`` (an edge case the official code does not guard) the missing columns are drawn at random
+    (``generator``) inside the
     complement of ``[U, A]``, with ``S = 0`` and zero ``V`` columns, so ``B``'s rows for them are zero. At most
     ``m − k`` columns exist in that complement, so fewer than ``r`` columns are returned when ``k > m − r``.
     """

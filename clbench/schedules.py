@@ -2,7 +2,7 @@
 
 - ``onecycle``: PyTorch's OneCycleLR (KeepLoRA, LoRA, InfLoRA): each parameter group peaks at its own ``lr``.
 - ``constant``: no scheduler; every group keeps its ``lr``.
-- ``cosine``: ZSCL's rule (spec: shared/specs/mtil_protocol.md §4.2, ``utils.cosine_lr``). Before optimiser
+- ``cosine``: ZSCL's rule (Thunderbeee/ZSCL ``mtil/src/models/utils.py``, ``cosine_lr``). Before optimiser
   step ``s`` (0-based) a group with base rate ``lr`` uses ``lr·(s+1)/W`` while ``s < W`` (linear warm-up over
   ``W = train.warmup_steps`` steps), then ``0.5·(1 + cos(π·(s−W)/(T−W)))·lr`` with ``T`` = the task's steps.
   The rate reaches 0 at ``s = T``: ZSCL runs ``T + 1`` iterations and its last one has rate 0 (a no-op for

@@ -28,7 +28,7 @@ from clbench.datasets.mtil import LAYOUTS, build_mtil  # noqa: E402
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 SPEC = ImageSpec(32, MEAN, STD)
-# Spec §2, written out here rather than imported, so that a wrong order in the module fails.
+# ZSCL's orders, written out here rather than imported, so that a wrong order in the module fails.
 ORDER_I = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
            "StanfordCars", "SUN397"]
 ORDER_II = ["StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397", "Aircraft", "Caltech101", "DTD",

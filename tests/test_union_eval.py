@@ -1,4 +1,4 @@
-"""The union evaluation rule (``--eval union``, X-TAIL): golden metrics, the zero-shot identities of spec §A7,
+"""The union evaluation rule (``--eval union``, X-TAIL): golden metrics, the zero-shot identities of the union rule,
 union vs per-task evaluation, KeepLoRA+'s routing rule, and what a union run writes."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from clbench.datasets.xtail_names import XLAYOUTS, eurosat_name
 from clbench.errors import UserError
 
 SPEC = ImageSpec(32, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-# Spec §A2, written out here rather than imported, so that a wrong order in the module fails.
+# RAIL's/LADA's orders, written out here rather than imported, so that a wrong order in the module fails.
 ORDER_I = ["aircraft", "caltech101", "dtd", "eurosat", "flowers", "food101", "mnist", "oxford_pets", "stanford_cars",
            "sun397"]
 ORDER_II = ["stanford_cars", "aircraft", "oxford_pets", "food101", "sun397", "mnist", "flowers", "dtd", "caltech101",
@@ -375,7 +375,7 @@ def test_literature_rows_for_xtail() -> None:
     lit = load_literature()
     rows = lit[lit["benchmark"] == "xtail"]
     assert set(rows["verified"]) == {"secondary"} and rows["source"].str.match(r"^LADA Tab\.[1256]\b").all()
-    assert not rows["method"].str.contains("Zero-shot").any()  # spec §A4/§A5: recompute, do not cite
+    assert not rows["method"].str.contains("Zero-shot").any()  # recompute, do not cite
     means = rows[rows["dataset"] == ""].set_index(["method", "order"])
     assert tuple(means.loc[("LADA (16-shot)", 1), ["transfer", "average", "last"]]) == (61.5, 72.7, 83.1)
     assert tuple(means.loc[("ZSCL (full-shot)", 2), ["transfer", "average", "last"]]) == (54.2, 65.1, 70.1)

@@ -1,4 +1,5 @@
-"""The real MTIL benchmark: 11 torchvision datasets over the ZSCL/KeepLoRA on-disk layout (spec §1, §2, §3.4).
+"""The real MTIL benchmark: 11 torchvision datasets over the ZSCL/KeepLoRA on-disk layout
+(Thunderbeee/ZSCL ``mtil/src/datasets``, MaolinLuo/KeepLoRA ``MTIL/MTIL_datasets``).
 
 Where the data is: ``cfg.data_root`` (``--data-root`` or ``--set data_root=DIR``); when that is empty, the
 environment variable ``CLBENCH_DATA_ROOT``, then the user's config file (:mod:`clbench.userconfig`). Nothing is
@@ -16,9 +17,10 @@ Images stay on disk until a sample is read (MNIST and CIFAR100 are arrays that t
 Each sample is preprocessed as CLIP does: Resize(bicubic) → CenterCrop → RGB → ToTensor → Normalize; with
 ``data.train_augment`` training images use ZSCL's RandomResizedCrop(scale 0.9–1, bicubic) instead.
 
-Few-shot (``data.shots`` = K > 0, spec §3.4): the first K training images of each class in the seed-42
-permutation of the training split (``torch.randperm``); MoE-Adapters walks its shuffled loader instead and
-freezes the augmented tensors, so the picks are the same rule, not the same images. Test sets stay full.
+Few-shot (``data.shots`` = K > 0, as in MoE-Adapters4CL, JiazuoYu/MoE-Adapters4CL): the first K training images of
+each class in the seed-42 permutation of the training split (``torch.randperm``); MoE-Adapters walks its shuffled
+loader instead and freezes the augmented tensors, so the picks are the same rule, not the same images. Test sets
+stay full.
 
 Unreadable images stop the run with the file named, unless ``data.skip_bad_images``: then every image that
 will be used is decoded once up front (in threads), and the unreadable or missing ones are dropped after the
@@ -75,7 +77,7 @@ SUN397_ORDER_NOTE = ("SUN397 file list sorted by path before the split (ZSCL/Kee
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Layouts: what torchvision reads under the root, per dataset (spec §1.1).
+# Layouts: what torchvision reads under the root, per dataset (torchvision's dataset classes).
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""MTIL task names, orders, class names and prompt templates (spec ``mtil_protocol.md`` §1.2, §1.3, §2).
+"""MTIL task names, orders, class names and prompt templates as ZSCL's
+and KeepLoRA's MTIL code define them (Thunderbeee/ZSCL ``mtil/src/datasets``, ``mtil/src/templates``;
+MaolinLuo/KeepLoRA ``MTIL/``).
 
 The class-name lists written by hand in the ZSCL/KeepLoRA loaders (Caltech101, EuroSAT, Flowers) and the
 templates in KeepLoRA's order come from ``clbench/data/mtil_classnames_templates.json`` (a copy of the
@@ -28,7 +30,7 @@ ORDER_II = ["StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397", "
             "EuroSAT", "CIFAR100"]
 ORDERS = {1: ORDER_I, 2: ORDER_II}
 
-# Classes per dataset in the full datasets (spec §1.1); 1,201 in total.
+# Classes per dataset in the full datasets (torchvision's loaders); 1,201 in total.
 EXPECTED_CLASSES = {"Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10, "Flowers": 102,
                     "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196, "SUN397": 397}
 
@@ -53,7 +55,7 @@ CALTECH101_FOLDERS = (
 EUROSAT_FOLDERS = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
                    "PermanentCrop", "Residential", "River", "SeaLake")
 
-# ZSCL's template order where it differs from KeepLoRA's (spec §1.3, Z's `collections.py`).
+# ZSCL's template order where it differs from KeepLoRA's (ZSCL's ``mtil/src/datasets/collections.py``).
 ZSCL_TEMPLATES = {
     "DTD": [f"a photo of {a} {{}} {kind}." for a in ("a", "the") for kind in ("texture", "pattern", "thing", "object")],
     "StanfordCars": ["a photo of a {}, a type of car.", "a photo of a {}.", "a photo of the {}.", "a photo of my {}.",

@@ -1,4 +1,5 @@
-"""The X-TAIL benchmark's datasets: 10 domains (no CIFAR100) over the CoOp on-disk layout (spec ``xtail.md`` §A2).
+"""The X-TAIL benchmark's datasets: 10 domains (no CIFAR100) over the CoOp on-disk layout (RAIL, Xu et al. 2024, and
+LADA's code: linghan1997/Regression-based-Analytic-Incremental-Learning, MaolinLuo/LADA).
 
 Where the data is: ``cfg.data_root``, ``$CLBENCH_DATA_ROOT`` or the user config file
 (``clbench.datasets.mtil.resolve_data_root(..., "xtail")``), holding the folders of the LADA README:

@@ -1,6 +1,7 @@
-"""X-TAIL domain names, orders, on-disk folders and class-name rules (spec ``xtail.md`` §A2).
+"""X-TAIL domain names, orders, on-disk folders and class-name rules, as RAIL's and LADA's code define them
+(linghan1997/Regression-based-Analytic-Incremental-Learning ``scenario_datasets/``, MaolinLuo/LADA ``configs/data``).
 
-Names in code are the spec's (RAIL/LADA's ``dataset_list`` keys). Folders are those of the CoOp layout in the
+Names in code are RAIL's and LADA's ``dataset_list`` keys. Folders are those of the CoOp layout in the
 LADA README (``Aircraft``, ``Caltech101``, ``DTD``, ``EuroSAT``, ``Flowers``, ``Food``, ``MNIST/MNIST/raw``,
 ``Pets``, ``StanfordCars``, ``Sun397``). Class names come from the split files, except:
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TEMPLATE = "a photo of a {}."  # the one template of every domain at training and test (spec §A2)
+TEMPLATE = "a photo of a {}."  # the one template of every domain at training and test (RAIL/LADA code)
 
 # Order I is alphabetical (RAIL's yaml, LADA's TAIL.yaml); Order II is LADA's TAIL_order2.yaml.
 ORDER_I = ["aircraft", "caltech101", "dtd", "eurosat", "flowers", "food101", "mnist", "oxford_pets",
@@ -27,7 +28,7 @@ ORDER_II = ["stanford_cars", "aircraft", "oxford_pets", "food101", "sun397", "mn
             "caltech101", "eurosat"]
 ORDERS = {1: ORDER_I, 2: ORDER_II}
 
-# Classes per domain on the full data (spec §A2); 1,100 in total.
+# Classes per domain on the full data (RAIL/LADA split files); 1,100 in total.
 EXPECTED_CLASSES = {"aircraft": 100, "caltech101": 100, "dtd": 47, "eurosat": 10, "flowers": 102, "food101": 101,
                     "mnist": 10, "oxford_pets": 37, "stanford_cars": 196, "sun397": 397}
 

@@ -354,7 +354,8 @@ def _check_unique(matrices: list[Matrix]) -> None:
         seen[key] = m
 
 
-# The two MTIL task orders (specs/mtil_protocol.md §2), by normalised dataset name, for external-only tables.
+# The two MTIL task orders (ZSCL, Zheng et al. ICCV 2023, and its code), by normalised dataset name, for external-only
+# tables.
 MTIL_ORDERS = {
     1: ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxfordpet",
         "stanfordcars", "sun397"],
