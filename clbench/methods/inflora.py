@@ -1,11 +1,11 @@
 """InfLoRA (Liang & Li, CVPR 2024) on CLIP: interference-free LoRA on k and v, with a DualGPM memory of the
-old tasks' input subspace (spec: shared/specs/inflora_loda_keeplorapp.md §1).
+old tasks' input subspace (Liang & Li, CVPR 2024; official code liangyanshuo/InfLoRA).
 
 Per task t and attention block (one site = one block of one encoder):
 
 1. ``feature_stats``: the uncentered covariance ``C_t`` of the block's q/k/v input (post-LN1 tokens; every
    token of every training image; for the text tower, the tokens of the current class prompts, padding
-   included, as KeepLoRA does) with the current model [code; text tower: spec §1.8].
+   included, as KeepLoRA does) with the current model [code; text tower: adapted].
 2. ``feature_svd``: project with the memory — ``Ĉ = C − M Mᵀ C`` (remove basis M = old inputs) or
    ``Ĉ = R Rᵀ C`` (retain basis R = free directions) — and take ``D_t = U[:, :r]ᵀ/√3`` from ``SVD(Ĉ)``
    [code; the 1/√3 row scale is the code's constant]. Singular vectors of ``Ĉ`` with non-zero singular value
@@ -13,14 +13,14 @@ Per task t and attention block (one site = one block of one encoder):
    exactly orthogonal to the memory even when the free space has fewer than r directions [adapted].
 3. ``D_t`` is a frozen buffer shared by k and v; the trainable up-projections ``U_t^k, U_t^v`` start at
    zero (``ΔW = U D``, scale 1) [code]. The trainable set is exactly the current task's two up-projections
-   per site, looked up by exact adapter name (no substring matching, InfLoRA issue #13) [spec §1.8].
+   per site, looked up by exact adapter name (no substring matching, InfLoRA issue #13) [adapted].
 4. After training: ``feature_stats`` again with the trained model, ``memory_update`` (DualGPM with the
-   threshold ``ε_t = lamb + (lame − lamb)·t/T``, energy = squared eigenvalues of ``C``, spec §1.5), then
-   ``merge`` (``W ← W + U D``), so old tasks cost nothing at training or inference time [code + spec §1.7].
+   threshold ``ε_t = lamb + (lame − lamb)·t/T``, energy = squared eigenvalues of ``C``, DualGPM as in the code), then
+   ``merge`` (``W ← W + U D``), so old tasks cost nothing at training or inference time [code].
 
 Placement: the paper's k and v (not q, not o), in every block of the encoders named by ``encoders``
-(default both, CLIP's text head being part of the classifier; ``encoders=vision`` is the spec's §1.8
-vision-only variant). The per-task linear heads of the class-incremental paper are replaced by CLIP's text
+(default both, CLIP's text head being part of the classifier; ``encoders=vision`` is the official
+code's vision-only variant). The per-task linear heads of the class-incremental paper are replaced by CLIP's text
 head (MTIL) [adapted]. Guard rails for degenerate spectra (never taking more directions than carry energy)
 do not change the result in non-degenerate cases [adapted].
 """
@@ -125,7 +125,7 @@ def _svd_energy(C: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dual_gpm_update(memory: DualMemory | None, C: Tensor, threshold: float) -> DualMemory:
-    """One DualGPM step (spec §1.5) with the post-training covariance ``C`` of a site.
+    """One DualGPM step (Liang & Li 2024, ``methods/inflora.py``) with the post-training covariance ``C`` of a site.
 
     Energies are squared singular values of the covariance (the code's quirk, kept). First task: keep the
     ``#{i : cumsum(S²)/ΣS² < ε}`` (at least 1) top directions as a remove basis. Remove basis: append top

@@ -17,7 +17,7 @@ KeepLoRA, per adapted matrix W (q, k, v, o of every block of the adapted encoder
   ε_f ≤ 1e-8 is the "no M_t" ablation). Since every update is ``s·A·ΔB`` with ``A ⟂ span(U)``, inputs in
   ``span(U)`` keep their exact outputs.
 
-Two readings behind ``compat`` (spec §7):
+Two readings behind ``compat`` (the paper against its official MTIL code, MaolinLuo/KeepLoRA):
 
 - ``paper`` (default): input-side principal basis (right singular vectors of ``W_pt``), the ``≥`` energy cut,
   features as the uncentered token covariance ``Σ x xᵀ`` (float64), exact SVD of ``Ĝ``.
@@ -35,17 +35,18 @@ run at the caller's precision: float32, or the caller's autocast if it wraps the
 fp16 autocast without loss scaling for the gradient); the subspace algebra always runs without autocast.
 ``grad_fraction`` < 1 estimates ``G`` on the first share of the shuffled batches (the LLaVA code uses 20%).
 Where ``Ĝ`` has rank < r or the basis leaves fewer than r free directions, ``A`` is completed (or shortened)
-inside ``span(U)^⊥`` (spec §4 edge case; the official code has no guard). Text features use the current
+inside ``span(U)^⊥`` (an edge case the official code does not guard). Text features use the current
 task's class prompts, all positions including padding (D8; the text context is cut after the last
 end-of-text token only where no observer watches, see ``ClipModel.encode_text``).
 
-KeepLoRA+ (official code, spec §5): a cosine head per task, ``30·cos(z, w_c)`` on the normalised image
+KeepLoRA+ (official code, MaolinLuo/KeepLoRA ``MTIL/``): a cosine head per task, ``30·cos(z, w_c)`` on the
+normalised image
 embedding, initialised from the normalised class means of the image features after the shift (S4) and before
 training, trained with B, frozen afterwards, and added to CLIP's logits only for datasets already trained.
 Under ``--eval union`` (X-TAIL, no task identity) each trained dataset's head is added on that dataset's
 columns of the union logits; untrained datasets keep the plain CLIP logits (``KeepLoRAPlus.logits_union``).
 
-KeepLoRA++ (newer official code, spec "KeepLoRA++" §3.2/§3.4): KeepLoRA with ``B = 0`` at init (no shift) and a
+KeepLoRA++ (arXiv 2606.16256; the same repository's newer code): KeepLoRA with ``B = 0`` at init (no shift) and a
 fixed per-layer scale ``s_l = γ + (1 − γ)·l/(L − 1)`` (γ = 0.2) on every adapter output and merged update;
 the text encoder is scaled too unless ``scale_text`` is false (the text-side rule is an assumption).
 """
@@ -80,7 +81,7 @@ from clbench.models.clip import AttentionSite
 
 ADAPTER = "keeplora"
 HEAD_SCALE = 30.0
-DISABLED = 1e-8  # a threshold at or below this switches its step off (the ablations of spec §10)
+DISABLED = 1e-8  # a threshold at or below this switches its step off (the paper's ablations)
 INPUT_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}  # which observed input feeds each projection
 Statistic = CovarianceAccumulator | SlotSumAccumulator
 
@@ -239,7 +240,7 @@ class KeepLoRA(Method):
     def estimate_gradients(self, task: TaskContext) -> dict[str, Tensor]:
         """S1: mean over the task's batches of the batch-mean loss gradient of every adapted weight (PyTorch
         layout). The same estimate as the official pass (text re-encoded with grad every batch, every encoder
-        parameter requiring grad, spec D3), computed more cheaply and exactly:
+        parameter requiring grad, as the official code does), computed more cheaply and exactly:
 
         - only the adapted q/k/v/o weights require grad (no other weight gradient is formed), accumulated in
           ``.grad`` on the device (no host copies);
@@ -395,7 +396,7 @@ class KeepLoRA(Method):
 
 
 def _init_stats(G: Tensor, G_hat: Tensor, A: Tensor, basis: Tensor) -> dict[str, float]:
-    """Per-matrix diagnostics of S2–S3 (spec §12.2): ‖G‖, ‖Ĝ‖/‖G‖, rank of A, max |AᵀU|."""
+    """Per-matrix diagnostics of steps S2–S3: ‖G‖, ‖Ĝ‖/‖G‖, rank of A, max |AᵀU|."""
     norm = float(G.norm())
     leak = float((A.T @ basis.to(A.dtype)).abs().max()) if A.numel() and basis.numel() else 0.0
     return {"grad_norm": norm, "residual_ratio": float(G_hat.norm()) / norm if norm else 0.0,
@@ -466,7 +467,7 @@ class KeepLoRAPlus(KeepLoRA):
                      trained: int) -> Tensor:
         """Routing rule for the union label space (X-TAIL): CLIP's logits over every class, plus each trained
         dataset's head on that dataset's columns. Datasets not trained yet have no head, so their columns are
-        the model's own text-feature logits alone (the "base text features" of X-TAIL spec §A3). No router
+        the model's own text-feature logits alone (the "base text features" of RAIL's and LADA's X-TAIL code). No router
         picks a dataset first: the heads (scale 30) lift the columns of trained datasets, which is how
         KeepLoRA+'s heads favour seen domains; the run's task-selection recall shows the effect."""
         logits = super().logits_union(image_features, text_features, spans, trained)

@@ -1,8 +1,8 @@
 """LoDA (He et al., ICML 2026; ``dLoRA`` in the official code) on CLIP: a general and a task-specific
 low-rank branch with fixed down-projections from two energy objectives, gradient-aligned optimisation
 (GAO) and a closed-form recalibration of the general update before merging
-(spec: shared/specs/inflora_loda_keeplorapp.md §2; the paper's full text was not available, so this
-follows the official code as the spec reconstructs it).
+(official code HHHLF/LoDA_ICML2026; the paper's full text was not available, so this follows the
+official code).
 
 Per task t and attention block (site), with ``Σ_t`` the uncentered covariance of the block's q/k/v input
 (``feature_stats``; vision: all tokens of the task's training images; text: the tokens of the current class
@@ -37,7 +37,7 @@ prompts) and the history ``H_t = Σ_{j<t} (Σ_j^pre + Σ_j^post)`` [code]:
 
 Adapted to CLIP: q, k and v of every block of the encoders named by ``encoders`` (default both; the code's
 ViT has one encoder); the loss is CLIP's cross-entropy over the current task's class prompts instead of the
-code's CosFace on a cosine head (s = 20, margin m) [adapted, spec §2.9].
+code's CosFace on a cosine head (s = 20, margin m) [adapted].
 """
 
 from __future__ import annotations

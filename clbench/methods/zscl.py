@@ -1,5 +1,6 @@
 """ZSCL (Zheng et al., ICCV 2023): full fine-tuning with distillation from the original CLIP on reference
-data, an L2 weight constraint and weight ensembling (spec: shared/specs/mtil_protocol.md §5).
+data, an L2 weight constraint and weight ensembling (official code
+Thunderbeee/ZSCL, ``mtil/``).
 
 Per training step the loss is ``CE_ls(task) + w_img·L_img + w_txt·L_txt + l2·L_WC``:
 
