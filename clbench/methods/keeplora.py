@@ -40,9 +40,9 @@ task's class prompts, all positions including padding (D8; the text context is c
 end-of-text token only where no observer watches, see ``ClipModel.encode_text``).
 
 KeepLoRA+ (official code, MaolinLuo/KeepLoRA ``MTIL/``): a cosine head per task, ``30·cos(z, w_c)`` on the
-normalised image
-embedding, initialised from the normalised class means of the image features after the shift (S4) and before
-training, trained with B, frozen afterwards, and added to CLIP's logits only for datasets already trained.
+normalised image embedding, initialised from the normalised class means of the image features after the shift
+(S4) and before training, trained with B, frozen afterwards, and added to CLIP's logits only for datasets already
+trained.
 Under ``--eval union`` (X-TAIL, no task identity) each trained dataset's head is added on that dataset's
 columns of the union logits; untrained datasets keep the plain CLIP logits (``KeepLoRAPlus.logits_union``).
 
