@@ -87,6 +87,9 @@ def run(
     trust_torchscript: Annotated[bool, typer.Option(
         "--trust-torchscript", help="allow --pretrained to be a TorchScript archive (OpenAI .pt); loading one runs "
         "code from the file, so only for files you trust")] = False,
+    track: Annotated[str, typer.Option(
+        metavar="<tensorboard,wandb>", help="log per-task accuracy, metrics, matrix and costs to TensorBoard and/or "
+        "Weights & Biases (offline) under OUT/tracking; needs the tracking extra")] = "",
     allow_download: Annotated[bool, typer.Option(
         "--allow-download", help="let open_clip download missing --pretrained weights (default: local files only; "
         "or set CLBENCH_ALLOW_DOWNLOAD=1)")] = False,
@@ -108,11 +111,18 @@ def run(
         import torch
 
         torch.set_num_threads(threads)
+    tracker = _tracker(track, cfg, out)
     with RunProgress(quiet=quiet, console=console, methods=names) as progress:
-        outcomes = run_methods(cfg, names, out, hooks_for=progress.hooks_for,
-                               on_pretrain_step=progress.pretrain_step, resume=resume,
-                               allow_torchscript=trust_torchscript, allow_download=allow_download,
-                               notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True))
+        hooks_for = progress.hooks_for if tracker is None else (
+            lambda method: tracker.hooks_for(method, progress.hooks_for(method)))
+        try:
+            outcomes = run_methods(cfg, names, out, hooks_for=hooks_for,
+                                   on_pretrain_step=progress.pretrain_step, resume=resume,
+                                   allow_torchscript=trust_torchscript, allow_download=allow_download,
+                                   notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True))
+        finally:
+            if tracker is not None:
+                tracker.finish()
     _print_summary(outcomes)
     if not quiet:
         _print_costs(outcomes)
@@ -121,6 +131,21 @@ def run(
             if o.error:
                 console.print(f"[red]{o.method} failed:[/red] {o.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _tracker(track: str, cfg, out: Path):
+    """The experiment tracker ``--track`` asks for, or ``None``; unknown or missing backends fail here, first."""
+    if not track.strip():
+        return None
+    import dataclasses
+
+    from clbench.results import run_dir
+    from clbench.tracking import Tracker, parse_backends
+
+    backends = parse_backends(track)
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return Tracker(backends, out, lambda m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval),
+                   config)
 
 
 def _print_costs(outcomes) -> None:
