@@ -88,3 +88,22 @@ def test_opting_in_hands_the_tag_to_open_clip(no_network, monkeypatch, how):
     with pytest.raises(RuntimeError, match="stop here"):
         backbones.load_backbone("ViT-B-16", "openai", allow_download=how == "flag")
     assert calls == [("ViT-B-16", "openai")]
+
+
+def test_hub_is_offline_while_building_without_downloads(no_network, monkeypatch):
+    """Anything open_clip asks of the Hugging Face hub while a backbone is built (a tokenizer, a config) meets the
+    hub's offline mode unless downloads are allowed; the switch is restored afterwards."""
+    from huggingface_hub import constants
+
+    seen = []
+
+    def fake_tokenizer(name):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", fake_tokenizer)
+    before = constants.HF_HUB_OFFLINE
+    for allow in (False, True):
+        with pytest.raises(RuntimeError, match="stop here"):
+            backbones.load_backbone("ViT-B-16", "none", allow_download=allow)
+    assert seen == [True, before] and before == constants.HF_HUB_OFFLINE

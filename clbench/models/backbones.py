@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -160,14 +161,16 @@ def load_backbone(
         if name not in open_clip.list_models():
             raise UserError(f"unknown backbone {name!r}; use 'tiny' or an open_clip model name "
                             "(python -c 'import open_clip; print(open_clip.list_models())')")
-        if pretrained in (None, "none"):
-            clip = _create_without_weights(name)
-        elif Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
-            clip = _create_without_weights(name)
-            clip.load_state_dict(_checked_state(load_state_file(Path(pretrained), allow_torchscript), clip, name))
-        else:  # weights first: a missing file is refused before anything else is built
-            clip = _from_tag(name, pretrained, allow_download)
-        tokenizer = open_clip.get_tokenizer(name)
+        with _hub_offline(not downloads_allowed(allow_download)):  # e.g. a Hugging Face tokenizer stays local
+            if pretrained in (None, "none"):
+                clip = _create_without_weights(name)
+            elif Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
+                clip = _create_without_weights(name)
+                clip.load_state_dict(_checked_state(load_state_file(Path(pretrained), allow_torchscript), clip,
+                                                    name))
+            else:  # weights first: a missing file is refused before anything else is built
+                clip = _from_tag(name, pretrained, allow_download)
+            tokenizer = open_clip.get_tokenizer(name)
     clip.eval()
     model = ClipModel(clip, tokenizer, _image_spec(clip), name)
     return model.to(device)
@@ -225,6 +228,23 @@ def cached_tag_file(cfg: dict) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Hold ``huggingface_hub`` in offline mode (every request refused) while ``offline``; its own switch, the
+    ``HF_HUB_OFFLINE`` variable, is read only once, when it is first imported."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _hf_hub_cache() -> Path:
