@@ -190,7 +190,7 @@ def test_union_run_writes_recall_and_its_own_folder(tmp_path: Path) -> None:
         collect([out])
     report = collect([union_run.parent.parent])
     assert report.eval_rule == "union" and not report.own_rule
-    assert describe(report) == "Synthetic Order I, union label space"
+    assert describe(report) == "Synthetic Order I, preset smoke, union label space"
     assert table_stem(report) == "synthetic-union-order1"
     assert collect([task_run.parent.parent]).own_rule
 
