@@ -153,17 +153,18 @@ def metrics(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
-    from clbench.metrics import matrix_from_frame, mtil_metrics
+    from clbench.metrics import json_safe, matrix_from_frame, mtil_metrics
     from clbench.results import read_accuracy_csv
 
     frame = read_accuracy_csv(file)
     matrix, names = matrix_from_frame(frame, str(file))
     result = mtil_metrics(matrix, names)
-    if as_json:
-        out_console.print_json(json.dumps(result))
+    if as_json:  # strict JSON: a one-task matrix's undefined Transfer is null, not NaN
+        out_console.print_json(json.dumps(json_safe(result), allow_nan=False))
         return
     for key in ("transfer", "average", "last", "bwt"):
-        out_console.print(f"{key:9s} {result[key]:6.2f}")
+        value = result[key]
+        out_console.print(f"{key:9s} {value:6.2f}" if value == value else f"{key:9s}      - (needs 2+ tasks)")
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.
@@ -190,7 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, typer.Abort):
         console.print("aborted")
         return 130
+    except (OSError, RecursionError, MemoryError) as exc:  # last resort: the causes are checked where they arise
+        console.print(f"error: {last_resort_message(exc)}", highlight=False, soft_wrap=True, markup=False)
+        return 2
     return code if isinstance(code, int) else 0
+
+
+def last_resort_message(exc: BaseException) -> str:
+    """One line for an OS-level failure no check caught: what failed, on which file, and what to try."""
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to process (RecursionError); simplify the file or value given"
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError); use smaller inputs or a machine with more memory"
+    files = " and ".join(str(f) for f in (getattr(exc, "filename", None), getattr(exc, "filename2", None)) if f)
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+    where = f" on {files}" if files else ""
+    return f"{reason}{where} ({type(exc).__name__}); check the path, free space and permissions, then rerun"
 
 
 if __name__ == "__main__":

@@ -128,11 +128,27 @@ def accuracy_frame(rows: list[list[float]], trained_on: list[str], datasets: lis
 
 
 def read_accuracy_csv(path: Path) -> pd.DataFrame:
-    """Read a matrix in the ``accuracy.csv`` format: ``trained_on`` then one column per dataset."""
+    """Read a matrix in the ``accuracy.csv`` format: ``trained_on`` then one column per dataset.
+
+    Only a regular file of bounded size is read (:mod:`clbench.safeio`); duplicate column names are refused
+    (pandas would silently rename the second one)."""
+    import csv
+    import io
+
+    from clbench.safeio import read_text
+
+    fix = "give a CSV with a trained_on column"
+    text = read_text(path, "accuracy matrix", fix)
+    header = next(csv.reader(io.StringIO(text)), [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise UserError(f"{path} names column(s) {', '.join(map(repr, twice))} more than once; give each dataset "
+                        "one column")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(io.StringIO(text))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read accuracy matrix {path}: {exc}; give a CSV with a trained_on column") from None
+        detail = " ".join(str(exc).split())
+        raise UserError(f"cannot read accuracy matrix {path}: {detail}; {fix}") from None
     if "trained_on" not in frame.columns or len(frame) == 0:
         raise UserError(f"{path} is not an accuracy matrix: it needs a 'trained_on' column and one row per task")
     values = frame.drop(columns="trained_on")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -132,6 +131,7 @@ def run_methods(
     resume checkpoint after each task (:mod:`clbench.checkpoint`), deleted once the run is complete.
     """
     notify = notify or _print_notice
+    check_path_options(cfg, Path(out))
     check_method_names(methods)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
@@ -166,6 +166,18 @@ def run_methods(
         for lock in locks:
             lock.release()
         _remove_empty(made)  # folders made for a lock whose run wrote nothing (a user error in its first task)
+
+
+def check_path_options(cfg: RunConfig, out: Path) -> None:
+    """``--out``, ``--data-root`` and a ``--pretrained`` file must be paths the OS can use (no over-long name,
+    no symlink loop): a one-line error now rather than an OSError mid-run."""
+    from clbench.safeio import check_path
+
+    check_path(out, "--out")
+    if cfg.data_root:
+        check_path(cfg.data_root, "--data-root")
+    if cfg.pretrained and (os.sep in cfg.pretrained or Path(cfg.pretrained).suffix):
+        check_path(cfg.pretrained, "--pretrained")
 
 
 def _print_notice(message: str) -> None:
@@ -306,13 +318,10 @@ def _flatten(data, prefix: str = "") -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); delete that run folder, or drop --resume") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; delete that run folder, or drop --resume")
-    return data
+    from clbench.safeio import json_object, read_json
+
+    fix = "delete that run folder, or drop --resume"
+    return json_object(read_json(path, "run file", fix), path, "run file", fix)
 
 
 def _lock_all(plans: list[RunPlan], notify: Callable[[str], None]) -> tuple[list[RunLock], list[Path]]:

@@ -310,9 +310,12 @@ def _check_distinct(specs: list[RunSpec]) -> None:
 
 # ---- status of existing results -------------------------------------------------------------------------
 def _read_json(path: Path) -> dict | None:
+    """A run's JSON file as a dict, or None when it is absent, not a regular file, too big or not an object."""
+    from clbench.safeio import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(path, "run file", "")
+    except UserError:
         return None
     return data if isinstance(data, dict) else None
 

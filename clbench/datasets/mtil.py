@@ -141,6 +141,7 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
     (:mod:`clbench.userconfig`: ``[data_root_by_benchmark] <benchmark>``, then ``data_root``). Errors name the
     source that gave a bad path, so a stale config file is not mistaken for a bad flag.
     """
+    from clbench.safeio import check_path
     from clbench.userconfig import config_path, load_user_config
 
     if data_root:
@@ -154,7 +155,7 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
                             f"{DATA_ROOT_ENV}=DIR, or write data_root = \"DIR\" in {config_path()} "
                             f"({_ROOT_HINT.get(benchmark, 'the folder holding its datasets')})")
         raw, source = found
-    root = raw.expanduser().absolute()
+    root = check_path(raw.expanduser().absolute(), f"data root (from {source})")
     if not root.is_dir():
         raise UserError(f"data root {root} (from {source}) does not exist or is not a folder; point it at "
                         f"{_ROOT_CONTENTS.get(benchmark, 'the folder holding its datasets')}")

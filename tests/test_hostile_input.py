@@ -1,0 +1,283 @@
+"""Hostile input, second round: special files, non-finite and oversized values, untrusted report inputs, report
+writes that fail half-way, OS errors. Each case must end in one line with exit status 2 (or a correct result),
+with nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clbench.cli import main
+from clbench.errors import UserError
+from clbench.safeio import read_bytes, read_json
+
+SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_runs import write_fake_run  # noqa: E402
+from test_bad_input import assert_one_line_error, snapshot  # noqa: E402
+
+
+def matrix_csv(path: Path, rows: list[list[str]], header: str = "trained_on,a,b") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    return path
+
+
+# ---- special files: regular files only, with a size cap ------------------------------------------------
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "pipe.csv"
+    os.mkfifo(path)  # nobody writes to it: a plain open() would block forever
+    return path
+
+
+def test_metrics_of_dev_zero_and_of_a_symlink_to_it(tmp_path: Path, capsys) -> None:
+    assert_one_line_error(capsys, main(["metrics", "/dev/zero"]), "/dev/zero", "not a regular file")
+    link = tmp_path / "accuracy.csv"
+    link.symlink_to("/dev/zero")
+    assert_one_line_error(capsys, main(["metrics", str(link)]), str(link), "a device")
+
+
+def test_metrics_of_a_fifo_does_not_hang(fifo: Path, capsys) -> None:
+    assert_one_line_error(capsys, main(["metrics", str(fifo)]), str(fifo), "FIFO")
+
+
+def test_size_cap_is_said(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text("[" + "0," * 600 + "0]")
+    with pytest.raises(UserError, match="over the 0 MiB"):
+        read_bytes(path, "test file", "fix it", limit=1000)
+    assert len(read_bytes(path, "test file", "fix it", limit=10_000)) == path.stat().st_size
+
+
+def test_deeply_nested_json_is_refused(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="nested too deeply"):
+        read_json(deep, "run file", "fix")
+    medium = tmp_path / "medium.json"
+    medium.write_text("[" * 200 + "]" * 200)  # parses, but deeper than any file clbench writes
+    with pytest.raises(UserError, match="over 64 levels"):
+        read_json(medium, "run file", "fix")
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"a": {"b": [1, {"c": 2}]}}))
+    assert read_json(ok, "run file", "fix") == {"a": {"b": [1, {"c": 2}]}}
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "deep"])
+def test_config_file_that_is_special_or_deep(tmp_path: Path, capsys, monkeypatch, target: str) -> None:
+    if target == "fifo":
+        target = str(tmp_path / "config.toml")
+        os.mkfifo(target)
+    elif target == "deep":
+        target = str(tmp_path / "config.toml")
+        Path(target).write_text("data_root = " + "[" * 5000 + "]" * 5000 + "\n")
+    monkeypatch.setenv("CLBENCH_CONFIG", target)
+    code = main(["run", "--methods", "lora", "--benchmark", "mtil", "--out", str(tmp_path / "out"), *SMOKE])
+    assert_one_line_error(capsys, code, "clbench config", target)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- non-finite and oversized values ------------------------------------------------------------------
+@pytest.mark.parametrize("setting", ["train.lr=nan", "train.lr=1e309", "train.lr=-inf", "keeplora.eps_f=nan",
+                                     "lora.train.lr=inf", "train.batch_size=99999999999999999999999"])
+def test_non_finite_or_huge_values_are_refused_up_front(tmp_path: Path, capsys, setting: str) -> None:
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "lora,keeplora", "--out", str(out), *SMOKE, "--set", setting])
+    assert_one_line_error(capsys, code, setting.split("=")[0])
+    assert not out.exists()
+
+
+def test_seed_beyond_32_bits_is_refused_by_run_and_by_sweep_dry_run(tmp_path: Path, capsys) -> None:
+    big = str(2**40)
+    out = tmp_path / "out"
+    assert_one_line_error(capsys, main(["run", "--methods", "lora", "--out", str(out), *SMOKE, "--seed", big]),
+                          "seed", "<= 4294967295")
+    assert_one_line_error(capsys, main(["run", "--methods", "lora", "--out", str(out), *SMOKE, "--seed",
+                                        str(2**64 + 1)]), "--seed: 18446744073709551617 is too large")
+    assert not out.exists()
+    code = main(["sweep", "--methods", "lora", "--seeds", big, "--out", str(out), "--dry-run", *SMOKE])
+    printed = capsys.readouterr()
+    assert code == 0 and "Traceback" not in printed.err
+    assert "0 to run" in printed.out and "1 invalid" in printed.out and "<= 4294967295" in printed.out
+
+
+# ---- clbench metrics: bad cells are errors, --json is strict JSON -------------------------------------
+@pytest.mark.parametrize(("rows", "header", "needle"), [
+    ([["a", "50", "40"], ["b", "", "60"]], "trained_on,a,b", "empty or not a number"),
+    ([["a", "50", "nan"], ["b", "55", "60"]], "trained_on,a,b", "empty or not a number"),
+    ([["a", "50", "40"], ["b", "inf", "60"]], "trained_on,a,b", "outside 0-100"),
+    ([["a", "50", "40"], ["b", "101", "60"]], "trained_on,a,b", "outside 0-100"),
+    ([["a", "-1", "40"], ["b", "50", "60"]], "trained_on,a,b", "outside 0-100"),
+    ([["a", "50", "40", "1"], ["b", "50", "60", "2"]], "trained_on,a,b,a", "'a' more than once"),
+])
+def test_metrics_refuses_bad_cells(tmp_path: Path, capsys, rows, header, needle) -> None:
+    path = matrix_csv(tmp_path / "m.csv", rows, header)
+    assert_one_line_error(capsys, main(["metrics", str(path)]), needle)
+
+
+def test_metrics_json_is_strict_json_for_one_task(tmp_path: Path, capsys) -> None:
+    path = matrix_csv(tmp_path / "one.csv", [["a", "42.5"]], "trained_on,a")
+    assert main(["metrics", str(path), "--json"]) == 0
+    text = capsys.readouterr().out
+    got = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in --json output"))
+    assert got["transfer"] is None and got["average"] == 42.5 and got["last"] == 42.5
+    assert main(["metrics", str(path)]) == 0
+    assert "nan" not in capsys.readouterr().out.lower()
+
+
+def test_metrics_accepts_the_edges_of_the_range(tmp_path: Path, capsys) -> None:
+    path = matrix_csv(tmp_path / "m.csv", [["a", "0", "100"], ["b", "100", "0"]])
+    assert main(["metrics", str(path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["average"] == pytest.approx(50.0) and got["transfer"] == pytest.approx(100.0)
+
+
+# ---- report: untrusted manifests and configs ----------------------------------------------------------
+def damaged_run(tmp_path: Path, key: str, value, file: str = "manifest.json") -> Path:
+    out = tmp_path / "results"
+    folder = write_fake_run(out, "lora", 0)
+    data = json.loads((folder / file).read_text())
+    data[key] = value
+    (folder / file).write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("seed", "abc", "seed"),
+    ("seed", True, "seed"),
+    ("order", [1], "order"),
+    ("benchmark", "mtil\nx", "benchmark"),
+    ("benchmark", "../../escape", "benchmark"),
+    ("benchmark", 7, "benchmark"),
+    ("method", {"a": 1}, "method"),
+    ("evaluation", {"rule": "bogus"}, "evaluation rule"),
+])
+def test_report_checks_manifest_types(tmp_path: Path, capsys, key: str, value, needle: str) -> None:
+    out = damaged_run(tmp_path, key, value)
+    report = tmp_path / "report"
+    assert_one_line_error(capsys, main(["report", str(out), "--out", str(report)]), needle)
+    assert not report.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_report_of_a_config_that_is_a_list_or_deep(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results"
+    folder = write_fake_run(out, "lora", 0)
+    (folder / "config.json").write_text("[1, 2]")
+    assert_one_line_error(capsys, main(["report", str(out), "--out", str(tmp_path / "r")]), "config.json",
+                          "not a JSON object")
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_error(capsys, main(["report", str(out), "--out", str(tmp_path / "r")]), "config.json",
+                          "nested too deeply")
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_of_a_metrics_file_linked_to_dev_zero(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results"
+    folder = write_fake_run(out, "lora", 0)
+    (folder / "metrics.json").unlink()
+    (folder / "metrics.json").symlink_to("/dev/zero")
+    assert_one_line_error(capsys, main(["report", str(out), "--out", str(tmp_path / "r")]), "metrics.json",
+                          "not a regular file")
+
+
+# ---- report: all or nothing ---------------------------------------------------------------------------
+def test_report_write_failing_half_way_leaves_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    import clbench.reports.report as report_mod
+
+    out = tmp_path / "results"
+    for seed in (0, 1):
+        write_fake_run(out, "lora", seed, with_state=True)
+    target = tmp_path / "deep" / "report"
+    real, calls = report_mod.atomic_write_bytes, []
+
+    def disk_full_on_third(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(report_mod, "atomic_write_bytes", disk_full_on_third)
+    code = main(["report", str(out), "--out", str(target), "--figures", "--costs"])
+    assert_one_line_error(capsys, code, "No space left on device", "nothing was written")
+    assert len(calls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # deep/ made for the report is gone too
+
+
+def test_report_into_a_read_only_folder(tmp_path: Path, capsys) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions")
+    out = tmp_path / "results"
+    write_fake_run(out, "lora", 0)
+    target = tmp_path / "ro"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    target.chmod(0o555)
+    try:
+        before = snapshot(target)
+        assert_one_line_error(capsys, main(["report", str(out), "--out", str(target)]), "cannot write the report")
+        assert snapshot(target) == before
+    finally:
+        target.chmod(0o755)
+
+
+def test_report_replaces_an_older_report_whole(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results"
+    write_fake_run(out, "lora", 0)
+    target = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(target), "--format", "csv"]) == 0
+    first = capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(target), "--format", "csv"]) == 0
+    assert capsys.readouterr().out == first
+    names = sorted(p.name for p in target.iterdir())
+    assert names == [Path(line.split("wrote ", 1)[1]).name for line in first.splitlines()]  # no staging left
+    assert pd.read_csv(target / names[0]).shape[0] > 0
+
+
+# ---- OS errors on path options ------------------------------------------------------------------------
+def test_overlong_path_component_in_path_options(tmp_path: Path, capsys) -> None:
+    long = tmp_path / ("x" * 300)
+    results = tmp_path / "results"
+    write_fake_run(results, "lora", 0)
+    cases = [
+        ["run", "--methods", "lora", "--out", str(long), *SMOKE],
+        ["run", "--methods", "lora", "--out", str(tmp_path / "o"), *SMOKE, "--benchmark", "mtil",
+         "--data-root", str(long)],
+        ["run", "--methods", "lora", "--out", str(tmp_path / "o"), "--preset", "smoke", "--quiet",
+         "--pretrained", str(long / "w.safetensors")],
+        ["metrics", str(long)],
+        ["report", str(results), "--out", str(long)],
+        ["report", str(long)],
+    ]
+    for args in cases:
+        assert_one_line_error(capsys, main(args), "too long")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_symlink_loop_as_out(tmp_path: Path, capsys) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    results = tmp_path / "results"
+    write_fake_run(results, "lora", 0)
+    assert_one_line_error(capsys, main(["run", "--methods", "lora", "--out", str(loop), *SMOKE]), str(loop))
+    assert_one_line_error(capsys, main(["report", str(results), "--out", str(loop)]), str(loop))
+
+
+@pytest.mark.parametrize(("exc", "needles"), [
+    (OSError(28, "No space left on device", "/results/x/accuracy.csv"), ("No space left", "/results/x/accuracy.csv")),
+    (RecursionError("maximum recursion depth exceeded"), ("nested too deeply",)),
+    (MemoryError(), ("out of memory",)),
+])
+def test_last_resort_handler_prints_one_line(capsys, monkeypatch, exc, needles) -> None:
+    import clbench.cli as cli
+
+    def boom(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(cli, "app", boom)
+    assert_one_line_error(capsys, cli.main(["metrics", "x"]), *needles)
