@@ -32,6 +32,7 @@ from clbench.cli_options import (
     SkipBadImages,
 )
 from clbench.errors import UserError
+from clbench.interrupt import RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last).")
@@ -188,13 +189,31 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"error: {' '.join(text.split())} (see clbench --help)", highlight=False, soft_wrap=True,
                       markup=False)
         return 2
-    except (click.exceptions.Abort, typer.Abort):
+    except RunInterrupted as exc:  # SIGTERM/SIGINT: the run is marked interrupted and its lock released
+        return main_interrupted(exc, argv)
+    except (click.exceptions.Abort, typer.Abort) as exc:
+        if isinstance(exc.__cause__, RunInterrupted):  # click wraps what it takes for a KeyboardInterrupt
+            return main_interrupted(exc.__cause__, argv)
         console.print("aborted")
         return 130
     except (OSError, RecursionError, MemoryError) as exc:  # last resort: the causes are checked where they arise
         console.print(f"error: {last_resort_message(exc)}", highlight=False, soft_wrap=True, markup=False)
         return 2
     return code if isinstance(code, int) else 0
+
+
+def main_interrupted(exc: RunInterrupted, argv: list[str] | None) -> int:
+    console.print(f"{exc}: {exc.where or 'the run stopped'}; resume with: {resume_command(argv)}",
+                  highlight=False, soft_wrap=True, markup=False)
+    return 128 + exc.signum
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues an interrupted run: the same one, with ``--resume``."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "clbench " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
 
 
 def last_resort_message(exc: BaseException) -> str:

@@ -157,6 +157,49 @@ def read_accuracy_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
+COMPLETE_FILES = ("config.json", "accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv")
+
+
+def missing_results(folder: Path, datasets: list[str] | None = None) -> str | None:
+    """Why ``folder``'s files do not back a ``complete`` status (a file missing or unreadable, fewer accuracy rows
+    than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``."""
+    from clbench.safeio import is_regular, read_json
+
+    folder = Path(folder)
+    for name in COMPLETE_FILES:
+        if not is_regular(folder / name):
+            return f"{name} is missing"
+    try:
+        if datasets is None:
+            config = read_json(folder / "config.json", "run file", "")
+            datasets = config.get("datasets") if isinstance(config, dict) else None
+            if not isinstance(datasets, list):
+                return "config.json names no task list"
+        metrics = read_json(folder / "metrics.json", "run file", "")
+        if not isinstance(metrics, dict) or "last" not in metrics:
+            return "metrics.json holds no metrics"
+        frame = read_accuracy_csv(folder / "accuracy.csv")
+    except UserError as exc:
+        return str(exc).split(";")[0]
+    if [str(x) for x in frame["trained_on"]] != [str(d) for d in datasets]:
+        return f"accuracy.csv has {len(frame)} of {len(datasets)} task rows"
+    return None
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files (``.<name>.*.tmp``) of atomic writes that a kill interrupted. Only for a folder
+    whose lock this process holds: then no other writer can own them."""
+    import time
+
+    for tmp in Path(folder).glob(".*.tmp"):
+        if not tmp.is_file() or tmp.is_symlink():
+            continue
+        # another process may be taking the lock this instant (its temporary lives for microseconds)
+        if tmp.name.startswith(".run.lock.") and time.time() - tmp.stat().st_mtime < 60:
+            continue
+        tmp.unlink(missing_ok=True)
+
+
 def environment_info(device: torch.device | str) -> dict:
     import open_clip
 

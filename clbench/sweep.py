@@ -332,13 +332,15 @@ def folder_run_id(folder: Path) -> str | None:
 
 def run_status(spec: RunSpec) -> str:
     """What a sweep does with ``spec``: ``done`` (skipped), or why it runs (new, retry, replace, ...)."""
+    from clbench.results import missing_results
+
     if spec.error is not None:
         return INVALID
     folder = Path(spec.folder)
     manifest = _read_json(folder / "manifest.json")
     status = manifest.get("status") if manifest else None
-    if status == "complete" and folder_run_id(folder) == spec.id:
-        return DONE
+    if status == "complete" and folder_run_id(folder) == spec.id and missing_results(folder) is None:
+        return DONE  # the files back the status (a kill while rewriting them would not)
     if (staged_folder(spec) / CHECKPOINT).exists():
         return RESUME
     if manifest is None:
