@@ -351,3 +351,32 @@ def test_signal_marks_the_run_interrupted_and_says_how_to_resume(tmp_path: Path,
     assert main([*args, "--resume"]) == 0
     capsys.readouterr()
     assert status(folder) == "complete" and missing_results(folder) is None
+
+
+# ---- 8. a full disk during a run ------------------------------------------------------------------------
+def test_full_disk_during_a_run_is_one_line_and_resumable(tmp_path: Path, capsys, monkeypatch) -> None:
+    from clbench import results
+
+    args = ["run", "--methods", "zeroshot", "--out", str(tmp_path), *SMOKE, *TWO]
+    real, calls = results.atomic_write_text, []
+
+    def full_on_second_task(path, text):
+        calls.append(path.name)
+        if path.name == "accuracy.csv" and calls.count("accuracy.csv") == 2:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(results, "atomic_write_text", full_on_second_task)
+    code = main(args)
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.strip().splitlines() if x.strip() and not x.startswith("note: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
+    assert "No space left on device" in lines[0] and "accuracy.csv" in lines[0]
+    folder = run_folder(tmp_path, "zeroshot")
+    assert status(folder) == "failed" and not (folder / LOCK_NAME).exists()
+    assert load_checkpoint(folder / CHECKPOINT_NAME).completed == 1  # task 1 stays on disk, whole
+    assert len(pd.read_csv(folder / "accuracy.csv")) == 1
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    capsys.readouterr()
+    assert status(folder) == "complete" and missing_results(folder) is None

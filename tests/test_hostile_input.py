@@ -281,3 +281,27 @@ def test_last_resort_handler_prints_one_line(capsys, monkeypatch, exc, needles) 
 
     monkeypatch.setattr(cli, "app", boom)
     assert_one_line_error(capsys, cli.main(["metrics", "x"]), *needles)
+
+
+# ---- untrusted images in user-given reference data: the same one-line rule as MTIL's --------------------
+@pytest.mark.parametrize("workers", [0, 2])
+def test_zscl_unreadable_reference_image_is_one_line(tmp_path: Path, capsys, workers: int) -> None:
+    from PIL import Image
+
+    images = tmp_path / "ref"
+    for cls in ("a", "b"):
+        (images / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), (60 * i, 90, 200)).save(images / cls / f"{i}.png")
+    bad = images / "b" / "2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG")
+    (tmp_path / "cc.csv").write_text("title\na dog\na red car\n")
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "zscl", "--out", str(out), *SMOKE, "--set", "data.num_tasks=2",
+                 "--set", f"zscl.ref_images={images}", "--set", f"zscl.ref_captions={tmp_path / 'cc.csv'}",
+                 "--set", "zscl.ref_batch_size=8", "--set", f"zscl.ref_workers={workers}"])
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.strip().splitlines() if x.strip() and not x.startswith("note: ")]
+    assert code == 2 and len(lines) == 1, captured.err[-3000:]
+    assert "Traceback" not in captured.err and str(bad) in lines[0] and "zscl.ref_images" in lines[0]
+    assert not out.exists()

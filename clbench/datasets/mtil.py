@@ -349,10 +349,12 @@ class BadImageError(UserError):
         super().__init__(message)
 
 
-def bad_image_message(name: str, file: str | None, exc: BaseException) -> str:
-    """The one-line error for an unreadable image."""
-    return (f"{name}: cannot read image {file or '(in-memory sample)'} ({read_error_reason(exc)}); replace it with a "
-            "good copy, or run with --skip-bad-images to skip unreadable images")
+SKIP_HINT = "replace it with a good copy, or run with --skip-bad-images to skip unreadable images"
+
+
+def bad_image_message(name: str, file: str | None, exc: BaseException, fix: str = SKIP_HINT) -> str:
+    """The one-line error for an unreadable image (every image reader of clbench uses it)."""
+    return f"{name}: cannot read image {file or '(in-memory sample)'} ({read_error_reason(exc)}); {fix}"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -370,8 +372,10 @@ def clip_transform(spec: ImageSpec, augment: bool = False) -> T.Compose:
 class ImageView(Dataset):
     """Lazy ``(image_tensor, label)`` pairs: chosen positions of a torchvision dataset, read on access."""
 
-    def __init__(self, name: str, source: Dataset, positions: list[int], transform: Callable) -> None:
+    def __init__(self, name: str, source: Dataset, positions: list[int], transform: Callable,
+                 fix: str = SKIP_HINT) -> None:
         self.name, self.source, self.positions, self.transform = name, source, list(positions), transform
+        self.fix = fix  # what the error tells the user to do about an unreadable image
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -384,7 +388,8 @@ class ImageView(Dataset):
                 image.load()
         except READ_ERRORS as exc:
             files = dataset_files(self.source)
-            raise BadImageError(bad_image_message(self.name, files[position] if files else None, exc)) from None
+            raise BadImageError(bad_image_message(self.name, files[position] if files else None, exc,
+                                                  self.fix)) from None
         return self.transform(image), int(label)
 
     def labels(self) -> list[int]:
