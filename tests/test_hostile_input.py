@@ -305,3 +305,72 @@ def test_zscl_unreadable_reference_image_is_one_line(tmp_path: Path, capsys, wor
     assert code == 2 and len(lines) == 1, captured.err[-3000:]
     assert "Traceback" not in captured.err and str(bad) in lines[0] and "zscl.ref_images" in lines[0]
     assert not out.exists()
+
+
+# ---- CIFAR-100's pickles: a restricted unpickler -------------------------------------------------------
+def test_restricted_unpickler_reads_arrays_and_refuses_globals(tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    from clbench.datasets import safe_pickle
+
+    entry = {"data": np.arange(12, dtype=np.uint8).reshape(2, 6), "fine_labels": [3, 1], "batch_label": "t",
+             b"raw": (1.5, None, True)}
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"p{protocol}"
+        path.write_bytes(pickle.dumps(entry, protocol=protocol))
+        got = safe_pickle.load(path)
+        assert np.array_equal(got["data"], entry["data"]) and got["data"].dtype == np.uint8
+        assert got["fine_labels"] == [3, 1] and got[b"raw"] == (1.5, None, True)
+    evil = tmp_path / "evil"
+    evil.write_bytes(pickle.dumps({"data": _Plant(tmp_path / "pwned")}))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (io|builtins)\.open"):
+        safe_pickle.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Plant:
+    """Unpickling this runs ``open(marker, "w")``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("victim", ["meta", "train", "test"])
+def test_planted_cifar100_pickle_runs_no_code(tmp_path: Path, capsys, victim: str) -> None:
+    import pickle
+
+    from fake_mtil import fake_cifar100
+
+    root = tmp_path / "data"
+    fake_cifar100(root)
+    marker = tmp_path / "pwned"
+    (root / "cifar-100-python" / victim).write_bytes(pickle.dumps({"fine_label_names": _Plant(marker),
+                                                                   "data": _Plant(marker)}))
+    from clbench.datasets.mtil import read_source
+
+    with pytest.raises(UserError, match=r"CIFAR100.*refusing to load (io|builtins)\.open"):
+        read_source(root, "CIFAR100")
+    code = main(["data", "check", "--data-root", str(root)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out and "refusing to load io.open" in captured.out + \
+        captured.err
+    assert code != 0
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def test_genuine_cifar100_layout_still_reads(tmp_path: Path) -> None:
+    from fake_mtil import fake_cifar100
+
+    from clbench.datasets.mtil import read_source
+
+    fake = fake_cifar100(tmp_path / "data")
+    source = read_source(tmp_path / "data", "CIFAR100")
+    assert source.classnames == fake.classnames
+    image, label = source.train[4]
+    assert label == 1 and image.getpixel((0, 0)) == (41, 41, 41)  # sample 4: value 10*4 + label 1
+    assert len(source.train) == fake.n_train and len(source.test) == fake.n_test

@@ -167,11 +167,34 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
 
 
 class _CIFAR100(tvd.CIFAR100):
-    """torchvision's CIFAR100 with existence checks in place of its md5 checks."""
+    """torchvision's CIFAR100 with existence checks in place of its md5 checks, reading its pickled files with
+    a restricted unpickler (:mod:`clbench.datasets.safe_pickle`): a planted file cannot run code."""
 
     train_list = [["train", None]]
     test_list = [["test", None]]
     meta = {"filename": "meta", "key": "fine_label_names", "md5": None}
+
+    def __init__(self, root: str | Path, train: bool = True, transform: Callable | None = None,
+                 download: bool = False) -> None:  # torchvision's own __init__ calls pickle.load
+        import numpy as np
+
+        from clbench.datasets import safe_pickle
+
+        if download:
+            raise ValueError("clbench never downloads datasets")
+        tvd.VisionDataset.__init__(self, str(root), transform=transform)
+        self.train = train
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted")
+        data, self.targets = [], []
+        for file_name, _ in self.train_list if train else self.test_list:
+            entry = safe_pickle.load(os.path.join(self.root, self.base_folder, file_name))
+            data.append(entry["data"])
+            self.targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision
+        meta = safe_pickle.load(os.path.join(self.root, self.base_folder, self.meta["filename"]))
+        self.classes = meta[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 class _Flowers102(tvd.Flowers102):
