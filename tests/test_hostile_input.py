@@ -374,3 +374,16 @@ def test_genuine_cifar100_layout_still_reads(tmp_path: Path) -> None:
     image, label = source.train[4]
     assert label == 1 and image.getpixel((0, 0)) == (41, 41, 41)  # sample 4: value 10*4 + label 1
     assert len(source.train) == fake.n_train and len(source.test) == fake.n_test
+
+
+def test_overlong_data_root_in_the_config_file_and_a_fifo_as_report_input(tmp_path: Path, capsys, monkeypatch,
+                                                                          fifo: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'data_root = "{tmp_path / ("z" * 300)}"\n')
+    monkeypatch.setenv("CLBENCH_CONFIG", str(config))
+    code = main(["run", "--methods", "lora", "--benchmark", "mtil", "--out", str(tmp_path / "o"), *SMOKE])
+    assert_one_line_error(capsys, code, "data_root in", "too long")
+    assert_one_line_error(capsys, main(["data", "check"]), "data_root in", "too long")
+    assert_one_line_error(capsys, main(["report", str(fifo), "--out", str(tmp_path / "r")]),
+                          "not a regular file or a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "pipe.csv"]

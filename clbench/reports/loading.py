@@ -93,7 +93,8 @@ def collect(paths: list[Path], labels: list[str] | None = None) -> ReportInput:
             csvs.append(path)
             continue
         if not path.is_dir():
-            raise UserError(f"{path} does not exist; give a results folder (clbench run --out) or an accuracy CSV")
+            what = "is not a regular file or a folder" if path.exists() else "does not exist"
+            raise UserError(f"{path} {what}; give a results folder (clbench run --out) or an accuracy CSV")
         manifests = sorted(path.rglob("manifest.json"))
         if not manifests:
             raise UserError(f"no runs in {path}: no manifest.json below it; pass the folder 'clbench run' wrote")
