@@ -3,7 +3,8 @@
 A (benchmark, order, method, seed) run lives in ``<out>/<benchmark>-order<k>/<method>/seed<s>/`` and holds
 ``accuracy.csv``, ``zeroshot.csv``, ``metrics.json``, ``profile.csv``, ``config.json`` and ``manifest.json``.
 Every file is written to a temporary name in the same folder and renamed, so a reader never sees half a
-file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete`` or ``failed``. While a
+file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete``, ``failed`` or ``interrupted``
+(SIGTERM/SIGINT), and ``complete`` is trusted only with its files (:func:`missing_results`). While a
 run is in progress its folder also holds ``run.lock`` (:mod:`clbench.lock`) and, after each completed task,
 ``resume.safetensors`` (:mod:`clbench.checkpoint`, deleted once the run is complete). Everything here is
 JSON, CSV or safetensors: nothing clbench writes is a pickle.
