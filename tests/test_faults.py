@@ -380,3 +380,25 @@ def test_full_disk_during_a_run_is_one_line_and_resumable(tmp_path: Path, capsys
     assert main([*args, "--resume"]) == 0
     capsys.readouterr()
     assert status(folder) == "complete" and missing_results(folder) is None
+
+
+# ---- 3. special files inside a run folder -----------------------------------------------------------------
+@pytest.mark.parametrize(("victim", "kind"), [("manifest.json", "/dev/zero"), (CHECKPOINT_NAME, "/dev/zero"),
+                                              (CHECKPOINT_NAME, "fifo"), ("config.json", "fifo")])
+def test_resume_with_a_special_file_in_the_run_folder(interrupted_keeplora: Path, tmp_path: Path, capsys,
+                                                      victim: str, kind: str) -> None:
+    import shutil
+
+    out = Path(shutil.copytree(interrupted_keeplora, tmp_path / "out"))
+    folder = run_folder(out, "keeplora")
+    (folder / victim).unlink()
+    if kind == "fifo":
+        os.mkfifo(folder / victim)
+    else:
+        (folder / victim).symlink_to(kind)
+    if victim == "config.json":  # read only to explain a different configuration
+        (folder / "manifest.json").write_text(json.dumps({"status": "failed", "run_id": "another"}))
+        (folder / CHECKPOINT_NAME).unlink()
+    code = main(["run", "--methods", "keeplora", "--out", str(out), *SMOKE, *TWO, "--resume"])
+    line = assert_one_line_error_ignoring_notes(capsys, code)
+    assert victim in line and "not a regular file" in line, line
