@@ -209,11 +209,13 @@ def main_interrupted(exc: RunInterrupted, argv: list[str] | None) -> int:
 
 
 def resume_command(argv: list[str] | None) -> str:
-    """The command line that continues an interrupted run: the same one, with ``--resume``."""
+    """The command line that continues an interrupted run: ``run`` with ``--resume``; ``sweep`` as it was (it
+    resumes its unfinished runs by itself)."""
     import shlex
 
     args = list(sys.argv[1:] if argv is None else argv)
-    return "clbench " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+    needs_flag = bool(args) and args[0] == "run" and "--resume" not in args
+    return "clbench " + shlex.join(args + (["--resume"] if needs_flag else []))
 
 
 def last_resort_message(exc: BaseException) -> str:

@@ -387,3 +387,12 @@ def test_overlong_data_root_in_the_config_file_and_a_fifo_as_report_input(tmp_pa
     assert_one_line_error(capsys, main(["report", str(fifo), "--out", str(tmp_path / "r")]),
                           "not a regular file or a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "pipe.csv"]
+
+
+def test_resume_command_for_run_and_sweep() -> None:
+    from clbench.cli import resume_command
+
+    expected = "clbench run --methods lora --out 'a b' --resume"
+    assert resume_command(["run", "--methods", "lora", "--out", "a b"]) == expected
+    assert resume_command(["run", "--resume", "--methods", "lora"]) == "clbench run --resume --methods lora"
+    assert resume_command(["sweep", "--methods", "lora"]) == "clbench sweep --methods lora"
