@@ -396,3 +396,20 @@ def test_resume_command_for_run_and_sweep() -> None:
     assert resume_command(["run", "--methods", "lora", "--out", "a b"]) == expected
     assert resume_command(["run", "--resume", "--methods", "lora"]) == "clbench run --resume --methods lora"
     assert resume_command(["sweep", "--methods", "lora"]) == "clbench sweep --methods lora"
+
+
+def test_report_into_a_folder_it_cannot_write_even_as_root(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The read-only case simulated where the test runs as root (which ignores folder permissions)."""
+    import clbench.reports.report as report_mod
+
+    out = tmp_path / "results"
+    write_fake_run(out, "lora", 0)
+    target = tmp_path / "new" / "report"
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(report_mod.tempfile, "mkdtemp", read_only)
+    assert_one_line_error(capsys, main(["report", str(out), "--out", str(target)]), "Permission denied",
+                          "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
