@@ -34,6 +34,7 @@ from clbench.cli_options import (
 )
 from clbench.consoles import make_console
 from clbench.errors import UserError
+from clbench.interrupt import RunInterrupted
 
 # Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -207,7 +208,7 @@ def metrics(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
-    from clbench.metrics import matrix_from_frame, mtil_metrics
+    from clbench.metrics import json_safe, matrix_from_frame, mtil_metrics
     from clbench.results import read_accuracy_csv
 
     frame = read_accuracy_csv(file)
@@ -217,11 +218,12 @@ def metrics(
                       "metrics below are in the file's units; multiply the file by 100 if these are fractions",
                       highlight=False, soft_wrap=True, markup=False)
     result = mtil_metrics(matrix, names)
-    if as_json:
-        out_console.print_json(json.dumps(result))
+    if as_json:  # strict JSON: a one-task matrix's undefined Transfer is null, not NaN
+        out_console.print_json(json.dumps(json_safe(result), allow_nan=False))
         return
     for key in ("transfer", "average", "last", "bwt"):
-        out_console.print(f"{key:9s} {result[key]:6.2f}")
+        value = result[key]
+        out_console.print(f"{key:9s} {value:6.2f}" if value == value else f"{key:9s}      - (needs 2+ tasks)")
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.
@@ -245,10 +247,45 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"error: {' '.join(text.split())} (see clbench --help)", highlight=False, soft_wrap=True,
                       markup=False)
         return 2
-    except (click.exceptions.Abort, typer.Abort):
+    except RunInterrupted as exc:  # SIGTERM/SIGINT: the run is marked interrupted and its lock released
+        return main_interrupted(exc, argv)
+    except (click.exceptions.Abort, typer.Abort) as exc:
+        if isinstance(exc.__cause__, RunInterrupted):  # click wraps what it takes for a KeyboardInterrupt
+            return main_interrupted(exc.__cause__, argv)
         console.print("aborted")
         return 130
+    except (OSError, RecursionError, MemoryError) as exc:  # last resort: the causes are checked where they arise
+        console.print(f"error: {last_resort_message(exc)}", highlight=False, soft_wrap=True, markup=False)
+        return 2
     return code if isinstance(code, int) else 0
+
+
+def main_interrupted(exc: RunInterrupted, argv: list[str] | None) -> int:
+    console.print(f"{exc}: {exc.where or 'the run stopped'}; resume with: {resume_command(argv)}",
+                  highlight=False, soft_wrap=True, markup=False)
+    return 128 + exc.signum
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues an interrupted run: ``run`` with ``--resume``; ``sweep`` as it was (it
+    resumes its unfinished runs by itself)."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    needs_flag = bool(args) and args[0] == "run" and "--resume" not in args
+    return "clbench " + shlex.join(args + (["--resume"] if needs_flag else []))
+
+
+def last_resort_message(exc: BaseException) -> str:
+    """One line for an OS-level failure no check caught: what failed, on which file, and what to try."""
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to process (RecursionError); simplify the file or value given"
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError); use smaller inputs or a machine with more memory"
+    files = " and ".join(str(f) for f in (getattr(exc, "filename", None), getattr(exc, "filename2", None)) if f)
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+    where = f" on {files}" if files else ""
+    return f"{reason}{where} ({type(exc).__name__}); check the path, free space and permissions, then rerun"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 BENCHMARKS = ("synthetic", "mtil", "xtail")
 # The evaluation rule of each benchmark when --eval is not given: ``task`` classifies a test image among its own
 # dataset's classes (MTIL: task identity known), ``union`` among every dataset's classes (X-TAIL).
+SEED_MAX = 2**32 - 1
+INT_LIMIT = 2**63 - 1
 DEFAULT_EVAL = {"synthetic": "task", "mtil": "task", "xtail": "union"}
 
 
@@ -62,7 +65,8 @@ class DataConfig:
 class RunConfig:
     benchmark: str = field(default="synthetic", metadata={"choices": BENCHMARKS})
     order: int = field(default=1, metadata={"choices": (1, 2)})
-    seed: int = field(default=0, metadata={"min": 0})
+    # NumPy and the loader seeds take 32-bit seeds; a larger one would fail mid-run (or overflow a path name)
+    seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})
     backbone: str = "tiny"
     pretrained: str = ""
     data_root: str = ""
@@ -123,17 +127,28 @@ def parse_value(raw: Any, tp: Any, path: str) -> Any:
                 raise ValueError(raw)
             if isinstance(raw, bool):
                 raise ValueError(raw)
-            return int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+            value = int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+            if abs(value) > INT_LIMIT:  # no setting needs more; torch and NumPy overflow beyond 64 bits
+                raise UserError(f"{_where(path)}: {raw!r} is too large; give an integer below 2**63")
+            return value
         if tp is float:
             if isinstance(raw, bool):
                 raise ValueError(raw)
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # nan, inf, or a literal beyond float range such as 1e309
+                raise UserError(f"{_where(path)}: {raw!r} is not a finite number; give a finite value")
+            return value
         if tp is str:
             return str(raw)
     except (TypeError, ValueError):
         name = getattr(tp, "__name__", str(tp))
-        raise UserError(f"--set {path}: {raw!r} is not a valid {name}") from None
+        raise UserError(f"{_where(path)}: {raw!r} is not a valid {name}") from None
     raise UserError(f"--set {path}: values of type {tp} cannot be set from the command line")
+
+
+def _where(path: str) -> str:
+    """``--set key`` for a dotted key; an option (``--seed``) or a preset's entry as it is."""
+    return path if path.startswith(("-", "preset ")) else f"--set {path}"
 
 
 def check_range(value: Any, meta: typing.Mapping, path: str) -> None:

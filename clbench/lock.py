@@ -40,9 +40,11 @@ def pid_alive(pid: int) -> bool:
 
 def read_lock(path: Path) -> dict:
     """The holder recorded in a lock file; ``{}`` when it cannot be read or parsed."""
+    from clbench.safeio import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(path, "lock file", "", limit=1 << 16)  # a regular file of a few bytes, never a FIFO
+    except UserError:
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -50,4 +50,24 @@ def matrix_from_frame(frame: pd.DataFrame, source: str = "matrix") -> tuple[np.n
     if missing:
         raise UserError(f"{source}: no column for trained dataset(s) {', '.join(missing)}; "
                         "add one column per dataset named as in trained_on")
-    return frame[order].to_numpy(dtype=np.float64), order
+    values = frame[order].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 100)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        cell = values[row, col]
+        what = "is empty or not a number" if np.isnan(cell) else f"is {cell:g}, outside 0-100"
+        raise UserError(f"{source}: the accuracy after {order[row]} on {order[col]} {what} ({int(bad.sum())} such "
+                        "cell(s)); every trained task needs an accuracy in percent (0-100) on every trained dataset")
+    return values, order
+
+
+def json_safe(value):
+    """``value`` with every non-finite float as ``None`` (JSON ``null``): strict JSON has no NaN or Infinity,
+    and a one-task matrix has no Transfer."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -3,7 +3,8 @@
 A (benchmark, order, method, seed) run lives in ``<out>/<benchmark>-order<k>/<method>/seed<s>/`` and holds
 ``accuracy.csv``, ``zeroshot.csv``, ``metrics.json``, ``profile.csv``, ``config.json`` and ``manifest.json``.
 Every file is written to a temporary name in the same folder and renamed, so a reader never sees half a
-file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete`` or ``failed``. While a
+file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete``, ``failed`` or ``interrupted``
+(SIGTERM/SIGINT), and ``complete`` is trusted only with its files (:func:`missing_results`). While a
 run is in progress its folder also holds ``run.lock`` (:mod:`clbench.lock`) and, after each completed task,
 ``resume.safetensors`` (:mod:`clbench.checkpoint`, deleted once the run is complete). Everything here is
 JSON, CSV or safetensors: nothing clbench writes is a pickle.
@@ -128,17 +129,76 @@ def accuracy_frame(rows: list[list[float]], trained_on: list[str], datasets: lis
 
 
 def read_accuracy_csv(path: Path) -> pd.DataFrame:
-    """Read a matrix in the ``accuracy.csv`` format: ``trained_on`` then one column per dataset."""
+    """Read a matrix in the ``accuracy.csv`` format: ``trained_on`` then one column per dataset.
+
+    Only a regular file of bounded size is read (:mod:`clbench.safeio`); duplicate column names are refused
+    (pandas would silently rename the second one)."""
+    import csv
+    import io
+
+    from clbench.safeio import read_text
+
+    fix = "give a CSV with a trained_on column"
+    text = read_text(path, "accuracy matrix", fix)
+    header = next(csv.reader(io.StringIO(text)), [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise UserError(f"{path} names column(s) {', '.join(map(repr, twice))} more than once; give each dataset "
+                        "one column")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(io.StringIO(text))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read accuracy matrix {path}: {exc}; give a CSV with a trained_on column") from None
+        detail = " ".join(str(exc).split())
+        raise UserError(f"cannot read accuracy matrix {path}: {detail}; {fix}") from None
     if "trained_on" not in frame.columns or len(frame) == 0:
         raise UserError(f"{path} is not an accuracy matrix: it needs a 'trained_on' column and one row per task")
     values = frame.drop(columns="trained_on")
     if not all(pd.api.types.is_numeric_dtype(values[c]) for c in values.columns):
         raise UserError(f"{path} has non-numeric accuracies; every cell after trained_on must be a number")
     return frame
+
+
+COMPLETE_FILES = ("config.json", "accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv")
+
+
+def missing_results(folder: Path, datasets: list[str] | None = None) -> str | None:
+    """Why ``folder``'s files do not back a ``complete`` status (a file missing or unreadable, fewer accuracy rows
+    than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``."""
+    from clbench.safeio import is_regular, read_json
+
+    folder = Path(folder)
+    for name in COMPLETE_FILES:
+        if not is_regular(folder / name):
+            return f"{name} is missing"
+    try:
+        if datasets is None:
+            config = read_json(folder / "config.json", "run file", "")
+            datasets = config.get("datasets") if isinstance(config, dict) else None
+            if not isinstance(datasets, list):
+                return "config.json names no task list"
+        metrics = read_json(folder / "metrics.json", "run file", "")
+        if not isinstance(metrics, dict) or "last" not in metrics:
+            return "metrics.json holds no metrics"
+        frame = read_accuracy_csv(folder / "accuracy.csv")
+    except UserError as exc:
+        return str(exc).split(";")[0]
+    if [str(x) for x in frame["trained_on"]] != [str(d) for d in datasets]:
+        return f"accuracy.csv has {len(frame)} of {len(datasets)} task rows"
+    return None
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files (``.<name>.*.tmp``) of atomic writes that a kill interrupted. Only for a folder
+    whose lock this process holds: then no other writer can own them."""
+    import time
+
+    for tmp in Path(folder).glob(".*.tmp"):
+        if not tmp.is_file() or tmp.is_symlink():
+            continue
+        # another process may be taking the lock this instant (its temporary lives for microseconds)
+        if tmp.name.startswith(".run.lock.") and time.time() - tmp.stat().st_mtime < 60:
+            continue
+        tmp.unlink(missing_ok=True)
 
 
 def environment_info(device: torch.device | str) -> dict:

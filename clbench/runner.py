@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -28,6 +27,8 @@ from clbench.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     capture_rng,
+    check_info,
+    check_rng_tensors,
     load_checkpoint,
     read_info,
     restore_rng,
@@ -37,7 +38,8 @@ from clbench.config import RunConfig, method_run_config, run_id, train_config_fo
 from clbench.datasets.base import Benchmark, ImageSpec, duplicate_classnames
 from clbench.errors import UserError
 from clbench.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
-from clbench.lock import RunLock
+from clbench.interrupt import RunInterrupted, critical, handling_signals
+from clbench.lock import LOCK_NAME, RunLock
 from clbench.methods import get_method
 from clbench.metrics import mtil_metrics
 from clbench.models.backbones import load_backbone
@@ -48,6 +50,8 @@ from clbench.results import (
     atomic_write_csv,
     atomic_write_json,
     environment_info,
+    missing_results,
+    remove_temporaries,
     run_dir,
 )
 
@@ -133,6 +137,7 @@ def run_methods(
     resume checkpoint after each task (:mod:`clbench.checkpoint`), deleted once the run is complete.
     """
     notify = notify or _print_notice
+    check_path_options(cfg, Path(out))
     check_method_names(methods)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
@@ -155,18 +160,46 @@ def run_methods(
     notes: list[str] = []  # said once everything is checked and locked, so an error stays the only line
     plans = [plan_run(cfg, name, base_model, benchmark, device, paths[name], resume, notes.append)
              for name in methods]
-    locks, made = _lock_all([p for p in plans if p.mode != "done"], notes.append)
+    # a complete run is locked only to tidy what a kill left (a checkpoint, temporaries, a stale lock)
+    locks, made = _lock_all([p for p in plans if p.mode != "done" or _leftovers(p.path)], notes.append)
     if cfg.benchmark == "synthetic":
         notes.insert(0, "no MTIL data configured: running the embedded default (synthetic sequence)")
     for note in notes:
         notify(note)
+    by_path = {lock.folder: lock for lock in locks}
+    outcomes = []
     try:
-        return [_run_one(cfg, plan, base_model, benchmark, device, hooks_for(plan.name) if hooks_for else Hooks(),
-                         notify) for plan in plans]
+        with handling_signals():
+            for plan in plans:
+                try:
+                    outcomes.append(_run_one(cfg, plan, base_model, benchmark, device,
+                                             hooks_for(plan.name) if hooks_for else Hooks(), notify))
+                finally:  # a finished run keeps no lock while the next method runs
+                    lock = by_path.pop(plan.path, None)
+                    if lock is not None:
+                        lock.release()
+        return outcomes
     finally:
-        for lock in locks:
+        for lock in by_path.values():
             lock.release()
         _remove_empty(made)  # folders made for a lock whose run wrote nothing (a user error in its first task)
+
+
+def _leftovers(path: Path) -> bool:
+    """Whether a complete run's folder holds files a kill left behind."""
+    return (path / CHECKPOINT_NAME).exists() or (path / LOCK_NAME).exists() or any(path.glob(".*.tmp"))
+
+
+def check_path_options(cfg: RunConfig, out: Path) -> None:
+    """``--out``, ``--data-root`` and a ``--pretrained`` file must be paths the OS can use (no over-long name,
+    no symlink loop): a one-line error now rather than an OSError mid-run."""
+    from clbench.safeio import check_path
+
+    check_path(out, "--out")
+    if cfg.data_root:
+        check_path(cfg.data_root, "--data-root")
+    if cfg.pretrained and (os.sep in cfg.pretrained or Path(cfg.pretrained).suffix):
+        check_path(cfg.pretrained, "--pretrained")
 
 
 def _print_notice(message: str) -> None:
@@ -219,7 +252,8 @@ def check_adapter_widths(cfg: RunConfig, methods: list[str]) -> None:
 
 
 def _has_run(path: Path) -> bool:
-    return (path / "manifest.json").exists() or (path / CHECKPOINT_NAME).exists()
+    """A run was started here: it wrote a manifest or a checkpoint, or it holds (or a kill left) the lock."""
+    return any((path / name).exists() for name in ("manifest.json", CHECKPOINT_NAME, LOCK_NAME))
 
 
 def _check_something_to_resume(paths: dict[str, Path]) -> None:
@@ -269,17 +303,24 @@ def _resume_mode(plan: RunPlan, notify: Callable[[str], None]) -> tuple[str, int
         notify(f"{plan.name}: no run to resume in {path}; starting it")
         return "fresh", 0
     manifest = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
+    datasets = plan.resolved["datasets"]
+    if manifest.get("status") == "complete" and manifest.get("run_id") == plan.run_id \
+            and missing_results(path, datasets) is None:  # a checkpoint left beside it is a kill's leftover
+        notify(f"{plan.name}: already complete in {path}; nothing to resume")
+        return "done", len(datasets)
     info = read_info(ckpt) if ckpt.exists() else None
-    found = info["run_id"] if info else manifest.get("run_id")
+    found = info.get("run_id") if info else manifest.get("run_id")
+    if found is None and not manifest and info is None:  # only a lock: killed before its first task ended
+        notify(f"{plan.name}: {path} was stopped before its first task ended; starting it from the first task")
+        return "restart", 0
     if found != plan.run_id:
         raise UserError(f"--resume: the run in {path} was made with another configuration ({_config_diff(plan)}); "
                         "rerun with the same options, or drop --resume to start over")
     if manifest.get("status") == "complete":
-        notify(f"{plan.name}: already complete in {path}; nothing to resume")
-        return "done", len(plan.resolved["datasets"])
+        notify(f"{plan.name}: {path} says complete but {missing_results(path, datasets)}; running what is missing")
     if info is not None:
-        done = int(info["completed"])
-        notify(f"{plan.name}: resuming {path} after task {done} of {len(plan.resolved['datasets'])}")
+        done = check_info(ckpt, info, plan.run_id, datasets, plan.resolved.get("eval") == "union")
+        notify(f"{plan.name}: resuming {path} after task {done} of {len(datasets)}")
         return "resume", done
     notify(f"{plan.name}: {path} has no completed task to resume from; starting it from the first task")
     return "restart", 0
@@ -307,13 +348,10 @@ def _flatten(data, prefix: str = "") -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); delete that run folder, or drop --resume") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; delete that run folder, or drop --resume")
-    return data
+    from clbench.safeio import json_object, read_json
+
+    fix = "delete that run folder, or drop --resume"
+    return json_object(read_json(path, "run file", fix), path, "run file", fix)
 
 
 def _lock_all(plans: list[RunPlan], notify: Callable[[str], None]) -> tuple[list[RunLock], list[Path]]:
@@ -371,8 +409,12 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
              hooks: Hooks, notify: Callable[[str], None]) -> MethodOutcome:
     name, path = plan.name, plan.path
     if plan.mode == "done":
+        if (path / LOCK_NAME).exists():  # locked by us (to tidy): a kill's leftovers are not results
+            (path / CHECKPOINT_NAME).unlink(missing_ok=True)
+            remove_temporaries(path)
         metrics = _read_json(path / "metrics.json") if (path / "metrics.json").exists() else None
         return MethodOutcome(name, path, "complete", metrics)
+    remove_temporaries(path)  # under the lock: temporaries of writes a kill interrupted
     method_cls = get_method(name)
     train = train_config_for(cfg, name)
     torch.manual_seed(cfg.seed)
@@ -392,6 +434,8 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_id != plan.run_id or ckpt.completed != plan.completed:
             raise UserError(f"{ckpt_path} changed while this run was starting; rerun with --resume")
+        check_info(ckpt_path, ckpt.info(), plan.run_id, plan.resolved["datasets"], cfg.eval == "union")
+        check_rng_tensors(ckpt_path, ckpt.rng)
         stored = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
         for key in ("error", "traceback", "finished", "seconds", "failed_task", "failed_step"):
             stored.pop(key, None)
@@ -400,7 +444,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
                                                             "environment": env}]
         profiler.task = -1
         method.setup()  # on the pretrained weights, as the interrupted run did; then its state replaces it
-        result = restore(ckpt, model, method, profiler)
+        result = restore(ckpt, model, method, profiler, ckpt_path)
         del ckpt
     written = False
 
@@ -408,11 +452,14 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
         """First write of this run: clear what a previous run left, then config.json and the manifest."""
         nonlocal written
         if not written:
-            if plan.mode != "resume":
-                for stale in STALE:
-                    (path / stale).unlink(missing_ok=True)
-            atomic_write_json(path / "config.json", plan.resolved)
-            atomic_write_json(path / "manifest.json", manifest)
+            with critical():
+                # the manifest says running before anything of an earlier run is removed, so a kill in between
+                # never leaves an old "complete" beside missing results
+                atomic_write_json(path / "manifest.json", manifest)
+                if plan.mode != "resume":
+                    for stale in STALE:
+                        (path / stale).unlink(missing_ok=True)
+                atomic_write_json(path / "config.json", plan.resolved)
             written = True
 
     if plan.mode == "resume":
@@ -420,21 +467,31 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
 
     def on_task_end(index: int, res: SequenceResult) -> None:
         commit()
-        write_results(path, res, profiler)
-        save_checkpoint(ckpt_path, capture(plan.run_id, res, model, method, profiler))
-        manifest["completed_tasks"] = index + 1
-        atomic_write_json(path / "manifest.json", manifest)
+        with critical():
+            write_results(path, res, profiler)
+            save_checkpoint(ckpt_path, capture(plan.run_id, res, model, method, profiler))
+            manifest["completed_tasks"] = index + 1
+            atomic_write_json(path / "manifest.json", manifest)
 
     try:
         result = run_sequence(method, benchmark, train, profiler, device, cfg.seed, cfg.data.prompt,
                               cfg.precision, hooks, start_task=plan.completed, result=result,
                               on_task_end=on_task_end, eval_rule=cfg.eval)
         commit()
-        metrics = write_results(path, result, profiler)
-        manifest.update(status="complete", finished=time.time(), seconds=time.time() - manifest["started"])
-        atomic_write_json(path / "manifest.json", manifest)
-        ckpt_path.unlink(missing_ok=True)  # complete: every result is on disk, the checkpoint is not needed
+        with critical():
+            metrics = write_results(path, result, profiler)
+            manifest.update(status="complete", finished=time.time(), seconds=time.time() - manifest["started"])
+            atomic_write_json(path / "manifest.json", manifest)
+            ckpt_path.unlink(missing_ok=True)  # complete: every result is on disk, the checkpoint is not needed
         return MethodOutcome(name, path, "complete", metrics)
+    except RunInterrupted as exc:
+        commit()
+        done = manifest.get("completed_tasks", plan.completed)
+        with critical():
+            manifest.update(status="interrupted", interrupted_by=exc.name, finished=time.time())
+            atomic_write_json(path / "manifest.json", manifest)
+        exc.where = f"{name} stopped after task {done} of {len(benchmark.task_names)} in {path}"
+        raise
     except DivergenceError as exc:
         commit()
         atomic_write_csv(path / "profile.csv", profiler.frame())
@@ -468,25 +525,44 @@ def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler
                       state_bytes=[dict(r) for r in profiler.state_bytes], rng=rng, rng_extra=rng_extra)
 
 
-def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler) -> SequenceResult:
-    """Put ``ckpt`` back: method state (tensors on the model's device, then JSON), model weights (strict),
-    profiler records, generator states; returns the results so far."""
+def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler, path: Path | None = None) -> SequenceResult:
+    """Put ``ckpt`` back: method state (tensors on the model's device, then JSON), model weights (strict, every
+    shape checked), profiler records, generator states; returns the results so far. A checkpoint that does not
+    fit (edited tensors, another method's state) is a one-line UserError naming ``path``."""
     device = model.device
-    method.load_state_dict({k: v.to(device) for k, v in ckpt.method.items()})
-    method.load_extra_state(ckpt.method_extra)
-    missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
+    where = path or Path(CHECKPOINT_NAME)
+    try:
+        method.load_state_dict({k: v.to(device) for k, v in ckpt.method.items()})
+        method.load_extra_state(ckpt.method_extra)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise _bad_checkpoint(where, f"its {method.name} state does not fit ({type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())[:200]})") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(ckpt.model)), sorted(set(ckpt.model) - set(expected))
     if missing or unexpected:
-        raise RuntimeError(f"{method.name}: the checkpoint's model does not fit the model built now (missing "
-                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); the method must "
-                           "rebuild its modules in load_state_dict()")
+        raise _bad_checkpoint(where, f"its model does not fit the model built now (missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]})")
+    for key, tensor in expected.items():
+        stored = ckpt.model[key]
+        if stored.shape != tensor.shape or stored.dtype.is_floating_point != tensor.dtype.is_floating_point:
+            raise _bad_checkpoint(where, f"its model/{key} is {stored.dtype} {tuple(stored.shape)}, the model needs "
+                                         f"{tensor.dtype} {tuple(tensor.shape)}")
+    model.load_state_dict(ckpt.model, strict=True)
     known = {f.name for f in dataclasses.fields(SectionRecord)}
-    profiler.records = [SectionRecord(**{k: v for k, v in r.items() if k in known}) for r in ckpt.profile]
+    try:
+        profiler.records = [SectionRecord(**{k: v for k, v in r.items() if k in known}) for r in ckpt.profile]
+    except TypeError as exc:
+        raise _bad_checkpoint(where, f"its profile records are garbled ({exc})") from None
     profiler.state_bytes = [dict(r) for r in ckpt.state_bytes]
     restore_rng(ckpt.rng, ckpt.rng_extra)
     recall = ckpt.recall or {}
     return SequenceResult(list(ckpt.datasets), list(ckpt.zeroshot), [list(r) for r in ckpt.rows],
                           zeroshot_recall=list(recall["zeroshot"]) if recall else None,
                           recall_rows=[list(r) for r in recall.get("rows", [])])
+
+
+def _bad_checkpoint(path: Path, why: str) -> UserError:
+    return UserError(f"cannot resume from {path}: {why}; delete it and rerun without --resume to start over")
 
 
 def evaluation_info(rule: str, benchmark: Benchmark) -> dict:

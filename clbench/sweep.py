@@ -310,9 +310,12 @@ def _check_distinct(specs: list[RunSpec]) -> None:
 
 # ---- status of existing results -------------------------------------------------------------------------
 def _read_json(path: Path) -> dict | None:
+    """A run's JSON file as a dict, or None when it is absent, not a regular file, too big or not an object."""
+    from clbench.safeio import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(path, "run file", "")
+    except UserError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -329,13 +332,15 @@ def folder_run_id(folder: Path) -> str | None:
 
 def run_status(spec: RunSpec) -> str:
     """What a sweep does with ``spec``: ``done`` (skipped), or why it runs (new, retry, replace, ...)."""
+    from clbench.results import missing_results
+
     if spec.error is not None:
         return INVALID
     folder = Path(spec.folder)
     manifest = _read_json(folder / "manifest.json")
     status = manifest.get("status") if manifest else None
-    if status == "complete" and folder_run_id(folder) == spec.id:
-        return DONE
+    if status == "complete" and folder_run_id(folder) == spec.id and missing_results(folder) is None:
+        return DONE  # the files back the status (a kill while rewriting them would not)
     if (staged_folder(spec) / CHECKPOINT).exists():
         return RESUME
     if manifest is None:

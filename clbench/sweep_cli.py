@@ -126,8 +126,10 @@ def sweep(
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
                "data_root": data_root or None, "device": device, "precision": precision or None,
                "eval": eval_ or None}
+    from clbench.safeio import check_path
+
     request = SweepRequest(tuple(names), int_list(orders, "--orders"), int_list(seeds, "--seeds"), axes, preset,
-                           tuple(options.items()), tuple(sets), str(Path(out).resolve()), cpus_per_job)
+                           tuple(options.items()), tuple(sets), str(check_path(out, "--out").resolve()), cpus_per_job)
     specs = expand(request)
     statuses = {s.id: run_status(s) for s in specs}
     if dry_run:

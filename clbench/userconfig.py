@@ -23,6 +23,7 @@ from pathlib import Path
 
 from clbench.config import BENCHMARKS
 from clbench.errors import UserError
+from clbench.safeio import check_path, exists, read_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,23 +72,22 @@ def config_path() -> Path:
 
 def load_user_config(path: Path | None = None) -> UserConfig:
     """Read and check the config file at ``path`` (default :func:`config_path`); a missing default file is empty."""
-    path = path or config_path()
-    if not path.exists():
+    path = check_path(path or config_path(), "clbench config")
+    if not exists(path):
         if os.environ.get(CONFIG_ENV):
             raise UserError(f"{CONFIG_ENV}={path}: no such file; point it at a TOML config file or unset it")
         return UserConfig(path)
+    fix = f"fix the file or set {CONFIG_ENV} to another one"
+    raw = read_bytes(path, "clbench config", fix, limit=1 << 20)
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         detail = " ".join(str(exc).split())
-        raise UserError(f"clbench config {path} is not valid TOML ({detail}); fix the file or set {CONFIG_ENV} "
-                        "to another one") from None
+        raise UserError(f"clbench config {path} is not valid TOML ({detail}); {fix}") from None
     except UnicodeDecodeError:
         raise UserError(f"clbench config {path} is not UTF-8 text; save it as UTF-8 TOML") from None
-    except OSError as exc:
-        raise UserError(f"cannot read clbench config {path}: {exc.strerror or exc}; fix its permissions or set "
-                        f"{CONFIG_ENV} to another file") from None
+    except RecursionError:
+        raise UserError(f"clbench config {path} nests tables or arrays too deeply to read; {fix}") from None
     return _checked(path, data)
 
 

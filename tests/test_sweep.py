@@ -177,7 +177,12 @@ def test_status_of_existing_folders(tmp_path: Path) -> None:
     config = {**method_run_config(cfg, "lora"), "datasets": ["a", "b"]}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "manifest.json").write_text(json.dumps({"status": "complete"}))
-    assert folder_run_id(folder) == spec.id and run_status(spec) == DONE
+    assert folder_run_id(folder) == spec.id and run_status(spec) == REPLACE  # "complete" without its files
+    (folder / "accuracy.csv").write_text("trained_on,a,b\na,50,40\nb,45,60\n")
+    (folder / "zeroshot.csv").write_text("trained_on,a,b\nzeroshot,30,20\n")
+    (folder / "profile.csv").write_text("task,section,seconds,peak_bytes\n0,train,1.0,0\n")
+    (folder / "metrics.json").write_text(json.dumps({"last": 52.5}))
+    assert run_status(spec) == DONE
     (folder / "config.json").write_text(json.dumps({**config, "hparams": {**config["hparams"], "rank": 3}}))
     assert run_status(spec) == REPLACE
     (folder / "manifest.json").write_text(json.dumps({"status": "failed"}))

@@ -143,6 +143,7 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
     (:mod:`clbench.userconfig`: ``[data_root_by_benchmark] <benchmark>``, then ``data_root``). Errors name the
     source that gave a bad path, so a stale config file is not mistaken for a bad flag.
     """
+    from clbench.safeio import check_path
     from clbench.userconfig import config_path, load_user_config
 
     if data_root:
@@ -156,7 +157,7 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
                             f"{DATA_ROOT_ENV}=DIR, or write data_root = \"DIR\" in {config_path()} "
                             f"({_ROOT_HINT.get(benchmark, 'the folder holding its datasets')})")
         raw, source = found
-    root = raw.expanduser().absolute()
+    root = check_path(raw.expanduser().absolute(), f"data root (from {source})")
     if not root.is_dir():
         raise UserError(f"data root {root} (from {source}) does not exist or is not a folder; point it at "
                         f"{_ROOT_CONTENTS.get(benchmark, 'the folder holding its datasets')}")
@@ -168,11 +169,34 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
 
 
 class _CIFAR100(tvd.CIFAR100):
-    """torchvision's CIFAR100 with existence checks in place of its md5 checks."""
+    """torchvision's CIFAR100 with existence checks in place of its md5 checks, reading its pickled files with
+    a restricted unpickler (:mod:`clbench.datasets.safe_pickle`): a planted file cannot run code."""
 
     train_list = [["train", None]]
     test_list = [["test", None]]
     meta = {"filename": "meta", "key": "fine_label_names", "md5": None}
+
+    def __init__(self, root: str | Path, train: bool = True, transform: Callable | None = None,
+                 download: bool = False) -> None:  # torchvision's own __init__ calls pickle.load
+        import numpy as np
+
+        from clbench.datasets import safe_pickle
+
+        if download:
+            raise ValueError("clbench never downloads datasets")
+        tvd.VisionDataset.__init__(self, str(root), transform=transform)
+        self.train = train
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted")
+        data, self.targets = [], []
+        for file_name, _ in self.train_list if train else self.test_list:
+            entry = safe_pickle.load(os.path.join(self.root, self.base_folder, file_name))
+            data.append(entry["data"])
+            self.targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision
+        meta = safe_pickle.load(os.path.join(self.root, self.base_folder, self.meta["filename"]))
+        self.classes = meta[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 class _Flowers102(tvd.Flowers102):
@@ -350,10 +374,12 @@ class BadImageError(UserError):
         super().__init__(message)
 
 
-def bad_image_message(name: str, file: str | None, exc: BaseException) -> str:
-    """The one-line error for an unreadable image."""
-    return (f"{name}: cannot read image {file or '(in-memory sample)'} ({read_error_reason(exc)}); replace it with a "
-            "good copy, or run with --skip-bad-images to skip unreadable images")
+SKIP_HINT = "replace it with a good copy, or run with --skip-bad-images to skip unreadable images"
+
+
+def bad_image_message(name: str, file: str | None, exc: BaseException, fix: str = SKIP_HINT) -> str:
+    """The one-line error for an unreadable image (every image reader of clbench uses it)."""
+    return f"{name}: cannot read image {file or '(in-memory sample)'} ({read_error_reason(exc)}); {fix}"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -371,8 +397,10 @@ def clip_transform(spec: ImageSpec, augment: bool = False) -> T.Compose:
 class ImageView(Dataset):
     """Lazy ``(image_tensor, label)`` pairs: chosen positions of a torchvision dataset, read on access."""
 
-    def __init__(self, name: str, source: Dataset, positions: list[int], transform: Callable) -> None:
+    def __init__(self, name: str, source: Dataset, positions: list[int], transform: Callable,
+                 fix: str = SKIP_HINT) -> None:
         self.name, self.source, self.positions, self.transform = name, source, list(positions), transform
+        self.fix = fix  # what the error tells the user to do about an unreadable image
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -385,7 +413,8 @@ class ImageView(Dataset):
                 image.load()
         except READ_ERRORS as exc:
             files = dataset_files(self.source)
-            raise BadImageError(bad_image_message(self.name, files[position] if files else None, exc)) from None
+            raise BadImageError(bad_image_message(self.name, files[position] if files else None, exc,
+                                                  self.fix)) from None
         return self.transform(image), int(label)
 
     def labels(self) -> list[int]:

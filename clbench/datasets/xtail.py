@@ -123,9 +123,12 @@ def _entries(name: str, path: Path, data: dict, split: str) -> list[Entry]:
 
 def read_split_file(name: str, path: Path) -> dict[str, list[Entry]]:
     """The ``train``/``val``/``test`` entries of a CoOp split file (parsed with ``json``; ``val`` may be absent)."""
+    from clbench.safeio import read_text
+
+    fix = "put CoOp's original file there"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_text(path, f"{name}: split file", fix))  # a regular file, size-capped
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"{name}: cannot parse {path} ({type(exc).__name__}: {first}); put CoOp's original file "
                         "there") from None
@@ -169,7 +172,11 @@ def _read_coop(root: Path, name: str) -> tuple[Source, int]:
 
 def _read_aircraft(root: Path) -> tuple[Source, int]:
     top = root / XLAYOUTS["aircraft"].folder
-    variants = [line.strip() for line in (top / "variants.txt").read_text().splitlines() if line.strip()]
+    from clbench.safeio import read_text
+
+    fix = f"re-extract the dataset into {top}"
+    variants = [line.strip() for line in read_text(top / "variants.txt", "aircraft: list", fix).splitlines()
+                if line.strip()]
     label_of = {v: i for i, v in enumerate(variants)}
     entries: dict[str, list[Entry]] = {}
     for split in ("train", "val", "test"):
@@ -178,7 +185,7 @@ def _read_aircraft(root: Path) -> tuple[Source, int]:
             entries[split] = []
             continue
         rows = []
-        for number, line in enumerate(file.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text(file, "aircraft: list", fix).splitlines(), start=1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")

@@ -231,10 +231,15 @@ def image_folder(root: Path, model: ClipModel) -> torch.utils.data.Dataset:
         transforms.ToTensor(),  # ImageFolder's loader already converts to RGB
         transforms.Normalize(spec.mean, spec.std),
     ])
+    from clbench.datasets.mtil import ImageView
+
     try:
-        return datasets.ImageFolder(str(root), transform=transform)
+        folder = datasets.ImageFolder(str(root))  # PIL images, decoded one by one by the view below
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"zscl.ref_images={root}: {exc}; pass a folder of class sub-folders of images") from None
+    # the rule of every image reader: an unreadable file is one line naming it (never a DataLoader traceback)
+    return ImageView("zscl.ref_images", folder, list(range(len(folder))), transform,
+                     fix="replace or remove it in the reference image folder")
 
 
 # ---- the method ----------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from clbench.config import DEFAULT_EVAL
 from clbench.errors import UserError
 from clbench.metrics import matrix_from_frame, mtil_metrics
 from clbench.reports.names import method_display, method_order_key
-from clbench.results import group_label, read_accuracy_csv
+from clbench.results import group_label, read_accuracy_csv, safe_component
+from clbench.safeio import check_path, json_object, read_json, text_stream
 
 RUN = "run here"
 EXTERNAL = "external matrix"
@@ -99,14 +100,15 @@ def collect(paths: list[Path], labels: list[str] | None = None) -> ReportInput:
     csvs: list[Path] = []
     seen: set[Path] = set()
     for path in paths:
-        path = Path(path)
+        path = check_path(path, "report input")
         if path.is_file():
             if path.suffix.lower() != ".csv":
                 raise UserError(f"{path} is neither a results folder nor a .csv accuracy matrix")
             csvs.append(path)
             continue
         if not path.is_dir():
-            raise UserError(f"{path} does not exist; give a results folder (clbench run --out) or an accuracy CSV")
+            what = "is not a regular file or a folder" if path.exists() else "does not exist"
+            raise UserError(f"{path} {what}; give a results folder (clbench run --out) or an accuracy CSV")
         manifests = sorted(path.rglob("manifest.json"))
         if not manifests:
             raise UserError(f"no runs in {path}: no manifest.json below it; pass the folder 'clbench run' wrote")
@@ -160,18 +162,36 @@ def read_run(folder: Path, manifest: dict) -> Matrix:
             raise UserError(f"{folder / 'zeroshot.csv'} needs one row with a column per dataset of accuracy.csv")
         zeroshot = frame.iloc[0][list(accuracy.columns)].astype(float)
     config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
-    benchmark = manifest.get("benchmark", config.get("benchmark"))
-    rule = manifest.get("evaluation", {}).get("rule") or config.get("eval") or DEFAULT_EVAL.get(benchmark, "task")
-    method = str(manifest.get("method") or config.get("method") or folder.parent.name)
-    seed = manifest.get("seed", config.get("seed"))
+    benchmark = _field(manifest, config, "benchmark", str, folder)
+    if benchmark is not None:
+        safe_component(benchmark, f"{folder / 'manifest.json'}: benchmark")  # it names the report's files
+    evaluation = manifest.get("evaluation", {})
+    rule = (evaluation.get("rule") if isinstance(evaluation, dict) else None) or config.get("eval") \
+        or DEFAULT_EVAL.get(benchmark, "task")
+    if rule not in ("task", "union"):
+        raise UserError(f"{folder}: evaluation rule {rule!r} is neither 'task' nor 'union'; rerun that run or "
+                        "remove its folder")
+    method = _field(manifest, config, "method", str, folder) or folder.parent.name
+    seed = _field(manifest, config, "seed", int, folder)
+    order = _field(manifest, config, "order", int, folder)
     classes = manifest.get("classes") if isinstance(manifest.get("classes"), dict) else known_classes(benchmark)
-    return Matrix(label=method, source=RUN, path=folder, seed=None if seed is None else int(seed),
+    return Matrix(label=method, source=RUN, path=folder, seed=seed,
                   datasets=list(accuracy.columns), accuracy=accuracy, metrics=metrics, method=method,
                   zeroshot=zeroshot, profile=_optional_csv(folder / "profile.csv", PROFILE_COLUMNS),
                   state=_optional_csv(folder / "state_bytes.csv", STATE_COLUMNS),
-                  config={**config, "benchmark": benchmark, "order": manifest.get("order", config.get("order")),
-                          "eval": rule},
+                  config={**config, "benchmark": benchmark, "order": order, "eval": rule},
                   classes={str(k): int(v) for k, v in classes.items() if isinstance(v, int) and v > 0})
+
+
+def _field(manifest: dict, config: dict, key: str, kind: type, folder: Path):
+    """``manifest[key]`` (else ``config[key]``, else None), which must be of ``kind`` (a bool is no int)."""
+    value = manifest.get(key, config.get(key))
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value.strip()):
+        raise UserError(f"{folder}: {key} is {value!r} in its manifest.json/config.json, not a valid "
+                        f"{'text' if kind is str else 'integer'}; rerun that run or remove its folder")
+    return value
 
 
 def known_classes(benchmark: str | None) -> dict[str, int]:
@@ -200,21 +220,22 @@ STATE_COLUMNS = ("task", "name", "bytes")
 def _optional_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame | None:
     if not path.exists():
         return None
+    fix = "rerun the run or remove the file"
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(text_stream(path, "run file", fix))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}; rerun the run or remove the file") from None
+        detail = " ".join(str(exc).split())
+        raise UserError(f"cannot read {path}: {detail}; {fix}") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rerun the run or remove the file")
     return frame
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is corrupt ({exc}); rerun that run or remove its folder") from None
+def _read_json(path: Path) -> dict:
+    """A run's JSON file (manifest, config, metrics): a regular file of bounded size holding a JSON object."""
+    fix = "rerun that run or remove its folder"
+    return json_object(read_json(path, "run file", fix), path, "run file", fix)
 
 
 def _square_matrix(frame: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -6,6 +6,10 @@ output folder untouched; each file is written atomically (temporary name, then r
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from clbench.reports.tables import (
     to_markdown,
 )
 from clbench.results import atomic_write_bytes, atomic_write_text, group_label
+from clbench.safeio import check_path, exists, os_reason
 
 FORMATS = {"latex": ".tex", "markdown": ".md", "csv": ".csv"}
 
@@ -67,24 +72,69 @@ def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
-    """Write every file of ``report`` under ``out`` (atomically, one by one); returns the paths."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    """Write every file of ``report`` under ``out``, all or nothing; returns the paths.
+
+    Every file is first written into a hidden staging folder inside ``out`` (same file system), then renamed
+    into place. A failure while staging (full disk, read-only folder) removes the staging folder and any
+    folder made here, and leaves ``out`` as it was; the failure is one line."""
+    out = check_path(out, "--out")
+    if not exists(out) and out.is_symlink():
+        raise UserError(f"--out {out} is a broken symlink; give a folder")
+    if exists(out) and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
     root = out.resolve()
     for rel in report.files:  # names come partly from the input (a manifest's benchmark): never outside out
         if root not in (out / rel).resolve().parents:
             raise UserError(f"refusing to write {rel!r}: it would fall outside --out {out}; the input names a path "
                             "(check the benchmark in its manifest.json files)")
-    written = []
-    for rel, content in report.files.items():
-        path = out / rel
-        if isinstance(content, bytes):
-            atomic_write_bytes(path, content)
-        else:
-            atomic_write_text(path, content)
-        written.append(path)
-    return written
+    made = _missing_dirs(out)
+    staging: Path | None = None
+    placed: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".clbench-report-", dir=out))
+        for rel, content in report.files.items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                atomic_write_bytes(target, content)
+            else:
+                atomic_write_text(target, content)
+        for rel in report.files:
+            path = out / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, path)
+            placed.append(path)
+    except OSError as exc:
+        for path in placed:  # a rename failed half-way (rare): take back what was placed
+            path.unlink(missing_ok=True)
+        _cleanup(staging, made)
+        where = exc.filename or out
+        raise UserError(f"cannot write the report in {out}: {os_reason(exc)} ({where}); nothing was written, free "
+                        "space or pass --out to a folder you can write") from None
+    except BaseException:
+        _cleanup(staging, made)
+        raise
+    _cleanup(staging, [])
+    return placed
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    while not exists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def _cleanup(staging: Path | None, made: list[Path]) -> None:
+    """Remove the staging folder and the (empty) folders made for the report, innermost first."""
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def table_stem(inp: ReportInput) -> str:
