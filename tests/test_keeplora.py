@@ -426,3 +426,42 @@ def test_smoke_run_of_all_three_methods(tmp_path) -> None:
         columns = state[state["name"].str.startswith("basis:")]
         assert len(columns) == 3 * 32  # setup + 2 tasks, 32 matrices
         assert (columns["columns"] <= 128).all()
+
+
+# ---- precision: merge and head initialisation in float32 under a caller's autocast ---------------------------------
+@pytest.mark.parametrize("name", ["keeplora+", "keeplora++"])
+def test_merge_and_head_init_are_float32_under_autocast(tiny_model: ClipModel, name: str) -> None:
+    """``--precision amp`` wraps the hooks in autocast (bfloat16 on the CPU here): the merged weight must still act
+    on the protected subspace exactly as before the task (the official code merges in fp32), and KeepLoRA+'s head
+    must be the float32 class means. In bfloat16 the merge drifts by ~1e-4 relative there."""
+    task = _task("A")
+    method = _method(tiny_model, name)
+    method.setup()
+    ctx = _ctx(task, steps=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method.before_task(ctx)
+    if name == "keeplora+":
+        images = torch.stack([task.train[i][0] for i in range(len(task.train))])
+        labels = torch.tensor([task.train[i][1] for i in range(len(task.train))])
+        with torch.no_grad():
+            z = F.normalize(tiny_model.clip.encode_image(images).float(), dim=-1)
+        means = torch.stack([z[labels == c].mean(0) for c in range(3)])
+        assert _rel(method.heads["A"], F.normalize(means, dim=-1)) <= 1e-6
+    previous = {m.name: (m.weight() + m.site.module.adapters[m.proj][ADAPTER].delta()).detach().clone()
+                for m in method.matrices()}
+    train_task(method, ctx, TrainConfig(batch_size=BATCH, lr=0.2, weight_decay=0.01), Hooks(), "fp32")
+    gen = torch.Generator().manual_seed(2)
+    inside = {}
+    for m in method.matrices():
+        U = method.bases[m.name]
+        inside[m.name] = torch.randn(6, U.shape[1], generator=gen) @ U.T
+    moved = 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method.after_task(ctx)
+    for m in method.matrices():
+        x = inside[m.name]
+        with torch.no_grad():
+            expected = F.linear(x, previous[m.name])
+            assert _rel(F.linear(x, m.weight()), expected) <= 1e-5, m.name
+            moved = max(moved, _rel(m.weight(), previous[m.name]))
+    assert moved > 1e-3  # the merge did change the weights (elsewhere than on the protected subspace)
