@@ -82,6 +82,7 @@ from clbench.linalg import (
 )
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import adapter_parameters, encoder_list, merge_adapters
+from clbench.methods.recipes import RecipeCard, adapted, assumption, code, harness, paper
 from clbench.methods.registry import register_method
 from clbench.models.attention import PROJECTIONS, LowRankDelta
 from clbench.models.clip import AttentionSite
@@ -547,3 +548,44 @@ class KeepLoRAPlusPlus(KeepLoRA):
         if site.encoder == "text" and not self.hparams.scale_text:
             return 1.0
         return layer_scales(site.num_layers, self.hparams.gamma)[site.layer]
+
+
+# ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
+_KEEPLORA_COMMON = {
+    "train.optimizer": code("AdamW (MTIL trainer)"),
+    "train.lr": code("keeplora_order{1,2}.yaml"),
+    "train.weight_decay": code("keeplora_order{1,2}.yaml; applied to B (and the heads) too"),
+    "train.schedule": code("OneCycleLR with max_lr = lr and PyTorch's defaults, stepped per batch"),
+    "train.warmup_steps": harness("unused: OneCycle warms up over its first 30% by itself"),
+    "train.max_steps": code("no step cap: the epoch lists decide"),
+    "train.batch_size": code("keeplora_order{1,2}.yaml"),
+    "rank": code("q, k, v and o of every block"),
+    "alpha": code("lora_alpha; the step scale is s = α/r"),
+    "eps_w_vision": code("the vision threshold of the pretrained-weight subspace"),
+    "eps_w_text": code("the text threshold of the pretrained-weight subspace"),
+    "eps_f": code("the feature-subspace threshold, both towers"),
+    "compat": paper("the paper's reading of the four points where the MTIL code differs (spec §7); 'official' "
+                    "sets them all as the code has them, for number matching"),
+    "wp_side": paper("input side (right singular vectors of W_pt); the MTIL code takes the output side (D1)"),
+    "features": paper("uncentered token covariance; the MTIL code's slot-aligned running mean is 'slotsum' (D2)"),
+    "energy_cut": paper("smallest p with energy >= ε; the MTIL code counts cumsum < ε, at least 1 (D4)"),
+    "grad_svd": adapted("exact SVD of the projected gradient: the code's randomized SVD (4r columns, 4 power "
+                        "iterations) approximates the same factors (D6); 'randomized' reproduces it"),
+    "init": paper("the residual-gradient initialisation; 'random' is the paper's initialisation ablation"),
+    "grad_fraction": code("one full pass over the task's training split (the LLaVA code uses 20%)"),
+    "encoders": code("both towers, every block"),
+}
+RECIPES = {
+    "keeplora": RecipeCard(
+        "KeepLoRA (Luo et al., ICLR 2026; arXiv 2601.19659), official code MaolinLuo/KeepLoRA@a17f9c2 MTIL/",
+        {"train.epochs": code("per-dataset lists of keeplora_order{1,2}.yaml"), **_KEEPLORA_COMMON}),
+    "keeplora+": RecipeCard(
+        "KeepLoRA+ (KeepLoRA with per-task cosine heads), official code MaolinLuo/KeepLoRA@a17f9c2 MTIL/",
+        {"train.epochs": code("keeplora+_order{1,2}.yaml"), **_KEEPLORA_COMMON}),
+    "keeplora++": RecipeCard(
+        "KeepLoRA++ (layer-scaled; arXiv 2606.16256), the newer official code in MaolinLuo/KeepLoRA MTIL/",
+        {"train.epochs": assumption("the v2 keeplora_order1.yaml was not retrievable: KeepLoRA's lists"),
+         **_KEEPLORA_COMMON,
+         "gamma": code("the vision tower's build_layer_scales call (not the function's default)"),
+         "scale_text": assumption("the v2 text-tower code was not retrievable: the same rule on the text tower")}),
+}

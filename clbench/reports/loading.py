@@ -145,6 +145,7 @@ def read_run(folder: Path, manifest: dict) -> Matrix:
             raise UserError(f"{folder / 'zeroshot.csv'} needs one row with a column per dataset of accuracy.csv")
         zeroshot = frame.iloc[0][list(accuracy.columns)].astype(float)
     config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    config.pop("recipe", None)  # restates the settings with their provenance: never a difference between runs
     benchmark = manifest.get("benchmark", config.get("benchmark"))
     rule = manifest.get("evaluation", {}).get("rule") or config.get("eval") or DEFAULT_EVAL.get(benchmark, "task")
     method = str(manifest.get("method") or config.get("method") or folder.parent.name)
