@@ -422,7 +422,13 @@ def test_hyperparameter_checks(tiny_model: ClipModel) -> None:
     assert cfg.methods["keeplora++"]["gamma"] == 0.3 and cfg.methods["keeplora++"]["scale_text"] is False
     assert cfg.methods["keeplora+"]["compat"] == "official"
     assert cfg.methods["keeplora"]["grad_fraction"] == 0.25
-    for bad in ("keeplora.eps_w_text=-0.1", "keeplora.compat=code", "keeplora.grad_fraction=0", "keeplora.rank=0"):
+    cfg = build_config("smoke", {}, ["keeplora.wp_side=output", "keeplora.features=slotsum", "keeplora.init=random",
+                                     "keeplora.energy_cut=official", "keeplora.grad_svd=randomized"], ["keeplora"])
+    expected = {"wp_side": "output", "features": "slotsum", "energy_cut": "official", "grad_svd": "randomized",
+                "init": "random"}
+    assert {k: cfg.methods["keeplora"][k] for k in expected} == expected
+    for bad in ("keeplora.eps_w_text=-0.1", "keeplora.compat=code", "keeplora.grad_fraction=0", "keeplora.rank=0",
+                "keeplora.wp_side=left", "keeplora.features=stacked", "keeplora.energy_cut=<", "keeplora.init=zeros"):
         with pytest.raises(UserError):
             build_config("smoke", {}, [bad], ["keeplora"])
 
