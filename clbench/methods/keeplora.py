@@ -72,6 +72,7 @@ from clbench.config import check_range
 from clbench.datasets.base import ClassSpan
 from clbench.errors import UserError
 from clbench.linalg import (
+    COMPUTE_DTYPE,
     CovarianceAccumulator,
     SlotSumAccumulator,
     empty_basis,
@@ -341,13 +342,16 @@ class KeepLoRA(Method):
         hp = self.hparams
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         for m in self.matrices():
-            basis = self.bases[m.name]
+            basis = self.bases[m.name].to(COMPUTE_DTYPE)
             d_in, d_out = basis.shape[0], m.weight().shape[0]
-            A, _, _ = top_r_factors(torch.zeros(d_in, d_out), hp.rank, generator=generator, basis=basis.cpu())
-            if A.shape[1] == 0:
+            r = min(hp.rank, d_in - basis.shape[1])
+            if r <= 0:
                 continue
-            A = A.to(self.model.device)
-            delta = LowRankDelta(A.T, torch.zeros(d_out, A.shape[1], device=A.device),
+            A = torch.randn(d_in, r, generator=generator, dtype=COMPUTE_DTYPE).to(basis.device)
+            for _ in range(2):  # projecting off U and orthonormalising twice is exact to float rounding
+                A, _ = torch.linalg.qr(project_out(A, basis))
+            A = A.to(torch.float32)
+            delta = LowRankDelta(A.T, torch.zeros(d_out, r, device=A.device),
                                  scale=hp.alpha / hp.rank * self.layer_scale(m.site))
             m.site.module.add_adapter(m.proj, ADAPTER, delta)
 
