@@ -35,9 +35,9 @@ def _task(name: str, classes: int = 3, per_class: int = 8, seed: int = 0) -> Tas
     return Task(name, [f"thing{i}" for i in range(classes)], ["a photo of a {}."], data, data)
 
 
-def _ctx(task: Task, index: int = 0, steps: int = 4) -> TaskContext:
-    make = make_loader_factory(TrainConfig(batch_size=BATCH), torch.device("cpu"), seed=0)
-    return TaskContext(index, task, 3, torch.device("cpu"), make, steps, prompts=task.prompts())
+def _ctx(task: Task, index: int = 0, steps: int = 4, device: str = "cpu") -> TaskContext:
+    make = make_loader_factory(TrainConfig(batch_size=BATCH), torch.device(device), seed=0)
+    return TaskContext(index, task, 3, torch.device(device), make, steps, prompts=task.prompts())
 
 
 def _method(model: ClipModel, name: str = "keeplora", **hp) -> KeepLoRA:
@@ -456,20 +456,28 @@ def test_smoke_run_of_all_three_methods(tmp_path) -> None:
 
 
 # ---- precision: merge and head initialisation in float32 under a caller's autocast ---------------------------------
+AUTOCAST = [("cpu", torch.bfloat16),
+            pytest.param("cuda", torch.float16, marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize(("device", "dtype"), AUTOCAST)
 @pytest.mark.parametrize("name", ["keeplora+", "keeplora++"])
-def test_merge_and_head_init_are_float32_under_autocast(tiny_model: ClipModel, name: str) -> None:
-    """``--precision amp`` wraps the hooks in autocast (bfloat16 on the CPU here): the merged weight must still act
-    on the protected subspace exactly as before the task (the official code merges in fp32), and KeepLoRA+'s head
-    must be the float32 class means. In bfloat16 the merge drifts by ~1e-4 relative there."""
+def test_merge_and_head_init_are_float32_under_autocast(tiny_model: ClipModel, name: str, device: str,
+                                                        dtype: torch.dtype) -> None:
+    """``--precision amp`` wraps the hooks in autocast (bfloat16 on the CPU, float16 on CUDA): the merged weight
+    must still act on the protected subspace exactly as before the task (the official code merges in fp32), and
+    KeepLoRA+'s head must be the float32 class means. In bfloat16 the merge drifts by ~5e-5 relative there."""
+    tiny_model.to(device)
     task = _task("A")
     method = _method(tiny_model, name)
     method.setup()
-    ctx = _ctx(task, steps=5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ctx = _ctx(task, steps=5, device=device)
+    with torch.autocast(device, dtype=dtype):
         method.before_task(ctx)
     if name == "keeplora+":
-        images = torch.stack([task.train[i][0] for i in range(len(task.train))])
-        labels = torch.tensor([task.train[i][1] for i in range(len(task.train))])
+        images = torch.stack([task.train[i][0] for i in range(len(task.train))]).to(device)
+        labels = torch.tensor([task.train[i][1] for i in range(len(task.train))]).to(device)
         with torch.no_grad():
             z = F.normalize(tiny_model.clip.encode_image(images).float(), dim=-1)
         means = torch.stack([z[labels == c].mean(0) for c in range(3)])
@@ -481,9 +489,9 @@ def test_merge_and_head_init_are_float32_under_autocast(tiny_model: ClipModel, n
     inside = {}
     for m in method.matrices():
         U = method.bases[m.name]
-        inside[m.name] = torch.randn(6, U.shape[1], generator=gen) @ U.T
+        inside[m.name] = torch.randn(6, U.shape[1], generator=gen).to(device) @ U.T
     moved = 0.0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype):
         method.after_task(ctx)
     for m in method.matrices():
         x = inside[m.name]
