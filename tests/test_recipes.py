@@ -111,10 +111,15 @@ def test_config_records_the_recipe_and_the_run_id_ignores_it() -> None:
     assert run_id(resolved) == run_id({k: v for k, v in resolved.items() if k != "recipe"})
 
 
-def test_run_writes_the_recipe_into_config_json(tmp_path: Path) -> None:
-    code = main(["run", "--methods", "finetune", "--out", str(tmp_path), "--preset", "smoke", "--pretrained",
-                 "none", "--quiet", "--set", "data.num_tasks=1", "--set", "finetune.label_smoothing=0.1"])
-    assert code == 0
+def test_run_writes_the_recipe_into_config_json(tmp_path: Path, capsys) -> None:
+    args = ["run", "--methods", "finetune", "--out", str(tmp_path), "--preset", "smoke", "--pretrained", "none",
+            "--quiet", "--set", "data.num_tasks=1", "--set", "finetune.label_smoothing=0.1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    # resuming with another setting names that setting, not its restatement in the recipe record
+    assert main([*args, "--resume", "--set", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "(train.lr: 0.001 then, 0.5 now)" in err and "recipe.settings" not in err
     (config,) = tmp_path.glob("**/finetune/**/config.json")
     recipe = json.loads(config.read_text())["recipe"]
     assert recipe["preset"] == "smoke" and "finetune.sh" in recipe["card"]
