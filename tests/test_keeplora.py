@@ -576,8 +576,8 @@ def test_feature_statistic_and_gradient_svd_settings(tiny_model: ClipModel, monk
 
 
 def test_random_orthonormal_init_ablation(tiny_model: ClipModel) -> None:
-    """init=random (spec §10): no gradient pass, A random orthonormal in span(U)^⊥, B = 0, weights untouched;
-    training still leaves the protected span alone."""
+    """init=random (the paper's initialisation ablation): no gradient pass, A random orthonormal in span(U)^⊥,
+    B = 0, weights untouched; training still leaves the protected span alone."""
     task = _task("A")
     method = _method(tiny_model, init="random")
 

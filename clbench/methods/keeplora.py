@@ -17,7 +17,7 @@ KeepLoRA, per adapted matrix W (q, k, v, o of every block of the adapted encoder
   ε_f ≤ 1e-8 is the "no M_t" ablation). Since every update is ``s·A·ΔB`` with ``A ⟂ span(U)``, inputs in
   ``span(U)`` keep their exact outputs.
 
-Two readings behind ``compat`` (spec §7), each part also a setting of its own (``compat`` sets those left at
+Two readings behind ``compat``, each part also a setting of its own (``compat`` sets those left at
 ``"compat"``):
 
 - ``paper`` (default): input-side principal basis (``wp_side=input``: right singular vectors of ``W_pt``), the
@@ -29,8 +29,9 @@ Two readings behind ``compat`` (spec §7), each part also a setting of its own (
   as features (``features=slotsum``, D2), randomized SVD of ``Ĝ`` with 4r sketch columns and 4 power
   iterations (``grad_svd=randomized``, D6).
 
-``init=random`` is the paper's initialisation ablation (spec §10): ``A`` random orthonormal inside
-``span(U)^⊥``, ``B = 0``, no gradient pass and no shift, so only the plasticity part changes.
+``init=random`` is the paper's initialisation ablation (a random initialisation instead of the residual gradient):
+``A`` random orthonormal inside ``span(U)^⊥``, ``B = 0``, no gradient pass and no shift, so only the plasticity part
+changes.
 
 Adapted for speed without changing the math: only the q/k/v/o weights require grad in the gradient pass
 (identical ``G``; D3), gradients are accumulated on the device (``.grad``), the class text features are
@@ -92,7 +93,7 @@ ADAPTER = "keeplora"
 HEAD_SCALE = 30.0
 DISABLED = 1e-8  # a threshold at or below this switches its step off (the ablations of spec §10)
 INPUT_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}  # which observed input feeds each projection
-# What each reading of ``compat`` sets (spec §7 D1, D2, D4, D6; §12.4).
+# What each reading of ``compat`` sets: the paper's, and the official MTIL code's (for number matching).
 COMPAT_READINGS = {
     "paper": {"wp_side": "input", "features": "cov", "energy_cut": "paper", "grad_svd": "exact"},
     "official": {"wp_side": "output", "features": "slotsum", "energy_cut": "official", "grad_svd": "randomized"},
@@ -337,7 +338,7 @@ class KeepLoRA(Method):
                 m.site.module.add_to_weight(m.proj, -delta.delta().detach())
 
     def init_random_adapters(self) -> None:
-        """The initialisation ablation (spec §10): ``A`` random orthonormal in ``span(U)^⊥`` (at most ``r``
+        """The paper's initialisation ablation: ``A`` random orthonormal in ``span(U)^⊥`` (at most ``r``
         columns, fewer where the basis leaves fewer free directions), ``B = 0``, weights unchanged."""
         hp = self.hparams
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
@@ -568,13 +569,13 @@ _KEEPLORA_COMMON = {
     "eps_w_vision": code("the vision threshold of the pretrained-weight subspace"),
     "eps_w_text": code("the text threshold of the pretrained-weight subspace"),
     "eps_f": code("the feature-subspace threshold, both towers"),
-    "compat": paper("the paper's reading of the four points where the MTIL code differs (spec §7); 'official' "
+    "compat": paper("the paper's reading of the four points where the MTIL code differs; 'official' "
                     "sets them all as the code has them, for number matching"),
-    "wp_side": paper("input side (right singular vectors of W_pt); the MTIL code takes the output side (D1)"),
-    "features": paper("uncentered token covariance; the MTIL code's slot-aligned running mean is 'slotsum' (D2)"),
-    "energy_cut": paper("smallest p with energy >= ε; the MTIL code counts cumsum < ε, at least 1 (D4)"),
+    "wp_side": paper("input side (right singular vectors of W_pt); the MTIL code takes the output side"),
+    "features": paper("uncentered token covariance; the MTIL code's slot-aligned running mean is 'slotsum'"),
+    "energy_cut": paper("smallest p with energy >= ε; the MTIL code counts cumsum < ε, at least 1"),
     "grad_svd": adapted("exact SVD of the projected gradient: the code's randomized SVD (4r columns, 4 power "
-                        "iterations) approximates the same factors (D6); 'randomized' reproduces it"),
+                        "iterations) approximates the same factors; 'randomized' reproduces it"),
     "init": paper("the residual-gradient initialisation; 'random' is the paper's initialisation ablation"),
     "grad_fraction": code("one full pass over the task's training split (the LLaVA code uses 20%)"),
     "encoders": code("both towers, every block"),
