@@ -17,8 +17,7 @@ KeepLoRA, per adapted matrix W (q, k, v, o of every block of the adapted encoder
   ε_f ≤ 1e-8 is the "no M_t" ablation). Since every update is ``s·A·ΔB`` with ``A ⟂ span(U)``, inputs in
   ``span(U)`` keep their exact outputs.
 
-Two readings behind ``compat``, each part also a setting of its own (``compat`` sets those left at
-``"compat"``):
+Two readings behind ``compat`` (the paper against its official MTIL code, MaolinLuo/KeepLoRA):
 
 - ``paper`` (default): input-side principal basis (``wp_side=input``: right singular vectors of ``W_pt``), the
   ``≥`` energy cut (``energy_cut=paper``), features as the uncentered token covariance ``Σ x xᵀ`` in float64
@@ -28,6 +27,8 @@ Two readings behind ``compat``, each part also a setting of its own (``compat`` 
   when the basis is still empty, e.g. with ε_w = 0), the slot-aligned running mean of per-batch token matrices
   as features (``features=slotsum``, D2), randomized SVD of ``Ĝ`` with 4r sketch columns and 4 power
   iterations (``grad_svd=randomized``, D6).
+
+Each part is also a setting of its own; ``compat`` sets those left at ``"compat"``.
 
 ``init=random`` is the paper's initialisation ablation (a random initialisation instead of the residual gradient):
 ``A`` random orthonormal inside ``span(U)^⊥``, ``B = 0``, no gradient pass and no shift, so only the plasticity part
