@@ -31,6 +31,8 @@ REPORTED = "reported (not re-run)"
 # Config keys that do not change a run's numbers (or are the seed itself): seeds differing only here pool.
 IGNORED_CONFIG_KEYS = frozenset({"seed", "device", "data_root", "preset", "datasets", "_doc",
                                  "train.num_workers", "train.eval_batch_size"})
+# ``recipe`` restates the settings with their provenance (the method's card), so it never tells runs apart.
+IGNORED_CONFIG_PREFIXES = ("recipe.",)
 METRIC_TOLERANCE = 0.01  # percent; accuracy.csv keeps 4 decimals, so a sound pair agrees far closer
 
 
@@ -145,7 +147,6 @@ def read_run(folder: Path, manifest: dict) -> Matrix:
             raise UserError(f"{folder / 'zeroshot.csv'} needs one row with a column per dataset of accuracy.csv")
         zeroshot = frame.iloc[0][list(accuracy.columns)].astype(float)
     config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
-    config.pop("recipe", None)  # restates the settings with their provenance: never a difference between runs
     benchmark = manifest.get("benchmark", config.get("benchmark"))
     rule = manifest.get("evaluation", {}).get("rule") or config.get("eval") or DEFAULT_EVAL.get(benchmark, "task")
     method = str(manifest.get("method") or config.get("method") or folder.parent.name)
@@ -264,7 +265,8 @@ def _flatten(data, prefix: str = "") -> dict[str, object]:
 
 def _signature(m: Matrix) -> dict[str, str]:
     flat = _flatten(m.config)
-    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in IGNORED_CONFIG_KEYS}
+    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items()
+            if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES)}
 
 
 def _label_runs(runs: list[Matrix]) -> None:
