@@ -179,12 +179,55 @@ def _print_summary(outcomes) -> None:
 
 
 @app.command()
-def methods() -> None:
-    """List the registered methods, one line each."""
+def methods(
+    name: Annotated[str, typer.Argument(help="a method: print its hyperparameters and recipe card")] = "",
+    preset: Annotated[str, typer.Option("--preset", help="the preset whose recipe to show")] = "paper",
+    order: Annotated[int, typer.Option(help="task order, 1 or 2 (per-task epochs differ)")] = 1,
+) -> None:
+    """List the registered methods, or show one method's hyperparameters, defaults, ranges and recipe."""
     from clbench.methods import get_method, list_methods
 
-    for name in list_methods():
-        out_console.print(f"{name:12s} {get_method(name).summary}", highlight=False)
+    if not name:
+        for method in list_methods():
+            out_console.print(f"{method:12s} {get_method(method).summary}", highlight=False)
+        out_console.print("details of one method: clbench methods NAME [--preset P] [--order N]", highlight=False)
+        return
+    _print_method_card(name, preset, order)
+
+
+def _print_method_card(name: str, preset: str, order: int) -> None:
+    from clbench.config import build_config
+    from clbench.methods import get_method
+    from clbench.methods.recipes import card_for, hparam_rows, recipe_rows
+
+    cls = get_method(name)
+    cfg = build_config(preset, {"order": order}, [], [name])
+    card = card_for(name)
+    out_console.print(f"{name}: {cls.summary}", highlight=False)
+    if card is not None:
+        out_console.print(f"follows: {card.reference}", highlight=False)
+    rows = hparam_rows(name)
+    if rows:
+        table = Table(title=f"hyperparameters (--set {name}.KEY=VALUE)")
+        for col in ("name", "type", "default", "allowed"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        out_console.print(table)
+    else:
+        out_console.print("hyperparameters: none")
+    if card is None:
+        out_console.print(f"recipe: {name} declares no recipe card")
+        return
+    if not card.trains:
+        out_console.print("recipe: no training, so no training settings apply")
+    table = Table(title=f"recipe under --preset {preset} (order {order}); the authors' is --preset {card.preset}")
+    for col in ("setting", "value", "source", "note"):
+        table.add_column(col, overflow="fold")
+    for row in recipe_rows(cfg, name):
+        table.add_row(row.key, str(row.value), row.source, row.note)
+    if table.row_count:
+        out_console.print(table)
 
 
 @app.command()

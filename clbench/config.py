@@ -310,10 +310,14 @@ def method_run_config(cfg: RunConfig, method: str) -> dict:
     data["method"] = method
     data["hparams"] = cfg.methods[method]
     data["train"] = dataclasses.asdict(train_config_for(cfg, method))
+    from clbench.methods.recipes import recipe_record
+
+    data["recipe"] = recipe_record(cfg, method)  # the preset and method card the run followed
     return data
 
 
 def run_id(run_config: dict) -> str:
-    """A deterministic id from the resolved config (sweeps skip finished ids, resume checks them)."""
-    blob = json.dumps({k: v for k, v in run_config.items() if k not in ("device",)}, sort_keys=True)
+    """A deterministic id from the resolved config (sweeps skip finished ids, resume checks them); the recipe
+    record is left out: it restates the settings with their provenance."""
+    blob = json.dumps({k: v for k, v in run_config.items() if k not in ("device", "recipe")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

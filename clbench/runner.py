@@ -331,7 +331,8 @@ def _config_diff(plan: RunPlan) -> str:
     stored_path = plan.path / "config.json"
     stored = _flatten(_read_json(stored_path)) if stored_path.exists() else {}
     now = _flatten(plan.resolved)
-    keys = sorted(k for k in set(stored) | set(now) if k != "device" and stored.get(k) != now.get(k))
+    keys = sorted(k for k in set(stored) | set(now)
+                  if k != "device" and not k.startswith("recipe.") and stored.get(k) != now.get(k))
     if not keys:
         return "its run id differs"
     shown = ", ".join(f"{k}: {stored.get(k, '-')!s} then, {now.get(k, '-')!s} now" for k in keys[:3])

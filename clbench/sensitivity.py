@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clbench.errors import UserError
-from clbench.reports.loading import IGNORED_CONFIG_KEYS, RUN, ReportInput, collect
+from clbench.reports.loading import IGNORED_CONFIG_KEYS, IGNORED_CONFIG_PREFIXES, RUN, ReportInput, collect
 from clbench.reports.names import method_display
 from clbench.sweep import key_target
 
@@ -37,7 +37,8 @@ def _flatten(data: object, prefix: str = "") -> dict[str, object]:
 
 def _series_labels(method: str, flats: list[dict[str, object]], path: str) -> list[str]:
     """The method's display name, plus the settings other than ``path`` that differ among its runs."""
-    sigs = [{k: json.dumps(v, sort_keys=True) for k, v in f.items() if k not in IGNORED_CONFIG_KEYS and k != path}
+    sigs = [{k: json.dumps(v, sort_keys=True) for k, v in f.items()
+             if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES) and k != path}
             for f in flats]
     keys = sorted({k for s in sigs for k in s if any(t.get(k) != s.get(k) for t in sigs)})
     labels = []

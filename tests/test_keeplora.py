@@ -35,9 +35,9 @@ def _task(name: str, classes: int = 3, per_class: int = 8, seed: int = 0) -> Tas
     return Task(name, [f"thing{i}" for i in range(classes)], ["a photo of a {}."], data, data)
 
 
-def _ctx(task: Task, index: int = 0, steps: int = 4) -> TaskContext:
-    make = make_loader_factory(TrainConfig(batch_size=BATCH), torch.device("cpu"), seed=0)
-    return TaskContext(index, task, 3, torch.device("cpu"), make, steps, prompts=task.prompts())
+def _ctx(task: Task, index: int = 0, steps: int = 4, device: str = "cpu") -> TaskContext:
+    make = make_loader_factory(TrainConfig(batch_size=BATCH), torch.device(device), seed=0)
+    return TaskContext(index, task, 3, torch.device(device), make, steps, prompts=task.prompts())
 
 
 def _method(model: ClipModel, name: str = "keeplora", **hp) -> KeepLoRA:
@@ -69,25 +69,46 @@ def _proj(U: torch.Tensor) -> torch.Tensor:
 
 
 # ---- S0 ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("compat", ["paper", "official"])
-def test_pretrained_bases_follow_the_chosen_reading(tiny_model: ClipModel, compat: str) -> None:
-    method = _method(tiny_model, compat=compat)
+# What each reading means, written out here (not read from the method): basis side and energy cut.
+READINGS = {"paper": ("input", "paper"), "official": ("output", "official")}
+
+
+@pytest.mark.parametrize(("settings", "side", "cut"), [
+    ({"compat": "paper"}, "input", "paper"),
+    ({"compat": "official"}, "output", "official"),
+    ({"compat": "paper", "wp_side": "output"}, "output", "paper"),
+    ({"compat": "official", "energy_cut": "paper"}, "output", "paper"),
+    ({"compat": "official", "wp_side": "input", "energy_cut": "compat"}, "input", "official"),
+    ({"compat": "paper", "eps_w_vision": 0.5, "eps_w_text": 0.95}, "input", "paper"),
+])
+def test_pretrained_bases_follow_the_chosen_reading(tiny_model: ClipModel, settings: dict, side: str,
+                                                    cut: str) -> None:
+    """ε_w per tower from the literal values (0.85 vision, 0.2 text by default; swapped-looking values in the last
+    case), never from the method's accessor, so a swap between towers fails here."""
+    method = _method(tiny_model, **settings)
     method.setup()
+    eps_w = {"vision": settings.get("eps_w_vision", 0.85), "text": settings.get("eps_w_text", 0.2)}
     assert len(method.bases) == 2 * 4 * 4
     for m in method.matrices():
         W = m.weight().detach().to(D)
         U, S, Vh = torch.linalg.svd(W)
         ratio = torch.cumsum(S**2, 0) / (S**2).sum()
-        eps = method.eps_w(m.site.encoder)
-        below = int((ratio < eps).sum())
-        # paper: right singular vectors of W_pt, smallest p with ratio >= eps;
-        # official: left singular vectors of W_pt, p = #(ratio < eps), at least 1
-        expected = Vh[: below + 1].T if compat == "paper" else U[:, : max(below, 1)]
+        below = int((ratio < eps_w[m.name.split(".")[0]]).sum())
+        # paper cut: smallest p with ratio >= eps; official: p = #(ratio < eps), at least 1
+        p = below + 1 if cut == "paper" else max(below, 1)
+        # input side: right singular vectors of W_pt; output side: its left singular vectors
+        expected = Vh[:p].T if side == "input" else U[:, :p]
         basis = method.bases[m.name]
         assert basis.shape == expected.shape, m.name
         assert torch.allclose(_proj(basis), _proj(expected), atol=1e-5), m.name
     assert method.state_bytes()["basis"] == sum(b.numel() * 4 for b in method.bases.values())
     assert set(method.basis_columns()) == set(method.bases)
+
+
+def test_default_thresholds_are_the_official_values() -> None:
+    hp = get_method("keeplora").Hparams()
+    assert (hp.rank, hp.alpha, hp.eps_w_vision, hp.eps_w_text, hp.eps_f) == (16, 1.0, 0.85, 0.2, 0.99)
+    assert (hp.compat, hp.init) == ("paper", "residual_grad")
 
 
 def test_zero_eps_w_skips_the_pretrained_basis(tiny_model: ClipModel) -> None:
@@ -401,7 +422,13 @@ def test_hyperparameter_checks(tiny_model: ClipModel) -> None:
     assert cfg.methods["keeplora++"]["gamma"] == 0.3 and cfg.methods["keeplora++"]["scale_text"] is False
     assert cfg.methods["keeplora+"]["compat"] == "official"
     assert cfg.methods["keeplora"]["grad_fraction"] == 0.25
-    for bad in ("keeplora.eps_w_text=-0.1", "keeplora.compat=code", "keeplora.grad_fraction=0", "keeplora.rank=0"):
+    cfg = build_config("smoke", {}, ["keeplora.wp_side=output", "keeplora.features=slotsum", "keeplora.init=random",
+                                     "keeplora.energy_cut=official", "keeplora.grad_svd=randomized"], ["keeplora"])
+    expected = {"wp_side": "output", "features": "slotsum", "energy_cut": "official", "grad_svd": "randomized",
+                "init": "random"}
+    assert {k: cfg.methods["keeplora"][k] for k in expected} == expected
+    for bad in ("keeplora.eps_w_text=-0.1", "keeplora.compat=code", "keeplora.grad_fraction=0", "keeplora.rank=0",
+                "keeplora.wp_side=left", "keeplora.features=stacked", "keeplora.energy_cut=<", "keeplora.init=zeros"):
         with pytest.raises(UserError):
             build_config("smoke", {}, [bad], ["keeplora"])
 
@@ -426,3 +453,205 @@ def test_smoke_run_of_all_three_methods(tmp_path) -> None:
         columns = state[state["name"].str.startswith("basis:")]
         assert len(columns) == 3 * 32  # setup + 2 tasks, 32 matrices
         assert (columns["columns"] <= 128).all()
+
+
+# ---- precision: merge and head initialisation in float32 under a caller's autocast ---------------------------------
+AUTOCAST = [("cpu", torch.bfloat16),
+            pytest.param("cuda", torch.float16, marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize(("device", "dtype"), AUTOCAST)
+@pytest.mark.parametrize("name", ["keeplora+", "keeplora++"])
+def test_merge_and_head_init_are_float32_under_autocast(tiny_model: ClipModel, name: str, device: str,
+                                                        dtype: torch.dtype) -> None:
+    """``--precision amp`` wraps the hooks in autocast (bfloat16 on the CPU, float16 on CUDA): the merged weight
+    must still act on the protected subspace exactly as before the task (the official code merges in fp32), and
+    KeepLoRA+'s head must be the float32 class means. In bfloat16 the merge drifts by ~5e-5 relative there."""
+    tiny_model.to(device)
+    task = _task("A")
+    method = _method(tiny_model, name)
+    method.setup()
+    ctx = _ctx(task, steps=5, device=device)
+    with torch.autocast(device, dtype=dtype):
+        method.before_task(ctx)
+    if name == "keeplora+":
+        images = torch.stack([task.train[i][0] for i in range(len(task.train))]).to(device)
+        labels = torch.tensor([task.train[i][1] for i in range(len(task.train))]).to(device)
+        with torch.no_grad():
+            z = F.normalize(tiny_model.clip.encode_image(images).float(), dim=-1)
+        means = torch.stack([z[labels == c].mean(0) for c in range(3)])
+        assert _rel(method.heads["A"], F.normalize(means, dim=-1)) <= 1e-6
+    previous = {m.name: (m.weight() + m.site.module.adapters[m.proj][ADAPTER].delta()).detach().clone()
+                for m in method.matrices()}
+    train_task(method, ctx, TrainConfig(batch_size=BATCH, lr=0.2, weight_decay=0.01), Hooks(), "fp32")
+    gen = torch.Generator().manual_seed(2)
+    inside = {}
+    for m in method.matrices():
+        U = method.bases[m.name]
+        inside[m.name] = torch.randn(6, U.shape[1], generator=gen).to(device) @ U.T
+    moved = 0.0
+    with torch.autocast(device, dtype=dtype):
+        method.after_task(ctx)
+    for m in method.matrices():
+        x = inside[m.name]
+        with torch.no_grad():
+            expected = F.linear(x, previous[m.name])
+            assert _rel(F.linear(x, m.weight()), expected) <= 1e-5, m.name
+            moved = max(moved, _rel(m.weight(), previous[m.name]))
+    assert moved > 1e-3  # the merge did change the weights (elsewhere than on the protected subspace)
+
+
+# ---- the separate settings behind compat ---------------------------------------------------------------------------
+def _stacked_inputs(model: ClipModel, method: KeepLoRA, task: Task) -> dict[tuple[str, str], torch.Tensor]:
+    """Every token of every projection input (d × N) over the task's images and prompts, by brute force."""
+    inputs: dict[tuple[str, str], list[torch.Tensor]] = {}
+    removers = [s.module.add_observer(lambda kind, x, n=s.name: inputs.setdefault((n, kind), []).append(x.clone()))
+                for s in method.sites()]
+    with torch.no_grad():
+        model.encode_image(torch.stack([task.train[i][0] for i in range(len(task.train))]))
+        model.encode_text(model.tokenize(task.prompts()))
+    for remove in removers:
+        remove()
+    return {key: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).T for key, xs in inputs.items()}
+
+
+@pytest.mark.parametrize(("settings", "cut"), [
+    ({"compat": "official"}, "official"),
+    ({"compat": "official", "energy_cut": "paper"}, "paper"),
+    ({"compat": "paper", "features": "slotsum", "energy_cut": "official"}, "official"),
+])
+def test_first_feature_update_with_an_empty_basis(tiny_model: ClipModel, settings: dict, cut: str) -> None:
+    """With ε_w = 0 the first feature update starts from an empty basis: the official reading takes the top
+    ``#(cumsum σ²/Σσ² < ε_f)`` (at least 1) directions of the slot-sum features, the paper cut one more. One
+    batch (8 samples = the batch size), so the slot sum is the token matrix itself up to the column order and a
+    scale: its left singular vectors and energy fractions are those of the stacked inputs."""
+    task = _task("A", classes=2, per_class=4)
+    method = _method(tiny_model, eps_w_vision=0.0, eps_w_text=0.0, eps_f=0.9, **settings)
+    method.setup()
+    assert all(c == 0 for c in method.basis_columns().values())
+    ctx = _ctx(task, steps=1)
+    method.before_task(ctx)
+    method.after_task(ctx)
+    stacked = _stacked_inputs(tiny_model, method, task)
+    for m in method.matrices():
+        X = stacked[(m.site.name, INPUT_OF_TEST[m.proj])].to(D)
+        U, S, _ = torch.linalg.svd(X, full_matrices=False)
+        ratio = torch.cumsum(S**2, 0) / (S**2).sum()
+        below = int((ratio < 0.9).sum())
+        k = max(below, 1) if cut == "official" else below + 1
+        basis = method.bases[m.name]
+        assert basis.shape[1] == k, m.name
+        assert torch.allclose(_proj(basis), _proj(U[:, :k]), atol=1e-4), m.name
+
+
+INPUT_OF_TEST = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}
+
+
+@pytest.mark.parametrize(("settings", "statistic", "svd"), [
+    ({"compat": "paper"}, "CovarianceAccumulator", "exact"),
+    ({"compat": "official"}, "SlotSumAccumulator", "randomized"),
+    ({"compat": "paper", "features": "slotsum", "grad_svd": "randomized"}, "SlotSumAccumulator", "randomized"),
+    ({"compat": "official", "features": "cov", "grad_svd": "exact"}, "CovarianceAccumulator", "exact"),
+])
+def test_feature_statistic_and_gradient_svd_settings(tiny_model: ClipModel, monkeypatch, settings: dict,
+                                                     statistic: str, svd: str) -> None:
+    import clbench.methods.keeplora as keeplora
+
+    routes = []
+    real = keeplora.top_r_factors
+
+    def spy(*args, method="exact", **kwargs):
+        routes.append(method)
+        return real(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(keeplora, "top_r_factors", spy)
+    method = _method(tiny_model, encoders="vision", **settings)
+    method.setup()
+    ctx = _ctx(_task("A"))
+    method.before_task(ctx)
+    assert set(routes) == {svd}
+    stats = method.feature_statistics(ctx)
+    assert {type(acc).__name__ for acc in stats.values()} == {statistic}
+
+
+def test_random_orthonormal_init_ablation(tiny_model: ClipModel) -> None:
+    """init=random (the paper's initialisation ablation): no gradient pass, A random orthonormal in span(U)^⊥,
+    B = 0, weights untouched; training still leaves the protected span alone."""
+    task = _task("A")
+    method = _method(tiny_model, init="random")
+
+    def no_gradient_pass(task):
+        raise AssertionError("the random initialisation must not estimate a gradient")
+
+    method.estimate_gradients = no_gradient_pass
+    method.setup()
+    weights0 = {m.name: m.weight().detach().clone() for m in method.matrices()}
+    ctx = _ctx(task, steps=4)
+    method.before_task(ctx)
+    grads = KeepLoRA.estimate_gradients(method, ctx)
+    for m in method.matrices():
+        adapter = m.site.module.adapters[m.proj][ADAPTER]
+        A, U = adapter.down.T, method.bases[m.name]
+        assert A.shape[1] == 8 and is_orthonormal(torch.cat([U, A], dim=1), atol=1e-5), m.name
+        assert float(adapter.up.detach().abs().max()) == 0.0 and torch.equal(m.weight(), weights0[m.name])
+        # not the gradient's directions: the residual gradient's top-8 subspace captures far more of it
+        G_hat = (torch.eye(U.shape[0], dtype=D) - _proj(U)) @ grads[m.name].T.to(D)
+        top = torch.linalg.svdvals(G_hat)[:8].square().sum()
+        assert float((A.T.to(D) @ G_hat).square().sum()) < 0.5 * float(top), m.name
+    probes = {m.name: torch.randn(4, method.bases[m.name].shape[1]) @ method.bases[m.name].T
+              for m in method.matrices()}
+    before = {m.name: F.linear(probes[m.name], m.weight()).detach() for m in method.matrices()}
+    train_task(method, ctx, TrainConfig(batch_size=BATCH, lr=1e-2), Hooks(), "fp32")
+    method.after_task(ctx)
+    moved = 0.0
+    for m in method.matrices():
+        assert _rel(F.linear(probes[m.name], m.weight()), before[m.name]) <= 1e-5, m.name
+        moved = max(moved, _rel(m.weight(), weights0[m.name]))
+    assert moved > 1e-4
+
+
+# ---- KeepLoRA+ heads after training, KeepLoRA++ default scales ---------------------------------------------------
+def test_keeplora_plus_trained_heads_enter_the_logits_normalised(tiny_model: ClipModel) -> None:
+    """After training the head rows are no longer unit vectors; the logits must still use 30·cos(z, w_c),
+    written out here as z·w / (|z| |w|), in training, per-dataset evaluation and the union rule."""
+    from clbench.datasets.base import ClassSpan
+
+    task = _task("A")
+    method = _method(tiny_model, "keeplora+")
+    method.setup()
+    ctx = _ctx(task, steps=6)
+    method.before_task(ctx)
+    train_task(method, ctx, TrainConfig(batch_size=BATCH, lr=5e-2, weight_decay=0.0), Hooks(), "fp32")
+    method.after_task(ctx)
+    head = method.heads["A"].detach()
+    assert float((head.norm(dim=-1) - 1).abs().max()) > 1e-3  # the rows did move off the unit sphere
+    z = torch.randn(5, head.shape[1]) * 3  # not normalised either
+    text = torch.randn(3, head.shape[1])
+    cos = (z @ head.T) / (z.norm(dim=-1)[:, None] * head.norm(dim=-1)[None, :])
+    clip = tiny_model.logit_scale() * z @ text.T
+    expected = clip + 30.0 * cos
+    with torch.no_grad():
+        assert torch.allclose(method.logits(z, text, "A", trained=True), expected, atol=1e-4)
+        assert torch.allclose(method.train_logits(z, text, ctx), expected, atol=1e-4)
+        spans = [ClassSpan("A", 0, 3), ClassSpan("B", 3, 5)]
+        text5 = torch.randn(5, head.shape[1])
+        union = method.logits_union(z, text5, spans, trained=1)
+        clip5 = tiny_model.logit_scale() * z @ text5.T
+        assert torch.allclose(union[:, :3], clip5[:, :3] + 30.0 * cos, atol=1e-4)
+        assert torch.allclose(union[:, 3:], clip5[:, 3:], atol=1e-5)
+
+
+def test_keeplora_pp_default_scales_both_towers(tiny_model: ClipModel) -> None:
+    """Defaults (γ = 0.2, text scaled too): with 4 layers s_l = 0.2, 0.4667, 0.7333, 1.0 in both towers, times
+    α/r = 1/8; the merged update carries the same factor (merge equals the adapted forward)."""
+    method = _method(tiny_model, "keeplora++")
+    method.setup()
+    method.before_task(_ctx(_task("A")))
+    factors = [0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0]
+    seen = set()
+    for m in method.matrices():
+        adapter = m.site.module.adapters[m.proj][ADAPTER]
+        assert adapter.scale == pytest.approx(factors[m.site.layer] / 8), m.name
+        seen.add(m.site.encoder)
+    assert seen == {"vision", "text"}

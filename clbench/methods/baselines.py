@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass, field
 
-from clbench.methods.base import Method
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clbench.methods.base import Method, TaskContext
+from clbench.methods.recipes import RecipeCard, code, harness
 from clbench.methods.registry import register_method
 
 
@@ -15,11 +19,41 @@ class ZeroShot(Method):
     summary = "pretrained CLIP, no training (the zero-shot reference)"
 
 
+@dataclass
+class FineTuneHparams:
+    label_smoothing: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
+
+
 @register_method("finetune")
 class FineTune(Method):
-    """Sequential full fine-tuning of both encoders (ZSCL's 'Continual FT' baseline)."""
+    """Sequential full fine-tuning of both encoders (ZSCL's 'Continual FT' baseline: CE with label smoothing 0.2
+    on CLIP's logits over the current task's classes, ZSCL's ``finetune.sh``)."""
 
     summary = "full fine-tuning of both encoders, task after task"
+    Hparams = FineTuneHparams
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.model.encoder_parameters()
+
+    def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
+        text = self.model.encode_text(self.model.tokenize(task.prompts))
+        logits = self.train_logits(self.model.encode_image(images), text, task)
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+
+
+# ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json) -------------------------
+RECIPES = {
+    "zeroshot": RecipeCard("pretrained CLIP (Radford et al., 2021), ZSCL's MTIL zero-shot row", {}, trains=False),
+    "finetune": RecipeCard(
+        "ZSCL's continual full fine-tuning baseline (Zheng et al., ICCV 2023), Thunderbeee/ZSCL mtil/scripts/"
+        "finetune.sh",
+        {"train.optimizer": code("AdamW (src/models/finetune.py)"),
+         "train.lr": code("finetune.sh, the same for every dataset"),
+         "train.weight_decay": code("args.py default"),
+         "train.schedule": code("linear warm-up, then cosine decay to 0 (utils.cosine_lr), per iteration"),
+         "train.warmup_steps": code("args.py default"),
+         "train.epochs": harness("only high enough for max_steps to end the task"),
+         "train.max_steps": code("--iterations"),
+         "train.batch_size": code("args.py default"),
+         "label_smoothing": code("finetune.sh --ls")}),
+}

@@ -19,12 +19,20 @@ KeepLoRA, per adapted matrix W (q, k, v, o of every block of the adapted encoder
 
 Two readings behind ``compat`` (the paper against its official MTIL code, MaolinLuo/KeepLoRA):
 
-- ``paper`` (default): input-side principal basis (right singular vectors of ``W_pt``), the ``≥`` energy cut,
-  features as the uncentered token covariance ``Σ x xᵀ`` (float64), exact SVD of ``Ĝ``.
-- ``official`` (the MTIL code, for number matching): output-side basis (left singular vectors of ``W_pt``,
-  D1), the ``<`` cut (D4), the slot-aligned running mean of per-batch token matrices as features (D2, and the
-  ``<`` cut when the first feature update finds an empty basis), randomized SVD of ``Ĝ`` with 4r sketch
-  columns and 4 power iterations (D6).
+- ``paper`` (default): input-side principal basis (``wp_side=input``: right singular vectors of ``W_pt``), the
+  ``≥`` energy cut (``energy_cut=paper``), features as the uncentered token covariance ``Σ x xᵀ`` in float64
+  (``features=cov``), exact SVD of ``Ĝ`` (``grad_svd=exact``).
+- ``official`` (the MTIL code, for number matching): output-side basis (``wp_side=output``: left singular
+  vectors of ``W_pt``, D1), the ``<`` cut (``energy_cut=official``, D4; also the cut of the first feature update
+  when the basis is still empty, e.g. with ε_w = 0), the slot-aligned running mean of per-batch token matrices
+  as features (``features=slotsum``, D2), randomized SVD of ``Ĝ`` with 4r sketch columns and 4 power
+  iterations (``grad_svd=randomized``, D6).
+
+Each part is also a setting of its own; ``compat`` sets those left at ``"compat"``.
+
+``init=random`` is the paper's initialisation ablation (a random initialisation instead of the residual gradient):
+``A`` random orthonormal inside ``span(U)^⊥``, ``B = 0``, no gradient pass and no shift, so only the plasticity part
+changes.
 
 Adapted for speed without changing the math: only the q/k/v/o weights require grad in the gradient pass
 (identical ``G``; D3), gradients are accumulated on the device (``.grad``), the class text features are
@@ -32,7 +40,9 @@ encoded once per pass and their summed gradient pushed through the text tower on
 forward and backward per batch), batches are split into micro-batches (same batch-mean loss), and the
 statistics of the input shared by q/k/v are collected once per layer (D9). The gradient and feature passes
 run at the caller's precision: float32, or the caller's autocast if it wraps the hooks (the official code uses
-fp16 autocast without loss scaling for the gradient); the subspace algebra always runs without autocast.
+fp16 autocast without loss scaling for the gradient); the subspace algebra, the shift, the merge and
+KeepLoRA+'s head initialisation always run in float32 whatever the caller's autocast (the official code merges
+in fp32; a half-precision ``A·B`` would leak into the protected subspace).
 ``grad_fraction`` < 1 estimates ``G`` on the first share of the shuffled batches (the LLaVA code uses 20%).
 Where ``Ĝ`` has rank < r or the basis leaves fewer than r free directions, ``A`` is completed (or shortened)
 inside ``span(U)^⊥`` (an edge case the official code does not guard). Text features use the current
@@ -65,6 +75,7 @@ from clbench.config import check_range
 from clbench.datasets.base import ClassSpan
 from clbench.errors import UserError
 from clbench.linalg import (
+    COMPUTE_DTYPE,
     CovarianceAccumulator,
     SlotSumAccumulator,
     empty_basis,
@@ -75,6 +86,7 @@ from clbench.linalg import (
 )
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import adapter_parameters, encoder_list, merge_adapters
+from clbench.methods.recipes import RecipeCard, adapted, assumption, code, harness, paper
 from clbench.methods.registry import register_method
 from clbench.models.attention import PROJECTIONS, LowRankDelta
 from clbench.models.clip import AttentionSite
@@ -83,6 +95,11 @@ ADAPTER = "keeplora"
 HEAD_SCALE = 30.0
 DISABLED = 1e-8  # a threshold at or below this switches its step off (the paper's ablations)
 INPUT_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}  # which observed input feeds each projection
+# What each reading of ``compat`` sets: the paper's, and the official MTIL code's (for number matching).
+COMPAT_READINGS = {
+    "paper": {"wp_side": "input", "features": "cov", "energy_cut": "paper", "grad_svd": "exact"},
+    "official": {"wp_side": "output", "features": "slotsum", "energy_cut": "official", "grad_svd": "randomized"},
+}
 Statistic = CovarianceAccumulator | SlotSumAccumulator
 
 
@@ -94,6 +111,11 @@ class KeepLoRAHparams:
     eps_w_text: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
     eps_f: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0})
     compat: str = field(default="paper", metadata={"choices": ("paper", "official")})
+    wp_side: str = field(default="compat", metadata={"choices": ("compat", "input", "output")})
+    features: str = field(default="compat", metadata={"choices": ("compat", "cov", "slotsum")})
+    energy_cut: str = field(default="compat", metadata={"choices": ("compat", "paper", "official")})
+    grad_svd: str = field(default="compat", metadata={"choices": ("compat", "exact", "randomized")})
+    init: str = field(default="residual_grad", metadata={"choices": ("residual_grad", "random")})
     grad_fraction: float = field(default=1.0, metadata={"min": 0.0, "exclusive_min": True, "max": 1.0})
     encoders: str = field(default="vision,text", metadata={"subset_of": ("vision", "text")})
 
@@ -173,9 +195,11 @@ class KeepLoRA(Method):
         self.init_stats: dict[str, dict[str, float]] = {}
 
     # ---- configuration ------------------------------------------------------------------------------
-    @property
-    def official(self) -> bool:
-        return self.hparams.compat == "official"
+    def reading(self, setting: str) -> str:
+        """The value of one part of ``compat`` (``wp_side``, ``features``, ``energy_cut``, ``grad_svd``): its own
+        setting, or what ``compat`` implies where it is left at ``"compat"``."""
+        value = getattr(self.hparams, setting)
+        return COMPAT_READINGS[self.hparams.compat][setting] if value == "compat" else value
 
     def sites(self) -> list[AttentionSite]:
         return self.model.attention_sites(encoder_list(self.hparams.encoders))
@@ -206,20 +230,24 @@ class KeepLoRA(Method):
 
     # ---- S0: pretrained principal subspace ---------------------------------------------------------------
     def setup(self) -> None:
-        side = "output" if self.official else "input"
+        side, rule = self.reading("wp_side"), self.reading("energy_cut")
         with self.profiler.section("pretrained_svd"), self._no_autocast():
             for m in self.matrices():
                 eps = self.eps_w(m.site.encoder)
                 if eps <= DISABLED:
                     basis = empty_basis(m.site.width, self.model.device)
                 else:
-                    basis = principal_basis(m.weight(), eps, side=side, rule=self.hparams.compat,
+                    basis = principal_basis(m.weight(), eps, side=side, rule=rule,
                                             method="auto")
                 self.bases[m.name] = basis.to(self.model.device)
         self._record_bases(-1)
 
     # ---- S1–S4: residual-gradient initialisation ---------------------------------------------------------
     def before_task(self, task: TaskContext) -> None:
+        if self.hparams.init == "random":
+            with self.profiler.section("grad_svd"), self._no_autocast():
+                self.init_random_adapters()
+            return
         with self.profiler.section("grad_estimation"):
             grads = self.estimate_gradients(task)
         with self.profiler.section("grad_svd"), self._no_autocast():
@@ -299,7 +327,7 @@ class KeepLoRA(Method):
             basis = self.bases[m.name]
             G = grads[m.name].T.float()  # paper layout d_in × d_out
             G_hat = project_out(G, basis)
-            A, S, V = top_r_factors(G_hat, hp.rank, method="randomized" if self.official else "exact",
+            A, S, V = top_r_factors(G_hat, hp.rank, method=self.reading("grad_svd"),
                                     oversample=4 * hp.rank, niter=4, generator=generator, basis=basis)
             self.init_stats[m.name] = _init_stats(G, G_hat, A, basis)
             if A.shape[1] == 0:  # the basis fills the whole input space: nothing left to adapt
@@ -311,12 +339,31 @@ class KeepLoRA(Method):
             if self.shift_at_init:
                 m.site.module.add_to_weight(m.proj, -delta.delta().detach())
 
+    def init_random_adapters(self) -> None:
+        """The paper's initialisation ablation: ``A`` random orthonormal in ``span(U)^⊥`` (at most ``r``
+        columns, fewer where the basis leaves fewer free directions), ``B = 0``, weights unchanged."""
+        hp = self.hparams
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        for m in self.matrices():
+            basis = self.bases[m.name].to(COMPUTE_DTYPE)
+            d_in, d_out = basis.shape[0], m.weight().shape[0]
+            r = min(hp.rank, d_in - basis.shape[1])
+            if r <= 0:
+                continue
+            A = torch.randn(d_in, r, generator=generator, dtype=COMPUTE_DTYPE).to(basis.device)
+            for _ in range(2):  # projecting off U and orthonormalising twice is exact to float rounding
+                A, _ = torch.linalg.qr(project_out(A, basis))
+            A = A.to(torch.float32)
+            delta = LowRankDelta(A.T, torch.zeros(d_out, r, device=A.device),
+                                 scale=hp.alpha / hp.rank * self.layer_scale(m.site))
+            m.site.module.add_adapter(m.proj, ADAPTER, delta)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return adapter_parameters(self.sites(), ADAPTER)
 
     # ---- S6–S7: merge, then grow the protected subspace ---------------------------------------------------
     def after_task(self, task: TaskContext) -> None:
-        with self.profiler.section("merge"):
+        with self.profiler.section("merge"), self._no_autocast():
             merge_adapters(self.sites(), ADAPTER)
         if self.hparams.eps_f > DISABLED:
             with self.profiler.section("feature_stats"):
@@ -330,10 +377,11 @@ class KeepLoRA(Method):
         class prompts, keyed ``(site name, "qkv" | "o")``: one per layer input (q, k, v share theirs)."""
         model, encoders = self.model, encoder_list(self.hparams.encoders)
         stats: dict[tuple[str, str], Statistic] = {}
+        slotsum = self.reading("features") == "slotsum"
         removers = []
         for site in self.sites():
             for kind in ("qkv", "o"):
-                stats[(site.name, kind)] = (SlotSumAccumulator(site.width, model.device) if self.official
+                stats[(site.name, kind)] = (SlotSumAccumulator(site.width, model.device) if slotsum
                                             else CovarianceAccumulator(site.width, model.device))
             removers.append(site.module.add_observer(
                 lambda kind, x, name=site.name: stats[(name, kind)].update(x)))
@@ -354,14 +402,14 @@ class KeepLoRA(Method):
 
     def extend_bases(self, stats: dict[tuple[str, str], Statistic]) -> None:
         """S7: GPM extension of every basis with its input's statistics at ε_f."""
-        eps = self.hparams.eps_f
+        eps, rule = self.hparams.eps_f, self.reading("energy_cut")
         for m in self.matrices():
             acc = stats[(m.site.name, INPUT_OF[m.proj])]
             basis = self.bases[m.name]
-            if self.official:
-                new = gpm_extend(basis, eps, features=acc.features(), method="gram_eigh", empty_rule="official")
+            if isinstance(acc, SlotSumAccumulator):
+                new = gpm_extend(basis, eps, features=acc.features(), method="gram_eigh", empty_rule=rule)
             else:
-                new = gpm_extend(basis, eps, covariance=acc.covariance(), empty_rule="paper")
+                new = gpm_extend(basis, eps, covariance=acc.covariance(), empty_rule=rule)
             self.bases[m.name] = new.to(basis.device)
 
     # ---- state and cost ----------------------------------------------------------------------------------
@@ -424,19 +472,21 @@ class KeepLoRAPlus(KeepLoRA):
 
     @torch.no_grad()
     def class_mean_features(self, task: TaskContext) -> Tensor:
-        """``normalize(mean_c normalize(z))`` per class over the task's (drop-last) training batches."""
+        """``normalize(mean_c normalize(z))`` per class over the task's (drop-last) training batches, in float32
+        whatever the caller's autocast."""
         model = self.model
         was_training = model.training
         model.eval()
         sums = counts = None
         try:
-            for images, labels in task_batches(task):
-                z = model.encode_image(images).float()
-                if sums is None:
-                    sums = z.new_zeros(len(task.task.classnames), z.shape[1])
-                    counts = z.new_zeros(len(task.task.classnames))
-                sums.index_add_(0, labels, z)
-                counts.index_add_(0, labels, torch.ones_like(labels, dtype=z.dtype))
+            with self._no_autocast():
+                for images, labels in task_batches(task):
+                    z = model.encode_image(images).float()
+                    if sums is None:
+                        sums = z.new_zeros(len(task.task.classnames), z.shape[1])
+                        counts = z.new_zeros(len(task.task.classnames))
+                    sums.index_add_(0, labels, z)
+                    counts.index_add_(0, labels, torch.ones_like(labels, dtype=z.dtype))
         finally:
             model.train(was_training)
         return F.normalize(sums / counts.clamp_min(1)[:, None], dim=-1)
@@ -505,3 +555,44 @@ class KeepLoRAPlusPlus(KeepLoRA):
         if site.encoder == "text" and not self.hparams.scale_text:
             return 1.0
         return layer_scales(site.num_layers, self.hparams.gamma)[site.layer]
+
+
+# ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
+_KEEPLORA_COMMON = {
+    "train.optimizer": code("AdamW (MTIL trainer)"),
+    "train.lr": code("keeplora_order{1,2}.yaml"),
+    "train.weight_decay": code("keeplora_order{1,2}.yaml; applied to B (and the heads) too"),
+    "train.schedule": code("OneCycleLR with max_lr = lr and PyTorch's defaults, stepped per batch"),
+    "train.warmup_steps": harness("unused: OneCycle warms up over its first 30% by itself"),
+    "train.max_steps": code("no step cap: the epoch lists decide"),
+    "train.batch_size": code("keeplora_order{1,2}.yaml"),
+    "rank": code("q, k, v and o of every block"),
+    "alpha": code("lora_alpha; the step scale is s = α/r"),
+    "eps_w_vision": code("the vision threshold of the pretrained-weight subspace"),
+    "eps_w_text": code("the text threshold of the pretrained-weight subspace"),
+    "eps_f": code("the feature-subspace threshold, both towers"),
+    "compat": paper("the paper's reading of the four points where the MTIL code differs; 'official' "
+                    "sets them all as the code has them, for number matching"),
+    "wp_side": paper("input side (right singular vectors of W_pt); the MTIL code takes the output side"),
+    "features": paper("uncentered token covariance; the MTIL code's slot-aligned running mean is 'slotsum'"),
+    "energy_cut": paper("smallest p with energy >= ε; the MTIL code counts cumsum < ε, at least 1"),
+    "grad_svd": adapted("exact SVD of the projected gradient: the code's randomized SVD (4r columns, 4 power "
+                        "iterations) approximates the same factors; 'randomized' reproduces it"),
+    "init": paper("the residual-gradient initialisation; 'random' is the paper's initialisation ablation"),
+    "grad_fraction": code("one full pass over the task's training split (the LLaVA code uses 20%)"),
+    "encoders": code("both towers, every block"),
+}
+RECIPES = {
+    "keeplora": RecipeCard(
+        "KeepLoRA (Luo et al., ICLR 2026; arXiv 2601.19659), official code MaolinLuo/KeepLoRA@a17f9c2 MTIL/",
+        {"train.epochs": code("per-dataset lists of keeplora_order{1,2}.yaml"), **_KEEPLORA_COMMON}),
+    "keeplora+": RecipeCard(
+        "KeepLoRA+ (KeepLoRA with per-task cosine heads), official code MaolinLuo/KeepLoRA@a17f9c2 MTIL/",
+        {"train.epochs": code("keeplora+_order{1,2}.yaml"), **_KEEPLORA_COMMON}),
+    "keeplora++": RecipeCard(
+        "KeepLoRA++ (layer-scaled; arXiv 2606.16256), the newer official code in MaolinLuo/KeepLoRA MTIL/",
+        {"train.epochs": assumption("the v2 keeplora_order1.yaml was not retrievable: KeepLoRA's lists"),
+         **_KEEPLORA_COMMON,
+         "gamma": code("the vision tower's build_layer_scales call (not the function's default)"),
+         "scale_text": assumption("the v2 text-tower code was not retrievable: the same rule on the text tower")}),
+}

@@ -54,6 +54,7 @@ from clbench.linalg import COMPUTE_DTYPE
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.inflora import qkv_input_covariances
 from clbench.methods.lora import encoder_list
+from clbench.methods.recipes import RecipeCard, adapted, code
 from clbench.methods.registry import register_method
 from clbench.models.attention import LowRankDelta
 from clbench.models.clip import AttentionSite, ClipModel
@@ -325,3 +326,29 @@ class LoDA(Method):
 
     def state_bytes(self) -> dict[str, int]:
         return {"history": sum(h.numel() * h.element_size() for h in self.history.values())}
+
+
+# ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
+_SAME_BUDGET = "MTIL's per-dataset epochs and batch 64, the same data budget as every adapter method"
+RECIPES = {
+    "loda": RecipeCard(
+        "LoDA (He et al., ICML 2026; 'dLoRA' in the code), official code HHHLF/LoDA_ICML2026@92f8ba8",
+        {"train.optimizer": code("SGD"),
+         "train.momentum": code("methods/dlora.py"),
+         "train.lr": code("exps/dlora/cifar10.json and cub10.json"),
+         "train.weight_decay": code("exps/dlora/*.json"),
+         "train.schedule": code("cosine decay (per step here, per epoch in the code)"),
+         "train.warmup_steps": code("no warm-up"),
+         "train.epochs": adapted(f"{_SAME_BUDGET} (the code: 20 epochs)"),
+         "train.max_steps": adapted("no step cap, as the epochs decide"),
+         "train.batch_size": adapted(f"{_SAME_BUDGET} (the code: 48)"),
+         "rank": code("exps/dlora/*.json (64 on ImageNet-R)"),
+         "gamma_general": code("slora_gamma halved by avg"),
+         "gamma_isolated": code("plora_gamma halved by avg"),
+         "merge_gamma": code("merge_gamma of the closed-form recalibration"),
+         "rho": code("exps/dlora/*.json (0.7 on ImageNet-R)"),
+         "gao": code("gradient-aligned optimisation, two optimiser steps per batch"),
+         "history_twice": code("each old task's covariance counted twice (before and after merging)"),
+         "encoders": code("vision tower, fused q/k/v (the code's ViT has no text tower); 'vision,text' is a "
+                          "variant")}),
+}

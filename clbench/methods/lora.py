@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from clbench.methods.base import Method, TaskContext
+from clbench.methods.recipes import RecipeCard, adapted, harness
 from clbench.methods.registry import register_method
 from clbench.models.attention import LowRankDelta
 from clbench.models.clip import AttentionSite
@@ -78,3 +79,18 @@ class LoRA(Method):
     def after_task(self, task: TaskContext) -> None:
         with self.profiler.section("merge"):
             merge_adapters(self.sites())
+
+
+# ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
+_SAME_AS_KEEPLORA = "no authors' continual recipe: KeepLoRA's MTIL setting, so the two differ only in the adapter"
+RECIPES = {
+    "lora": RecipeCard(
+        "sequential LoRA (Hu et al., ICLR 2022) merged after each task, on KeepLoRA's MTIL recipe",
+        {**{f"train.{key}": adapted(_SAME_AS_KEEPLORA) for key in
+            ("optimizer", "lr", "weight_decay", "schedule", "epochs", "max_steps", "batch_size")},
+         "train.warmup_steps": harness("unused: OneCycle warms up over its first 30% by itself"),
+         "rank": adapted("r = 16 as KeepLoRA"),
+         "alpha": adapted("α = 1: KeepLoRA's step scale s = 1/16"),
+         "projections": adapted("q, k, v, o as KeepLoRA"),
+         "encoders": adapted("both towers as KeepLoRA")}),
+}

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from clbench.errors import UserError
 from clbench.methods.base import Method, TaskContext
+from clbench.methods.recipes import RecipeCard, adapted, assumption, code, harness
 from clbench.methods.registry import register_method
 from clbench.models.clip import ClipModel
 
@@ -400,3 +401,37 @@ class ZSCL(Method):
         if self.ref_text is not None:
             out["reference_text"] = self.ref_text.numel() * self.ref_text.element_size()
         return out
+
+
+# ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
+RECIPES = {
+    "zscl": RecipeCard(
+        "ZSCL (Zheng et al., ICCV 2023), official code Thunderbeee/ZSCL mtil/scripts/ZSCL.sh",
+        {"train.optimizer": code("AdamW (src/models/finetune.py)"),
+         "train.lr": code("ZSCL.sh; its two exceptions are lr_overrides"),
+         "train.weight_decay": code("args.py default"),
+         "train.schedule": code("linear warm-up, then cosine decay to 0 (utils.cosine_lr), per iteration"),
+         "train.warmup_steps": code("args.py default"),
+         "train.epochs": harness("only high enough for max_steps to end the task"),
+         "train.max_steps": code("--iterations"),
+         "train.batch_size": code("args.py default"),
+         "text_distill": code("'official': the frozen reference text embeddings of all captions in both terms, "
+                              "no distillation gradient into the text tower; 'paper' is a variant"),
+         "temperature": code("--T"),
+         "image_loss": code("--image_loss"),
+         "text_loss": code("--text_loss"),
+         "l2": code("--l2, to the weights at the start of the task"),
+         "avg_freq": code("--we --avg_freq"),
+         "label_smoothing": code("--ls"),
+         "lr_overrides": code("Aircraft and MNIST in ZSCL.sh"),
+         "ref_images": adapted("a folder of reference images (the code: ImageNet train); empty on the embedded "
+                               "benchmark, which has its own reference set"),
+         "ref_captions": adapted("a captions file (the code: Conceptual Captions validation)"),
+         "ref_caption_column": harness("the captions file's column (the code's file: 'title')"),
+         "ref_batch_size": code("0 = the training batch size, as the code's reference loader"),
+         "ref_text_batch": assumption("captions sampled per step by the 'paper' variant only"),
+         "ref_image_count": harness("size of the embedded benchmark's reference image set"),
+         "ref_caption_count": harness("size of the embedded benchmark's reference caption set"),
+         "ref_seed": harness("seed of the reference draws"),
+         "ref_workers": harness("data-loader workers for the reference images")}),
+}

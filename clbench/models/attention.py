@@ -50,8 +50,10 @@ class LowRankDelta(nn.Module):
         return int(self.down.shape[0])
 
     def delta(self) -> Tensor:
-        """The dense weight delta, ``d_out × d_in``."""
-        return self.scale * (self.up @ self.down)
+        """The dense weight delta, ``d_out × d_in``, in the factors' dtype whatever the caller's autocast (a
+        half-precision product would add rounding outside the factors' spans, e.g. when merging)."""
+        with torch.autocast(self.up.device.type, enabled=False):
+            return self.scale * (self.up @ self.down)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.linear(F.linear(x, self.down), self.up)

@@ -34,6 +34,8 @@ REFERENCE = "zero-shot reference"  # the zero-shot run: shown on its own line, n
 # Config keys that do not change a run's numbers (or are the seed itself): seeds differing only here pool.
 IGNORED_CONFIG_KEYS = frozenset({"seed", "device", "data_root", "preset", "datasets", "_doc",
                                  "train.num_workers", "train.eval_batch_size"})
+# ``recipe`` restates the settings with their provenance (the method's card), so it never tells runs apart.
+IGNORED_CONFIG_PREFIXES = ("recipe.",)
 METRIC_TOLERANCE = 0.01  # percent; accuracy.csv keeps 4 decimals, so a sound pair agrees far closer
 
 
@@ -312,7 +314,8 @@ def _flatten(data, prefix: str = "") -> dict[str, object]:
 
 def _signature(m: Matrix) -> dict[str, str]:
     flat = _flatten(m.config)
-    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in IGNORED_CONFIG_KEYS}
+    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items()
+            if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES)}
 
 
 def _setup_signature(m: Matrix) -> dict[str, str]:
