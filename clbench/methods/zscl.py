@@ -14,14 +14,15 @@ Per training step the loss is ``CE_ls(task) + w_img·L_img + w_txt·L_txt + l2·
   ``T²·CE(S_cur/T, softmax(S_ref/T))`` minus the target's entropy, a constant, so gradients are identical
   and the loss is exactly zero when the model equals the reference.
 
-  * ``text_distill="paper"`` (default, our reading of the paper): the current model's similarities use
-    the current image *and* current text encoder, ``S_cur = f_cur g_curᵀ``, on ``ref_text_batch``
-    captions sampled per step (0 = all), against ``S_ref = f_ref e_refᵀ`` on the same captions. The text
-    encoder thus receives distillation gradients. The per-step caption sample is our choice [assumption]:
+  * ``text_distill="official"`` (default, the algorithm behind ZSCL's published numbers): both terms use
+    the frozen reference text embeddings of *all* captions and only the current image features,
+    ``S_ref = f_ref e_refᵀ``, ``S_cur = f_cur e_refᵀ``; the text encoder gets no distillation gradient [code].
+  * ``text_distill="paper"`` (a variant, ``--set zscl.text_distill=paper``; our reading of the paper's text):
+    the current model's similarities use the current image *and* current text encoder,
+    ``S_cur = f_cur g_curᵀ``, on ``ref_text_batch`` captions sampled per step (0 = all), against
+    ``S_ref = f_ref e_refᵀ`` on the same captions. The text encoder thus receives distillation gradients,
+    which the official code never produces; the per-step caption sample is our choice [assumption]:
     encoding every reference caption with gradients at every step is unaffordable on MTIL.
-  * ``text_distill="official"``: the official code's behaviour, where both terms use the frozen
-    reference text embeddings of *all* captions and only the current image features,
-    ``S_cur = f_cur e_refᵀ``; the text encoder gets no distillation gradient.
 
 - ``L_WC = Σ_θ ‖θ − θ_start‖²`` over the trained weights, θ_start = the weights at the start of the task [code].
 - Weight ensemble (WE): a running uniform average of θ_start and the weights after every step with
@@ -72,7 +73,7 @@ EMBEDDED_REF_SEED = 20_231_001  # pretraining draws with seed 0; this is a diffe
 
 @dataclass
 class ZSCLHparams:
-    text_distill: str = field(default="paper", metadata={"choices": ("paper", "official")})
+    text_distill: str = field(default="official", metadata={"choices": ("official", "paper")})
     temperature: float = field(default=2.0, metadata={"min": 0.0, "exclusive_min": True})
     image_loss: float = field(default=1.0, metadata={"min": 0.0})
     text_loss: float = field(default=1.0, metadata={"min": 0.0})
