@@ -38,7 +38,8 @@ def ordered_ctx(task: Task, index: int, num_tasks: int, steps: int, batch_size: 
 
 @torch.no_grad()
 def plain_covariances(model: ClipModel, sites: list[AttentionSite], task: Task) -> dict[str, torch.Tensor]:
-    """``(1/N) Σ x xᵀ`` (float64) over every token entering each vision site's q/k/v, all training images."""
+    """``(1/N) Σ x xᵀ`` (float64) over every token entering each site's q/k/v: all training images for vision
+    sites, the task's class prompts (padding included) for text sites."""
     rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
 
     def observer(name: str):
@@ -48,8 +49,10 @@ def plain_covariances(model: ClipModel, sites: list[AttentionSite], task: Task) 
     was_training = model.training
     model.eval()
     try:
-        images = torch.stack([task.train[i][0] for i in range(len(task.train))])
-        model.encode_image(images)
+        if any(s.encoder == "vision" for s in sites):
+            model.encode_image(torch.stack([task.train[i][0] for i in range(len(task.train))]))
+        if any(s.encoder == "text" for s in sites):
+            model.encode_text(model.tokenize(task.prompts()))
     finally:
         for remove in removers:
             remove()
