@@ -299,6 +299,7 @@ def test_threshold_schedule_reaches_the_memory_task_by_task(tiny_model: ClipMode
             C_hat = C if M is None else C - M @ M.T @ C
             top = torch.linalg.svd(C_hat).U[:, :r]
             down = site.module.adapters["k"][method.adapter].down.double()
+            assert torch.equal(site.module.adapters["v"][method.adapter].down.double(), down)  # shared by k and v
             assert torch.allclose(down.norm(dim=1), torch.full((r,), ROW_SCALE, dtype=D64), atol=1e-6)
             assert torch.allclose(span_projector(down), top @ top.T, atol=1e-4)
         train_task(method, ctx, TrainConfig(lr=1e-2, schedule="constant", batch_size=8, weight_decay=0.0), Hooks(),

@@ -83,7 +83,7 @@ def test_paper_preset_recipes_of_inflora_and_loda_are_recorded() -> None:
     cfg = build_config("paper", {}, [], ["inflora", "loda", "keeplora"])
     inflora, loda, keeplora = (train_config_for(cfg, m) for m in ("inflora", "loda", "keeplora"))
     assert (inflora.optimizer, inflora.lr, inflora.weight_decay, inflora.schedule, inflora.warmup_steps) == (
-        "adam", 5e-4, 0.0, "cosine", 0)  # InfLoRA's code: Adam 5e-4, wd 0, cosine
+        "adam", 5e-4, 0.0, "coda_cosine", 0)  # InfLoRA's code: Adam 5e-4, wd 0, CODA-Prompt's cosine
     assert (loda.optimizer, loda.momentum, loda.lr, loda.weight_decay, loda.schedule) == (
         "sgd", 0.9, 0.005, 5e-4, "cosine")  # LoDA's code: SGD m0.9, wd 5e-4, cosine
     assert (keeplora.optimizer, keeplora.schedule) == ("adamw", "onecycle")  # the others keep AdamW

@@ -26,10 +26,10 @@ paper are replaced by CLIP's text head (MTIL), trained through CLIP's cross-entr
 for degenerate spectra (never taking more directions than carry energy) do not change the result in
 non-degenerate cases [adapted].
 
-Training recipe (``--preset paper``): the code's Adam (β = 0.9, 0.999), lr 5e-4, weight decay 0, cosine
-decay [code]. Adapted to MTIL: the protocol's per-dataset epochs and batch 64 (the code: 50 epochs, batch
-128 on ImageNet-R), so every adapter method gets the same data budget; the cosine decays per step rather than
-per epoch [adapted].
+Training recipe (``--preset paper``): the code's Adam (β = 0.9, 0.999), lr 5e-4, weight decay 0, and its
+``CosineSchedule`` (CODA-Prompt's quarter cosine, ``train.schedule=coda_cosine``) [code]. Adapted to MTIL: the
+protocol's per-dataset epochs and batch 64 (the code: 50 epochs, batch 128 on ImageNet-R), so every adapter
+method gets the same data budget; the schedule advances per step rather than per epoch [adapted].
 """
 
 from __future__ import annotations
