@@ -403,3 +403,31 @@ def test_down_projections_solve_their_objectives_with_the_history_through_the_me
         assert float((alone @ alone.T - top @ top.T).abs().max()) > 1e-2
         _, W = scipy.linalg.eigh(H.numpy(), S.numpy())
         assert float((span_projector(torch.from_numpy(W[:, -r:]).T) - span_projector(gen_top)).abs().max()) > 1e-2
+
+
+def test_a_diverging_gao_step_leaves_no_perturbation_behind(tiny_model: ClipModel) -> None:
+    """The run stops at a non-finite second target loss; the weights keep no GAO move (the generator is closed)."""
+    from clbench.harness import DivergenceError
+
+    method = LoDA(tiny_model, LoDAHparams(rank=3, encoders="vision", rho=0.5), Profiler())
+    ctx = ordered_ctx(styled_task("A", 0), 0, 1, steps=1)
+    method.before_task(ctx)
+    with torch.no_grad():
+        for p in method.trainable_parameters():
+            p.normal_(0, 0.1)
+    start = [p.detach().clone() for p in method.trainable_parameters()]
+    calls = []
+    ce = method._ce
+
+    def nan_on_the_second_target(*args):
+        calls.append(1)
+        loss = ce(*args)
+        return loss * float("nan") if len(calls) == 4 else loss  # source, target, source, target
+
+    method._ce = nan_on_the_second_target
+    with pytest.raises(DivergenceError):
+        train_task(method, ctx, TrainConfig(lr=1e-12, schedule="constant", optimizer="sgd", momentum=0.0,
+                                            weight_decay=0.0), Hooks(), "fp32")
+    assert len(calls) == 4
+    after = method.trainable_parameters()
+    assert max(float((a.detach() - b).abs().max()) for a, b in zip(after, start, strict=True)) < 1e-6
