@@ -204,7 +204,7 @@ def build_optimizer(params: list, train: TrainConfig) -> torch.optim.Optimizer:
 
 def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hooks, precision: str) -> int:
     """The shared training loop: ``train.optimizer`` with the configured schedule (``train.schedule``: OneCycle,
-    ZSCL's warm-up + cosine, or constant) over the method's trainable parameters.
+    ZSCL's warm-up + cosine, InfLoRA's quarter cosine, or constant) over the method's trainable parameters.
 
     Each batch takes one optimiser step per objective of ``method.losses`` (one for most methods, two for
     LoDA's GAO); the schedule and ``after_step`` advance once per batch."""
