@@ -29,7 +29,7 @@ from clbench.methods.zscl import (
 from clbench.models.clip import ClipModel
 from clbench.profiling import Profiler
 
-SMALL_REF = {"ref_image_count": 48, "ref_caption_count": 256, "ref_batch_size": 16, "ref_text_batch": 32}
+SMALL_REF = {"ref_image_count": 48, "ref_caption_count": 256, "ref_batch_size": 16}
 
 
 def _task(name: str, classes: int = 3, per_class: int = 8, seed: int = 0, size: int = 32) -> Task:
@@ -364,3 +364,9 @@ def test_weight_ensemble_keeps_the_last_steps_snapshot(tiny_model: ClipModel) ->
         assert torch.allclose(p, expected, atol=1e-6)
     without_last = [(start[i] + after[0][i] + after[4][i]) / 3 for i in range(len(start))]
     assert max(float((p - w).abs().max()) for p, w in zip(method.params(), without_last, strict=True)) > 1e-5
+
+
+def test_caption_sample_size_is_refused_where_it_has_no_effect(tiny_model: ClipModel) -> None:
+    with pytest.raises(UserError, match="ref_text_batch=32 has no effect with text_distill=official"):
+        _method(tiny_model, ref_text_batch=32).validate()
+    _method(tiny_model, ref_text_batch=32, text_distill="paper").validate()  # the variant samples captions

@@ -85,7 +85,7 @@ class ZSCLHparams:
     ref_captions: str = ""
     ref_caption_column: str = ""
     ref_batch_size: int = field(default=0, metadata={"min": 0})
-    ref_text_batch: int = field(default=256, metadata={"min": 0})
+    ref_text_batch: int = field(default=256, metadata={"min": 0})  # text_distill=paper only
     ref_image_count: int = field(default=1024, metadata={"min": 1})
     ref_caption_count: int = field(default=2048, metadata={"min": 1})
     ref_seed: int = field(default=EMBEDDED_REF_SEED, metadata={"min": 0})
@@ -264,6 +264,9 @@ class ZSCL(Method):
         """Check the options before anything runs: reference data for real benchmarks, LR overrides."""
         hp = self.hparams
         parse_lr_overrides(hp.lr_overrides)
+        if hp.text_distill == "official" and hp.ref_text_batch != ZSCLHparams.ref_text_batch:
+            raise UserError(f"zscl.ref_text_batch={hp.ref_text_batch} has no effect with text_distill=official (it "
+                            "distils against every caption); drop it, or add --set zscl.text_distill=paper")
         if bool(hp.ref_images) != bool(hp.ref_captions):
             raise UserError("zscl needs both reference images and captions: pass --set zscl.ref_images=... "
                             "--set zscl.ref_captions=... (or neither, on the embedded benchmark)")
