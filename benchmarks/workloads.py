@@ -388,7 +388,7 @@ def mtil_eval_floor(costs: EvalUnitCosts) -> float:
 # ---- training step ---------------------------------------------------------------------------------------
 @dataclass
 class StepWorkload:
-    """One shared training step (loss, backward, AdamW step) of a method after its ``before_task``."""
+    """One shared training batch (loss, backward, AdamW step per objective) of a method after its ``before_task``."""
 
     method: Method
     ctx: TaskContext
@@ -423,10 +423,10 @@ def step_workload(base_model: ClipModel, name: str, batch_size: int, classes: in
     method.train_modules()
 
     def step() -> Tensor:
-        loss = method.loss(images, labels, ctx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        for loss in method.losses(images, labels, ctx):  # one objective per optimiser step (LoDA's GAO: two)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         return loss.detach()
 
     return StepWorkload(method, ctx, step, images, labels)

@@ -36,8 +36,13 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"min": 0.0, "exclusive_min": True})
     weight_decay: float = field(default=0.01, metadata={"min": 0.0})
-    # onecycle (KeepLoRA, LoRA, InfLoRA); cosine = linear warm-up over warmup_steps then cosine decay (ZSCL)
-    schedule: str = field(default="onecycle", metadata={"choices": ("onecycle", "constant", "cosine")})
+    # adamw (KeepLoRA, LoRA, ZSCL); adam = Adam with L2 weight decay (InfLoRA's code); sgd = SGD with
+    # ``momentum`` (LoDA's code). ``momentum`` is used by sgd only.
+    optimizer: str = field(default="adamw", metadata={"choices": ("adamw", "adam", "sgd")})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    # onecycle (KeepLoRA, LoRA); cosine = linear warm-up over warmup_steps then cosine decay (ZSCL; LoDA without
+    # warm-up); coda_cosine = CODA-Prompt's quarter cosine (InfLoRA's code with Adam)
+    schedule: str = field(default="onecycle", metadata={"choices": ("onecycle", "constant", "cosine", "coda_cosine")})
     warmup_steps: int = field(default=0, metadata={"min": 0})
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     max_steps: int = field(default=0, metadata={"min": 0})

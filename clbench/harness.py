@@ -190,9 +190,24 @@ def evaluate_row(method: Method, benchmark: Benchmark, trained: int, train: Trai
     return evaluate(method, benchmark, trained, train, prompt_policy, device, hooks, autocast), None
 
 
+def build_optimizer(params: list, train: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser of ``train.optimizer``: AdamW (decoupled decay), Adam (L2 decay, InfLoRA's code) or SGD
+    with ``train.momentum`` (LoDA's code), at ``train.lr`` with ``train.weight_decay``."""
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    raise ValueError(f"unknown optimizer {train.optimizer!r}")
+
+
 def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hooks, precision: str) -> int:
-    """The shared training loop: AdamW with the configured schedule (``train.schedule``: OneCycle, ZSCL's
-    warm-up + cosine, or constant) over the method's trainable parameters."""
+    """The shared training loop: ``train.optimizer`` with the configured schedule (``train.schedule``: OneCycle,
+    ZSCL's warm-up + cosine, InfLoRA's quarter cosine, or constant) over the method's trainable parameters.
+
+    Each batch takes one optimiser step per objective of ``method.losses`` (one for most methods, two for
+    LoDA's GAO); the schedule and ``after_step`` advance once per batch."""
     params = method.trainable_parameters()
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     model = method.model
@@ -202,7 +217,7 @@ def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hook
         p.requires_grad_(True)
     if not flat:
         return 0
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    opt = build_optimizer(params, train)
     steps = ctx.train_steps
     # a group's own "lr" (e.g. ZSCL's per-dataset rates) is that group's peak; others peak at train.lr
     sched = build_scheduler(opt, train, steps)
@@ -216,15 +231,22 @@ def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hook
             if step >= steps:
                 break
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
-                loss = method.loss(images, labels, ctx)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DivergenceError(ctx.name, step, value)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            objectives = method.losses(images, labels, ctx)
+            try:
+                while True:
+                    with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
+                        loss = next(objectives, None)  # the method's code after a yield runs after that step
+                    if loss is None:
+                        break
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise DivergenceError(ctx.name, step, value)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+            finally:
+                objectives.close()
             if sched is not None:
                 sched.step()
             method.after_step(ctx, step)

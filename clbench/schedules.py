@@ -1,6 +1,6 @@
 """Learning-rate schedules of the shared training loop, one per ``train.schedule`` value.
 
-- ``onecycle``: PyTorch's OneCycleLR (KeepLoRA, LoRA, InfLoRA): each parameter group peaks at its own ``lr``.
+- ``onecycle``: PyTorch's OneCycleLR (KeepLoRA, LoRA): each parameter group peaks at its own ``lr``.
 - ``constant``: no scheduler; every group keeps its ``lr``.
 - ``cosine``: ZSCL's rule (Thunderbeee/ZSCL ``mtil/src/models/utils.py``, ``cosine_lr``). Before optimiser
   step ``s`` (0-based) a group with base rate ``lr`` uses ``lr·(s+1)/W`` while ``s < W`` (linear warm-up over
@@ -8,6 +8,11 @@
   The rate reaches 0 at ``s = T``: ZSCL runs ``T + 1`` iterations and its last one has rate 0 (a no-op for
   AdamW), so the ``T`` steps here follow the same parameter trajectory. When ``W >= T`` the warm-up is cut
   short, as in ZSCL's formula (the rate never reaches its peak).
+
+- ``coda_cosine``: the ``CosineSchedule`` of CODA-Prompt that InfLoRA's code uses with Adam
+  (``utils/schedulers.py``): ``lr·cos(99π·e/(200·(K−1)))`` at epoch ``e`` of ``K``, a quarter cosine from ``lr``
+  down to ``lr·cos(0.495π) ≈ 0.016·lr`` at the last epoch. Here it is applied per step (``e → s``, ``K → T``)
+  like the other schedules [adapted]; one step (``T = 1``) keeps ``lr``.
 
 Every group is scheduled from its own ``lr``, so per-dataset rates (ZSCL's ``lr_overrides``) are that group's peak.
 """
@@ -32,6 +37,13 @@ def warmup_cosine_lr(base_lr: float, step: int, warmup_steps: int, total_steps: 
     return 0.5 * (1 + math.cos(math.pi * elapsed / span)) * base_lr
 
 
+def coda_cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """CODA-Prompt's quarter cosine before optimiser step ``step`` of ``total_steps`` (InfLoRA with Adam)."""
+    if total_steps <= 1:
+        return base_lr
+    return base_lr * math.cos(99 * math.pi * step / (200 * (total_steps - 1)))
+
+
 class WarmupCosine(LRScheduler):
     """Linear warm-up then cosine decay to 0 (:func:`warmup_cosine_lr`), per parameter group, stepped per batch."""
 
@@ -54,6 +66,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
                                                    total_steps=total_steps)
     if train.schedule == "cosine":
         return WarmupCosine(optimizer, train.warmup_steps, total_steps)
+    if train.schedule == "coda_cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: coda_cosine_lr(1.0, step, total_steps))
     if train.schedule == "constant":
         return None
     raise ValueError(f"unknown schedule {train.schedule!r}")

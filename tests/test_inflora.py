@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from method_probes import ordered_ctx, plain_covariances, randomise_norms, span_projector, styled_task
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig, build_config
@@ -248,3 +249,72 @@ def test_smoke_run(tmp_path: Path) -> None:
     metrics = json.loads((outcome.path / "metrics.json").read_text())
     assert all(math.isfinite(metrics[k]) for k in ("transfer", "average", "last"))
     assert (outcome.path / "state_bytes.csv").is_file()
+
+
+# ---- defaults and the ε schedule, end to end through the hooks ------------------------------------------
+def test_defaults_are_the_official_placement_and_schedule(tiny_model: ClipModel) -> None:
+    hp = InfLoRAHparams()
+    assert (hp.rank, hp.lamb, hp.lame, hp.encoders) == (10, 0.98, 1.0, "vision")  # the official ImageNet-R configs
+    method = InfLoRA(tiny_model, hp, Profiler())
+    method.before_task(_ctx(_task("A", 0), 0, 3, steps=1))
+    for site in tiny_model.attention_sites():
+        expected = {"k", "v"} if site.encoder == "vision" else set()
+        assert {p for p in "qkvo" if site.module.adapters[p]} == expected
+
+
+def _plain_gpm(C: torch.Tensor, M: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """GPM on the covariance's squared singular values (InfLoRA's code), written out plainly."""
+    U, S, _ = torch.linalg.svd(C)
+    total = float((S**2).sum())
+    if M is None:
+        ratios = torch.cumsum(S**2, 0) / total
+        return U[:, : max(int((ratios < eps).sum()), 1)]
+    R = C - M @ M.T @ C
+    Ur, Sr, _ = torch.linalg.svd(R)
+    accumulated, take = 1 - float((Sr**2).sum()) / total, 0
+    while accumulated < eps:
+        accumulated += float(Sr[take] ** 2) / total
+        take += 1
+    return torch.cat([M, Ur[:, :take]], dim=1)
+
+
+def test_threshold_schedule_reaches_the_memory_task_by_task(tiny_model: ClipModel) -> None:
+    """Three tasks through before_task/train/after_task: each task's memory is GPM with ε_t = lamb + (lame −
+    lamb)·t/T on the trained model's input covariance, and each D_t spans the top singular vectors of the
+    covariance projected off the memory (statistics re-derived with plain torch)."""
+    randomise_norms(tiny_model)
+    lamb, lame, T, r = 0.3, 0.99, 3, 3
+    method = InfLoRA(tiny_model, InfLoRAHparams(rank=r, lamb=lamb, lame=lame, encoders="vision"), Profiler())
+    sites = method.sites()
+    memory: dict[str, torch.Tensor | None] = {s.name: None for s in sites}
+    sensitive = 0
+    for t in range(T):
+        task = styled_task(f"T{t}", t)
+        ctx = ordered_ctx(task, t, T, steps=2, batch_size=8)
+        current = plain_covariances(tiny_model, sites, task)
+        method.before_task(ctx)
+        for site in sites:
+            C = current[site.name]
+            M = memory[site.name]
+            C_hat = C if M is None else C - M @ M.T @ C
+            top = torch.linalg.svd(C_hat).U[:, :r]
+            down = site.module.adapters["k"][method.adapter].down.double()
+            assert torch.equal(site.module.adapters["v"][method.adapter].down.double(), down)  # shared by k and v
+            assert torch.allclose(down.norm(dim=1), torch.full((r,), ROW_SCALE, dtype=D64), atol=1e-6)
+            assert torch.allclose(span_projector(down), top @ top.T, atol=1e-4)
+        train_task(method, ctx, TrainConfig(lr=1e-2, schedule="constant", batch_size=8, weight_decay=0.0), Hooks(),
+                   "fp32")
+        trained = plain_covariances(tiny_model, sites, task)
+        method.after_task(ctx)
+        eps = lamb + (lame - lamb) * t / T
+        for site in sites:
+            C, M = trained[site.name], memory[site.name]
+            expected = _plain_gpm(C, M, eps)
+            got = method.memory[site.name]
+            assert got.kind == "remove" and got.basis.shape[1] == expected.shape[1]
+            assert torch.allclose(_projector(got.basis), _projector(expected), atol=1e-4)
+            # the check can fail: the previous or the next task's ε, or a constant ε, keep other dimensions
+            others = {lamb + (lame - lamb) * s / T for s in (t - 1, t + 1)} | {lamb}
+            sensitive += sum(_plain_gpm(C, M, e).shape[1] != expected.shape[1] for e in others - {eps})
+            memory[site.name] = expected
+    assert sensitive >= 2 * len(sites)

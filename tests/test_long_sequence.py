@@ -58,7 +58,8 @@ def test_fifty_tasks_keep_bases_orthonormal_and_bounded(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(runner, "save_checkpoint", check)
     monkeypatch.setattr(harness, "evaluate", no_eval)
-    cfg = build_config("smoke", {"pretrained": "none"}, [*SETTINGS, f"{method}.rank=2"], [method])
+    both = ["inflora.encoders=vision,text"] if method == "inflora" else []  # InfLoRA's default is vision only
+    cfg = build_config("smoke", {"pretrained": "none"}, [*SETTINGS, f"{method}.rank=2", *both], [method])
     (outcome,) = runner.run_methods(cfg, [method], tmp_path, notify=lambda msg: None)
     assert outcome.status == "complete"
     assert [r["task"] for r in per_task] == list(range(1, TASKS + 1))  # checked after every one of the 50 tasks

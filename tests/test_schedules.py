@@ -103,3 +103,14 @@ def test_unknown_schedule_is_refused() -> None:
     train.schedule = "linear"  # bypasses config validation on purpose
     with pytest.raises(ValueError, match="linear"):
         build_scheduler(_optimizer(1e-3), train, 5)
+
+
+def test_coda_cosine_is_inflora_codes_quarter_cosine() -> None:
+    # InfLoRA's CosineSchedule: lr·cos(99π·e/(200(K−1))); with K = 3: angles 0°, 44.55°, 89.1°
+    seen, _ = _rates(TrainConfig(schedule="coda_cosine"), 3, 5e-4, 1e-3)
+    expected = [math.cos(math.radians(a)) for a in (0.0, 44.55, 89.1)]
+    assert [row[0] for row in seen] == pytest.approx([5e-4 * f for f in expected], rel=1e-12)
+    assert [row[1] for row in seen] == pytest.approx([1e-3 * f for f in expected], rel=1e-12)
+    assert seen[-1][0] == pytest.approx(7.854e-6, rel=1e-3)  # ≈ 1.6 % of the peak at the end, not 0
+    single, _ = _rates(TrainConfig(schedule="coda_cosine"), 1, 5e-4)
+    assert single == [[5e-4]]

@@ -29,7 +29,7 @@ from clbench.methods.zscl import (
 from clbench.models.clip import ClipModel
 from clbench.profiling import Profiler
 
-SMALL_REF = {"ref_image_count": 48, "ref_caption_count": 256, "ref_batch_size": 16, "ref_text_batch": 32}
+SMALL_REF = {"ref_image_count": 48, "ref_caption_count": 256, "ref_batch_size": 16}
 
 
 def _task(name: str, classes: int = 3, per_class: int = 8, seed: int = 0, size: int = 32) -> Task:
@@ -247,3 +247,126 @@ def test_smoke_run(tmp_path: Path) -> None:
     assert {"reference_forward", "train", "eval"} <= set(profile["section"])
     metrics = json.loads((outcome.path / "metrics.json").read_text())
     assert all(math.isfinite(metrics[k]) for k in ("transfer", "average", "last"))
+
+
+# ---- the official algorithm by default, and the losses re-derived through loss() -----------------------
+def test_zscl_means_the_official_algorithm_in_every_preset(tiny_model: ClipModel) -> None:
+    assert ZSCLHparams().text_distill == "official"
+    for preset in ("default", "paper", "smoke"):
+        assert build_config(preset, {}, [], ["zscl"]).methods["zscl"]["text_distill"] == "official"
+    variant = build_config("paper", {}, ["zscl.text_distill=paper"], ["zscl"])
+    assert variant.methods["zscl"]["text_distill"] == "paper"
+    # official: the distillation gives the text encoder no gradient; the paper variant does (the check can fail)
+    text_params = {id(p) for p in tiny_model.clip.transformer.parameters()}
+    for mode, has_text_grad in (("official", False), ("paper", True)):
+        method = _method(tiny_model, text_distill=mode)
+        method.setup()
+        with torch.no_grad():
+            for p in tiny_model.clip.visual.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        img, txt = method.distillation_losses(16)
+        grads = torch.autograd.grad(img + txt, method.params(), allow_unused=True)
+        text_grad = max((float(g.abs().max()) for p, g in zip(method.params(), grads, strict=True)
+                         if id(p) in text_params and g is not None), default=0.0)
+        assert (text_grad > 0) == has_text_grad
+
+
+def _kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p ‖ q), p = softmax(teacher), q = softmax(student), written out."""
+    p = torch.exp(teacher - teacher.max(1, keepdim=True).values)
+    p = p / p.sum(1, keepdim=True)
+    q = torch.exp(student - student.max(1, keepdim=True).values)
+    q = q / q.sum(1, keepdim=True)
+    return (p * (p.log() - q.log())).sum(1).mean()
+
+
+def test_loss_is_ce_plus_the_distillations_and_the_weight_constraint_re_derived(tiny_model: ClipModel) -> None:
+    """``loss()`` on the second task against a plain re-derivation: label-smoothed CE, T²·KL(teacher ‖ student)
+    image→caption and caption→image (the transpose), and ``l2·Σ‖θ − θ_start‖²`` anchored at the task's start."""
+    T, w_img, w_txt, l2, ls = 3.0, 0.7, 1.3, 0.4, 0.2
+    method = _method(tiny_model, temperature=T, image_loss=w_img, text_loss=w_txt, l2=l2, label_smoothing=ls)
+    method.setup()
+    original = [p.detach().clone() for p in tiny_model.encoder_parameters()]
+    first = _ctx(_task("A"), 0, steps=3)
+    method.before_task(first)
+    train_task(method, first, TrainConfig(lr=1e-3, schedule="constant", batch_size=8), Hooks(), "fp32")
+    method.after_task(first)
+    second_task = _task("B", seed=1)
+    second = _ctx(second_task, 1, steps=2)
+    method.before_task(second)
+    start = [p.detach().clone() for p in tiny_model.encoder_parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(start, original, strict=True)) > 1e-4
+    with torch.no_grad():  # the current weights move away from the task's start
+        for p in tiny_model.encoder_parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    for p in tiny_model.encoder_parameters():
+        p.requires_grad_(True)
+    ref_batch = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    method.ref_images.next = lambda: ref_batch
+    images, labels = second_task.train.tensors[0][:8], second_task.train.tensors[1][:8]
+    got = method.loss(images, labels, second)
+
+    ref = method.reference
+    with torch.no_grad():
+        e = ref.encode_text(tiny_model.tokenize(method.captions))
+        f_ref = ref.encode_image(ref_batch)
+        scale = ref.logit_scale()
+    f_cur = tiny_model.encode_image(ref_batch)
+    s_ref, s_cur = scale * f_ref @ e.T, scale * f_cur @ e.T
+    l_img = T**2 * _kl_rows(s_ref / T, s_cur / T)
+    l_txt = T**2 * _kl_rows(s_ref.T / T, s_cur.T / T)
+    text = tiny_model.encode_text(tiny_model.tokenize(second.prompts))
+    logits = tiny_model.logit_scale() * tiny_model.encode_image(images) @ text.T
+    n = logits.shape[1]
+    target = torch.full_like(logits, ls / n).scatter_(1, labels[:, None], 1 - ls + ls / n)
+    ce = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+    wc = sum(((p - s) ** 2).sum() for p, s in zip(tiny_model.encoder_parameters(), start, strict=True))
+    expected = ce + w_img * l_img + w_txt * l_txt + l2 * wc
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(w_txt * l_txt.detach()) > 1e-3 and float(l2 * wc.detach()) > 1e-3  # every term is in play
+    img, txt = method.distillation_losses(8)  # the two terms alone, through the same hook
+    img, txt, l_img, l_txt = (float(x.detach()) for x in (img, txt, l_img, l_txt))
+    assert img == pytest.approx(l_img, rel=1e-4) and txt == pytest.approx(l_txt, rel=1e-4)
+    # the alternatives differ by more than the tolerance (the checks can fail)
+    for wrong, right in ((T**2 * _kl_rows(s_cur / T, s_ref / T), l_img),  # teacher and student swapped
+                         (_kl_rows(s_ref, s_cur), l_img),  # temperature ignored
+                         (T**2 * _kl_rows(s_ref / T, s_cur / T), l_txt)):  # text direction not transposed
+        assert abs(float(wrong.detach()) - right) > 1e-3 * right
+    grads = torch.autograd.grad(got, tiny_model.encoder_parameters(), allow_unused=True)
+    want = torch.autograd.grad(expected, tiny_model.encoder_parameters(), allow_unused=True)
+    for g, w in zip(grads, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_weight_ensemble_keeps_the_last_steps_snapshot(tiny_model: ClipModel) -> None:
+    """6 steps, avg_freq 4: the ensemble is the mean of θ_start and the weights after steps 0, 4 and 5 (the
+    last step, not a multiple of 4), recorded after every step independently of the method's rule."""
+    method = _method(tiny_model, avg_freq=4)
+    method.setup()
+    ctx = _ctx(_task("A"), 0, steps=6)
+    method.before_task(ctx)
+    start = [p.detach().clone() for p in method.params()]
+    after: list[list[torch.Tensor]] = []
+    original = method.after_step
+
+    def record(task: TaskContext, step: int) -> None:
+        after.append([p.detach().clone() for p in method.params()])
+        original(task, step)
+
+    method.after_step = record
+    train_task(method, ctx, TrainConfig(lr=1e-3, schedule="constant", batch_size=8), Hooks(), "fp32")
+    method.after_task(ctx)
+    assert len(after) == 6
+    for i, p in enumerate(method.params()):
+        expected = (start[i] + after[0][i] + after[4][i] + after[5][i]) / 4
+        assert torch.allclose(p, expected, atol=1e-6)
+    without_last = [(start[i] + after[0][i] + after[4][i]) / 3 for i in range(len(start))]
+    assert max(float((p - w).abs().max()) for p, w in zip(method.params(), without_last, strict=True)) > 1e-5
+
+
+def test_caption_sample_size_is_refused_where_it_has_no_effect(tiny_model: ClipModel) -> None:
+    with pytest.raises(UserError, match="ref_text_batch=32 has no effect with text_distill=official"):
+        _method(tiny_model, ref_text_batch=32).validate()
+    _method(tiny_model, ref_text_batch=32, text_distill="paper").validate()  # the variant samples captions

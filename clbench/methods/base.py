@@ -7,6 +7,8 @@ the model, its own typed hyperparameters and the current task, and supplies:
 - ``before_task(task)``           e.g. estimate a gradient, design and add adapters;
 - ``trainable_parameters()``      what the optimiser updates (empty = no training);
 - ``loss(images, labels, task)``  the training objective (default: CE over CLIP logits);
+- ``losses(images, labels, task)`` the objectives of one batch, one optimiser step after each (default: one,
+                                  ``loss``; LoDA's GAO yields two, its code after a yield runs after that step);
 - ``after_step(task, step)``      e.g. weight ensembling;
 - ``after_task(task)``            e.g. merge the adapters, update a stored subspace;
 - ``logits(...)``                 evaluation logits within one dataset (default: scaled cosine similarity);
@@ -108,11 +110,15 @@ class Method:
         image = self.model.encode_image(images)
         return F.cross_entropy(self.train_logits(image, text, task), labels)
 
+    def losses(self, images: Tensor, labels: Tensor, task: TaskContext) -> Iterator[Tensor]:
+        """The objectives of one batch; the harness takes one optimiser step after each before resuming."""
+        yield self.loss(images, labels, task)
+
     def train_logits(self, image_features: Tensor, text_features: Tensor, task: TaskContext) -> Tensor:
         return self.model.logit_scale() * image_features @ text_features.T
 
     def after_step(self, task: TaskContext, step: int) -> None:
-        """After every optimiser step."""
+        """After every batch's optimiser step(s)."""
 
     def after_task(self, task: TaskContext) -> None:
         """After training task ``task``, before it is evaluated."""

@@ -15,14 +15,15 @@ Per training step the loss is ``CE_ls(task) + w_img·L_img + w_txt·L_txt + l2·
   ``T²·CE(S_cur/T, softmax(S_ref/T))`` minus the target's entropy, a constant, so gradients are identical
   and the loss is exactly zero when the model equals the reference.
 
-  * ``text_distill="paper"`` (default, our reading of the paper): the current model's similarities use
-    the current image *and* current text encoder, ``S_cur = f_cur g_curᵀ``, on ``ref_text_batch``
-    captions sampled per step (0 = all), against ``S_ref = f_ref e_refᵀ`` on the same captions. The text
-    encoder thus receives distillation gradients. The per-step caption sample is our choice [assumption]:
+  * ``text_distill="official"`` (default, the algorithm behind ZSCL's published numbers): both terms use
+    the frozen reference text embeddings of *all* captions and only the current image features,
+    ``S_ref = f_ref e_refᵀ``, ``S_cur = f_cur e_refᵀ``; the text encoder gets no distillation gradient [code].
+  * ``text_distill="paper"`` (a variant, ``--set zscl.text_distill=paper``; our reading of the paper's text):
+    the current model's similarities use the current image *and* current text encoder,
+    ``S_cur = f_cur g_curᵀ``, on ``ref_text_batch`` captions sampled per step (0 = all), against
+    ``S_ref = f_ref e_refᵀ`` on the same captions. The text encoder thus receives distillation gradients,
+    which the official code never produces; the per-step caption sample is our choice [assumption]:
     encoding every reference caption with gradients at every step is unaffordable on MTIL.
-  * ``text_distill="official"``: the official code's behaviour, where both terms use the frozen
-    reference text embeddings of *all* captions and only the current image features,
-    ``S_cur = f_cur e_refᵀ``; the text encoder gets no distillation gradient.
 
 - ``L_WC = Σ_θ ‖θ − θ_start‖²`` over the trained weights, θ_start = the weights at the start of the task [code].
 - Weight ensemble (WE): a running uniform average of θ_start and the weights after every step with
@@ -74,7 +75,7 @@ EMBEDDED_REF_SEED = 20_231_001  # pretraining draws with seed 0; this is a diffe
 
 @dataclass
 class ZSCLHparams:
-    text_distill: str = field(default="paper", metadata={"choices": ("paper", "official")})
+    text_distill: str = field(default="official", metadata={"choices": ("official", "paper")})
     temperature: float = field(default=2.0, metadata={"min": 0.0, "exclusive_min": True})
     image_loss: float = field(default=1.0, metadata={"min": 0.0})
     text_loss: float = field(default=1.0, metadata={"min": 0.0})
@@ -86,7 +87,7 @@ class ZSCLHparams:
     ref_captions: str = ""
     ref_caption_column: str = ""
     ref_batch_size: int = field(default=0, metadata={"min": 0})
-    ref_text_batch: int = field(default=256, metadata={"min": 0})
+    ref_text_batch: int = field(default=256, metadata={"min": 0})  # text_distill=paper only
     ref_image_count: int = field(default=1024, metadata={"min": 1})
     ref_caption_count: int = field(default=2048, metadata={"min": 1})
     ref_seed: int = field(default=EMBEDDED_REF_SEED, metadata={"min": 0})
@@ -270,6 +271,9 @@ class ZSCL(Method):
         """Check the options before anything runs: reference data for real benchmarks, LR overrides."""
         hp = self.hparams
         parse_lr_overrides(hp.lr_overrides)
+        if hp.text_distill == "official" and hp.ref_text_batch != ZSCLHparams.ref_text_batch:
+            raise UserError(f"zscl.ref_text_batch={hp.ref_text_batch} has no effect with text_distill=official (it "
+                            "distils against every caption); drop it, or add --set zscl.text_distill=paper")
         if bool(hp.ref_images) != bool(hp.ref_captions):
             raise UserError("zscl needs both reference images and captions: pass --set zscl.ref_images=... "
                             "--set zscl.ref_captions=... (or neither, on the embedded benchmark)")
