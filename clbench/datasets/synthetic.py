@@ -104,9 +104,9 @@ def _compositions(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
 
 def _digits(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
     n = len(labels)
-    mask = digit_masks(labels, size, gen, height=(0.5, 0.8), slant=0.45, jitter=0.25)
+    mask = digit_masks(labels, size, gen, height=(0.55, 0.8), slant=0.3, jitter=0.2)
     ink = jittered_colours(torch.randint(len(COLOURS), (n,), generator=gen), gen, amount=0.1)
-    return paint(background("noise", n, size, gen) * 0.6, mask.clamp(0, 1), ink)
+    return paint(background("noise", n, size, gen) * 0.5, mask.clamp(0, 1), ink)
 
 
 def _counts(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
