@@ -112,7 +112,7 @@ def test_smoke_preset_trains_every_method_visibly(tmp_path: Path) -> None:
 
     methods = list_methods()
     assert main(["run", "--methods", ",".join(methods), "--out", str(tmp_path), *SMOKE,
-                 "--set", "data.num_tasks=3"]) == 0
+                 "--set", "data.num_tasks=2"]) == 0
     matrices = {m: pd.read_csv(tmp_path / "synthetic-order1" / m / "seed0" / "accuracy.csv").drop(columns="trained_on")
                 for m in methods}
     trained = [m for m in methods if m != "zeroshot"]
