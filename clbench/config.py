@@ -61,6 +61,9 @@ class DataConfig:
     num_tasks: int = field(default=0, metadata={"min": 0})
     prompt: str = field(default="first", metadata={"choices": ("first", "ensemble")})
     shots: int = field(default=0, metadata={"min": 0})
+    # the embedded benchmark's images (train and test) are a pure function of this seed, not of --seed, so the test
+    # set is the same for every training seed
+    seed: int = field(default=0, metadata={"min": 0})
     # MTIL only: ZSCL's RandomResizedCrop(scale 0.9-1) on training images, and skipping unreadable images.
     train_augment: bool = False
     skip_bad_images: bool = False

@@ -70,7 +70,7 @@ def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
     if cfg.benchmark == "synthetic":
         from clbench.datasets.synthetic import build_synthetic
 
-        return build_synthetic(cfg.order, spec, cfg.data.train_per_class, cfg.data.test_per_class, cfg.seed,
+        return build_synthetic(cfg.order, spec, cfg.data.train_per_class, cfg.data.test_per_class, cfg.data.seed,
                                num_tasks=cfg.data.num_tasks or None)
     if cfg.benchmark == "mtil":
         try:

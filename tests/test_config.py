@@ -33,7 +33,10 @@ def test_paper_preset_uses_the_official_epoch_lists() -> None:
 def test_set_overrides_a_methods_own_training_settings() -> None:
     cfg = build_config("default", {}, ["lora.train.lr=5e-4", "lora.rank=8"], ["lora", "finetune"])
     assert train_config_for(cfg, "lora").lr == pytest.approx(5e-4)
-    assert train_config_for(cfg, "finetune").lr == pytest.approx(1e-4)
+    from clbench.config import load_preset
+
+    preset_lr = load_preset("default")["method_train"]["finetune"]["lr"]
+    assert train_config_for(cfg, "finetune").lr == pytest.approx(preset_lr)
     assert cfg.methods["lora"]["rank"] == 8
 
 

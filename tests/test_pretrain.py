@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from safetensors.torch import load_file
 
@@ -17,6 +19,8 @@ def test_pretraining_is_deterministic_from_its_seed(tmp_path, monkeypatch) -> No
         torch.manual_seed(len(name) * 1234 + ord(name))  # a different global RNG state before each call
         paths.append(ensure_tiny_weights(cfg))
     first, second = (load_file(str(p)) for p in paths)
+    recipe = json.loads((paths[0].parent / "recipe.json").read_text())  # the recipe beside the weights
+    assert recipe["pretrain"] == {**PretrainConfig().__dict__, "steps": 2, "batch_size": 8, "warmup": 1}
     assert set(first) == set(second)
     for key in first:
         assert torch.equal(first[key], second[key]), key

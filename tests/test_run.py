@@ -103,3 +103,20 @@ def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys, args: list[str]
     assert len(err.splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_smoke_preset_trains_every_method_visibly(tmp_path: Path) -> None:
+    """Under ``--preset smoke`` every training method's matrix differs from zero-shot's and from every other's."""
+    from clbench.methods import list_methods
+
+    methods = list_methods()
+    assert main(["run", "--methods", ",".join(methods), "--out", str(tmp_path), *SMOKE,
+                 "--set", "data.num_tasks=2"]) == 0
+    matrices = {m: pd.read_csv(tmp_path / "synthetic-order1" / m / "seed0" / "accuracy.csv").drop(columns="trained_on")
+                for m in methods}
+    trained = [m for m in methods if m != "zeroshot"]
+    for i, a in enumerate(trained):
+        assert not matrices[a].equals(matrices["zeroshot"]), f"{a} trains nothing visible"
+        for b in trained[i + 1:]:
+            assert not matrices[a].equals(matrices[b]), f"{a} and {b} give the same matrix"

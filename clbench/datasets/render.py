@@ -109,3 +109,54 @@ def draw_objects(
     scale = lo + (hi - lo) * torch.rand(n, generator=gen)
     canvas = background(bg, n, size, gen)
     return paint(canvas, shape_mask(shape_ids, cx, cy, scale, size), jittered_colours(colour_ids, gen))
+
+
+# A 3x5 pixel font for the digits 0-9 (rows top to bottom, three columns each).
+DIGIT_FONT = ("111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
+              "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111")
+# Centres of the five named regions (x, y in [-1, 1], y down).
+REGION_CENTRES = ((-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5), (0.0, 0.0))
+# Nine slots of a 3x3 grid where counted objects go.
+SLOTS = tuple((x, y) for y in (-0.6, 0.0, 0.6) for x in (-0.6, 0.0, 0.6))
+
+
+def digit_masks(digits: Tensor, size: int, gen: torch.Generator, height: tuple[float, float] = (0.55, 0.75),
+                slant: float = 0.0, jitter: float = 0.2) -> Tensor:
+    """Masks ``[N, S, S]`` of pixel-font digits: glyph height (fraction of the image), a random slant up to
+    ``slant`` (shear), and a random shift up to ``jitter``."""
+    import torch.nn.functional as F
+
+    n = len(digits)
+    font = torch.tensor([[int(b) for b in glyph] for glyph in DIGIT_FONT], dtype=torch.float32).view(10, 1, 5, 3)
+    glyphs = F.pad(font[digits], (1, 1, 1, 1))  # a blank border so sampling outside stays empty
+    h = height[0] + (height[1] - height[0]) * torch.rand(n, generator=gen)
+    shear = slant * (torch.rand(n, generator=gen) * 2 - 1)
+    shift = jitter * (torch.rand(n, 2, generator=gen) * 2 - 1)
+    # output -> glyph coordinates: the 5 glyph rows (5/7 of the padded glyph) span `h` of the image height and
+    # the 3 columns (3/5 of the padded width) span 3/5 of that, so the strokes keep their square pixels
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1 / h
+    theta[:, 0, 1] = shear / h
+    theta[:, 1, 1] = 5 / 7 / h
+    theta[:, 0, 2] = -(shift[:, 0] + shear * shift[:, 1]) / h
+    theta[:, 1, 2] = -5 / 7 * shift[:, 1] / h
+    grid = F.affine_grid(theta, (n, 1, size, size), align_corners=False)
+    return F.grid_sample(glyphs, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def place_objects(shape_ids: Tensor, counts: Tensor, centres: Tensor | None, scale: Tensor, size: int,
+                  gen: torch.Generator) -> Tensor:
+    """Masks ``[N, S, S]`` of ``counts[i]`` copies of shape ``shape_ids[i]``: one object at ``centres[i]`` when
+    ``centres`` is given (counts must be 1), else ``counts[i]`` objects in distinct slots of a 3x3 grid."""
+    n = len(shape_ids)
+    if centres is not None:
+        return shape_mask(shape_ids, centres[:, 0], centres[:, 1], scale, size)
+    slots = torch.tensor(SLOTS)
+    order = torch.argsort(torch.rand(n, len(SLOTS), generator=gen), dim=1)
+    wobble = 0.08 * (torch.rand(n, len(SLOTS), 2, generator=gen) * 2 - 1)
+    mask = torch.zeros(n, size, size)
+    for k in range(int(counts.max())):
+        at = slots[order[:, k]] + wobble[:, k]
+        present = (counts > k).float()[:, None, None]
+        mask = torch.maximum(mask, shape_mask(shape_ids, at[:, 0], at[:, 1], scale, size) * present)
+    return mask

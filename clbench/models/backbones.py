@@ -24,7 +24,7 @@ from clbench.datasets.base import ImageSpec
 from clbench.errors import UserError
 from clbench.models.clip import ClipModel
 from clbench.models.pretrain import PretrainConfig, cache_dir, config_key, pretrain
-from clbench.results import atomic_write_safetensors
+from clbench.results import atomic_write_json, atomic_write_safetensors
 
 TINY = "tiny"
 TINY_CONFIG = Path(__file__).parent / "configs" / "clbench-tiny.json"
@@ -88,6 +88,9 @@ def ensure_tiny_weights(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_safetensors(path, state, metadata={"pretrain": json.dumps(cfg.__dict__)})
+        recipe = {"pretrain": cfg.__dict__, "model": tiny_model_config(), "key": path.parent.name,
+                  "corpus": "clbench.models.pretrain.sample_corpus"}
+        atomic_write_json(path.parent / "recipe.json", recipe)
     except OSError as exc:
         raise UserError(f"cannot write the tiny backbone cache at {path.parent} ({exc.strerror}); "
                         "set CLBENCH_CACHE to a writable folder") from None
