@@ -151,13 +151,30 @@ def pretrain(quiet: Annotated[bool, typer.Option("--quiet")] = False) -> None:
 def metrics(
     file: Annotated[Path, typer.Argument(help="a matrix in the accuracy.csv format")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    setting: Annotated[str, typer.Option(help="mtil (Transfer / Average / Last / BWT) or mcit (MCITlib's "
+                                         "MFT / MFN / MAA / BWT and Transfer)")] = "mtil",
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
     from clbench.metrics import matrix_from_frame, mtil_metrics
     from clbench.results import read_accuracy_csv
 
+    if setting not in ("mtil", "mcit"):
+        raise UserError(f"--setting {setting!r} is unknown; use mtil or mcit")
     frame = read_accuracy_csv(file)
     matrix, names = matrix_from_frame(frame, str(file))
+    if setting == "mcit":
+        from clbench.mcit.metrics import LABELS, ORDER, mcit_metrics
+
+        try:
+            result = mcit_metrics(matrix, names)
+        except ValueError as exc:
+            raise UserError(f"{file}: {exc}") from None
+        if as_json:
+            out_console.print_json(json.dumps(result))
+            return
+        for key in ORDER:
+            out_console.print(f"{LABELS[key]:9s} {result[key]:6.2f}")
+        return
     result = mtil_metrics(matrix, names)
     if as_json:
         out_console.print_json(json.dumps(result))
