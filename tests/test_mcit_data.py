@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from fake_mcit import write_fake
 
 from clbench.errors import UserError
 from clbench.mcit import data
-from tests.fake_mcit import write_fake
 
 
 def test_orders_match_the_official_scripts():
