@@ -75,6 +75,13 @@ def run(
     names = _split(methods)
     if not names:
         raise UserError("--methods is empty; name at least one method, e.g. --methods lora")
+    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA continual instruction tuning: clbench.mcit
+        from clbench.mcit.cli import run_command
+
+        run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
+                    other={"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
+                           "--resume": resume, "--skip-bad-images": skip_bad_images, "--order": order != 1})
+        return
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
                "precision": precision or None, "eval": eval_ or None}
