@@ -28,6 +28,7 @@ def _transformers():
     except ImportError:
         raise UserError("the MCIT setting (LLaVA) needs Hugging Face transformers: pip install 'clbench[mcit]'") \
             from None
+    transformers.utils.logging.disable_progress_bar()  # clbench shows its own progress
     return transformers
 
 

@@ -113,7 +113,7 @@ def train_task(model, codec: Codec, task: McitTask, method: McitMethod, cfg: Loo
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     model.eval()
     return sum(losses) / max(len(losses), 1)
 
