@@ -151,8 +151,8 @@ class LoraFTHparams:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    lr: float = 2e-3
-    projector_lr: float = 2e-4
+    lr: float = 5e-3
+    projector_lr: float = 5e-4
 
 
 @register_mcit("lora")
@@ -178,8 +178,8 @@ class KeepLoraLlavaHparams:
     rank: int = 8
     alpha: float = 2.0
     dropout: float = 0.05
-    lr: float = 2e-3
-    projector_lr: float = 2e-4
+    lr: float = 5e-3
+    projector_lr: float = 5e-4
     eps_w: float = 0.6
     energy: float = 0.99
     grad_fraction: float = 0.2

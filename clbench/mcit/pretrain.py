@@ -1,9 +1,10 @@
 """Seeded instruction pre-training of the tiny LLaVA, cached as a ``llava-hf`` folder (safetensors + processor).
 
-The base model learns two things, so the sequence has knowledge to keep: naming the colour of the shape in an image
-(vision-grounded, ``colour-name``) and repeating words ("say west A"), which trains the output rows of the whole
-vocabulary. Everything is trained (vision tower included) with AdamW; the result is a pure function of the seed
-and the step count, and its folder name carries a hash of both and of the vocabulary.
+The base model learns general visual knowledge that the sequence should keep and can build on: naming an object's
+colour (``colour-name``, scored as the base task), naming colour and shape ("what is this ?" -> "red circle"),
+counting circles ("how many ?" -> "3"), and repeating words ("say west A"), which trains the output rows of the
+whole vocabulary. Everything is trained (vision tower included) with AdamW; the result is a pure function of the
+seed and the step count, and its folder name carries a hash of both and of the vocabulary.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from clbench.mcit import synthetic
 from clbench.mcit.backbone import load_llava_checkpoint, tiny_llava
 from clbench.mcit.codec import Codec, tiny_processor
 
-STEPS = 300
+STEPS = 400
+EXTRA_WORDS = ("say", "how", "many")
 POOL = 2048
 BATCH = 32
 LR = 3e-3
@@ -37,7 +39,7 @@ def _cache_root() -> Path:
 def tiny_llava_path(steps: int = STEPS, seed: int = SEED) -> Path:
     """Where the pre-trained tiny LLaVA for these settings is cached."""
     key = json.dumps({"vocab": synthetic.vocabulary(), "steps": steps, "seed": seed, "batch": BATCH, "lr": LR,
-                      "pool": POOL, "version": 1}, sort_keys=True)
+                      "pool": POOL, "version": 2}, sort_keys=True)
     return _cache_root() / f"tiny-llava-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -49,22 +51,36 @@ def _say_split(n: int, gen: torch.Generator) -> synthetic.Split:
     return synthetic.Split([f"say {a}" for a in answers], answers, [[a] for a in answers], images)
 
 
+def _object_split(n: int, seed: int) -> synthetic.Split:
+    """"what is this ?" -> "<colour> <shape>": the image of a caption, without the caption task's wording."""
+    s = synthetic.make_split("caption", n, seed)
+    answers = [" ".join(r[0].split()[2:4]) for r in s.references]
+    return synthetic.Split(["what is this ?"] * n, answers, [[a] for a in answers], s.images)
+
+
+def _count_split(n: int, seed: int) -> synthetic.Split:
+    """"how many ?" -> the number of circles (1 to 4), from the count-math images."""
+    s = synthetic.make_split("count-math", n, seed)
+    counts = [str(int(a) - 1 - synthetic.NUMBERS.index(q.split()[-2])) for q, a in zip(s.questions, s.answers,
+                                                                                       strict=True)]
+    return synthetic.Split(["how many ?"] * n, counts, [[c] for c in counts], s.images)
+
+
 def pretrain_tiny(steps: int = STEPS, seed: int = SEED, on_step: Callable[[int, int], None] | None = None):
     """Build and pre-train the tiny LLaVA; returns ``(model, processor)``."""
-    processor = tiny_processor([*synthetic.vocabulary(), "say"])
+    processor = tiny_processor([*synthetic.vocabulary(), *EXTRA_WORDS])
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     model = tiny_llava(len(processor.tokenizer), image_id, seed=seed)
     codec = Codec(processor)
     gen = torch.Generator().manual_seed(seed)
-    colour = synthetic.make_split(synthetic.BASE_TASK, POOL, seed + 11)
-    say = _say_split(POOL, gen)
-    pools = [codec.train_batch(colour.questions, colour.answers, colour.images),
-             codec.train_batch(say.questions, say.answers, say.images)]
+    splits = [synthetic.make_split(synthetic.BASE_TASK, POOL, seed + 11), _object_split(POOL, seed + 12),
+              _count_split(POOL, seed + 13), _say_split(POOL, gen)]
+    pools = [codec.train_batch(s.questions, s.answers, s.images) for s in splits]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(steps):
-        pool = pools[0] if step % 3 else pools[1]  # two colour batches for each word-repeating batch
+        pool = pools[step % len(pools)]
         idx = torch.randint(POOL, (BATCH,), generator=gen)
         loss = model(**{k: v[idx] for k, v in pool.items()}).loss
         opt.zero_grad(set_to_none=True)
