@@ -59,3 +59,47 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
         for o in outcomes:
             Console().print(summarise_profile(pd.read_csv(o.path / "profile.csv"), title=f"{o.method}: cost per "
                                               "section"))
+
+
+def profile_command(backbone: str, methods: list[str], sets: list[str], seed: int, device: str,
+                    out: Path | None) -> None:
+    """``clbench profile --backbone llava-...``: per-shape SVD costs of keeplora, scaled to the whole model."""
+    from clbench.mcit.costs import profile_llava_linear_algebra
+    from clbench.mcit.methods import get_mcit_method
+    from clbench.results import atomic_write_csv
+
+    for m in methods:
+        get_mcit_method(m)
+    if "keeplora" not in methods:
+        raise UserError("on a LLaVA backbone, clbench profile measures keeplora's SVD sections (lora has none); "
+                        "add keeplora to --methods")
+    hp = get_mcit_method("keeplora").Hparams()
+    for item in sets:
+        key, _, raw = item.partition("=")
+        if key not in ("keeplora.rank", "keeplora.eps_w", "keeplora.energy") or not raw:
+            raise UserError(f"--set {item!r}: on a LLaVA backbone use keeplora.rank, keeplora.eps_w or "
+                            "keeplora.energy")
+        setattr(hp, key.split(".")[1], type(getattr(hp, key.split(".")[1]))(raw))
+    dev = "cuda" if device == "auto" and __import__("torch").cuda.is_available() else \
+        ("cpu" if device == "auto" else device)
+    costs = profile_llava_linear_algebra(backbone, hp.rank, hp.eps_w, hp.energy, seed, dev)
+    table = Table(title=f"keeplora (LLaVA form) on {backbone} shapes, random weights, rank {hp.rank}, {dev}")
+    for col in ("matrix", "d_out x d_in", "count", "pretrained_svd s", "grad_svd s", "feature_svd s",
+                "basis cols", "gradient MiB", "basis bound MiB"):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    rows = []
+    for c in costs:
+        b = c.bytes(hp.rank)
+        rows.append({"matrix": c.kind, "d_out": c.d_out, "d_in": c.d_in, "count": c.per_model, **c.seconds,
+                     "basis_columns": c.basis_columns, **{f"{k}_bytes": v for k, v in b.items()}})
+        table.add_row(c.kind, f"{c.d_out} x {c.d_in}", str(c.per_model),
+                      *(f"{c.seconds[k]:.3f}" for k in ("pretrained_svd", "grad_svd", "feature_svd")),
+                      str(c.basis_columns), f"{b['gradient'] / 2**20:.1f}", f"{b['basis_bound'] / 2**20:.1f}")
+    Console().print(table)
+    totals = {k: sum(c.seconds[k] * c.per_model for c in costs) for k in ("pretrained_svd", "grad_svd", "feature_svd")}
+    grad_gib = sum(c.bytes(hp.rank)["gradient"] * c.per_model for c in costs) / 2**30
+    Console().print(f"whole model (x count): pretrained_svd {totals['pretrained_svd']:.1f} s once, grad_svd "
+                    f"{totals['grad_svd']:.1f} s and feature_svd {totals['feature_svd']:.1f} s per task; fp32 "
+                    f"gradient of all adapted weights {grad_gib:.2f} GiB", highlight=False)
+    if out is not None:
+        atomic_write_csv(out, pd.DataFrame(rows))
