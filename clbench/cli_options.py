@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 Methods = Annotated[str, typer.Option(help="comma-separated method names (see 'clbench methods')")]
-BenchmarkName = Annotated[str, typer.Option("--benchmark", help="synthetic (embedded), mtil or xtail")]
+BenchmarkName = Annotated[str, typer.Option("--benchmark", help="synthetic (embedded), mtil or xtail; LLaVA: "
+                                             "synthetic-mcit (embedded), ucit or mllm-dcl")]
 EvalRule = Annotated[str, typer.Option("--eval", help="task (classes of the image's own dataset; default for "
                                        "synthetic and mtil) or union (all datasets' classes; default for xtail)")]
 OutFolder = Annotated[Path, typer.Option("--out", help="results folder")]
