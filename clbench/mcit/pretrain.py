@@ -23,11 +23,11 @@ from clbench.mcit import synthetic
 from clbench.mcit.backbone import load_llava_checkpoint, tiny_llava
 from clbench.mcit.codec import Codec, tiny_processor
 
-STEPS = 400
+STEPS = 1000
 EXTRA_WORDS = ("say", "how", "many")
 POOL = 2048
 BATCH = 32
-LR = 3e-3
+LR = 1e-3
 SEED = 0
 
 
@@ -39,7 +39,7 @@ def _cache_root() -> Path:
 def tiny_llava_path(steps: int = STEPS, seed: int = SEED) -> Path:
     """Where the pre-trained tiny LLaVA for these settings is cached."""
     key = json.dumps({"vocab": synthetic.vocabulary(), "steps": steps, "seed": seed, "batch": BATCH, "lr": LR,
-                      "pool": POOL, "version": 2}, sort_keys=True)
+                      "pool": POOL, "version": 3}, sort_keys=True)
     return _cache_root() / f"tiny-llava-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
