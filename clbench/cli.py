@@ -17,7 +17,6 @@ from rich.table import Table
 
 from clbench.cli_options import (
     Backbone,
-    BenchmarkName,
     DataRoot,
     Device,
     EvalRule,
@@ -27,6 +26,7 @@ from clbench.cli_options import (
     Precision,
     PresetName,
     Pretrained,
+    RunBenchmarkName,
     Sets,
     Shots,
     SkipBadImages,
@@ -68,7 +68,7 @@ def _split(value: str) -> list[str]:
 def run(
     methods: Methods,
     order: Order = 1,
-    benchmark: BenchmarkName = "synthetic",
+    benchmark: RunBenchmarkName = "synthetic",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     out: OutFolder = Path("results"),
     preset: PresetName = "default",
@@ -103,6 +103,13 @@ def run(
     names = _split(methods)
     if not names:
         raise UserError("--methods is empty; name at least one method, e.g. --methods lora")
+    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA continual instruction tuning: clbench.mcit
+        from clbench.mcit.cli import run_command
+
+        run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
+                    other={"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
+                           "--resume": resume, "--skip-bad-images": skip_bad_images, "--order": order != 1})
+        return
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
                "precision": precision or None, "eval": eval_ or None}
@@ -249,17 +256,34 @@ def pretrain(quiet: Annotated[bool, typer.Option("--quiet")] = False) -> None:
 def metrics(
     file: Annotated[Path, typer.Argument(help="a matrix in the accuracy.csv format")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    setting: Annotated[str, typer.Option(help="mtil (Transfer / Average / Last / BWT) or mcit (MCITlib's "
+                                         "MFT / MFN / MAA / BWT and Transfer)")] = "mtil",
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
     from clbench.metrics import json_safe, matrix_from_frame, mtil_metrics
     from clbench.results import read_accuracy_csv
 
+    if setting not in ("mtil", "mcit"):
+        raise UserError(f"--setting {setting!r} is unknown; use mtil or mcit")
     frame = read_accuracy_csv(file)
     matrix, names = matrix_from_frame(frame, str(file))
     if matrix.size and float(abs(matrix).max()) <= 1.0:
         console.print(f"note: every accuracy in {file} is between 0 and 1; clbench reads percent (0-100), so the "
                       "metrics below are in the file's units; multiply the file by 100 if these are fractions",
                       highlight=False, soft_wrap=True, markup=False)
+    if setting == "mcit":
+        from clbench.mcit.metrics import LABELS, ORDER, mcit_metrics
+
+        try:
+            result = mcit_metrics(matrix, names)
+        except ValueError as exc:
+            raise UserError(f"{file}: {exc}") from None
+        if as_json:
+            out_console.print_json(json.dumps(json_safe(result), allow_nan=False))
+            return
+        for key in ORDER:
+            out_console.print(f"{LABELS[key]:9s} {result[key]:6.2f}")
+        return
     result = mtil_metrics(matrix, names)
     if as_json:  # strict JSON: a one-task matrix's undefined Transfer is null, not NaN
         out_console.print_json(json.dumps(json_safe(result), allow_nan=False))

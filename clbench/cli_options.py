@@ -14,6 +14,9 @@ Methods = Annotated[str, typer.Option(metavar="<name,...>",
                                       help="comma-separated method names (see 'clbench methods')")]
 BenchmarkName = Annotated[Literal["synthetic", "mtil", "xtail"], typer.Option(
     "--benchmark", help="synthetic is the embedded default; mtil and xtail read real data")]
+RunBenchmarkName = Annotated[Literal["synthetic", "mtil", "xtail", "synthetic-mcit", "ucit", "mllm-dcl"], typer.Option(
+    "--benchmark", help="CLIP: synthetic (embedded default), mtil, xtail; LLaVA: synthetic-mcit (embedded), ucit, "
+    "mllm-dcl")]
 EvalRule = Annotated[Literal["task", "union"] | None, typer.Option(
     "--eval", help="task: classes of the image's own dataset (default for synthetic and mtil); union: all "
     "datasets' classes (default for xtail)")]

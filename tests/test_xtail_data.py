@@ -363,7 +363,7 @@ def test_data_check_half_present_and_unknown_benchmark(own_tree: Path, capsys: p
     assert "incomplete" in captured.out or "unreadable" in captured.out
     assert captured.err.startswith(f"error: caltech101: cannot parse {split_file(own_tree, 'caltech101')}")
     assert main(["data", "check", "--benchmark", "cifar", "--data-root", str(own_tree)]) == 2
-    assert "knows mtil and xtail" in capsys.readouterr().err
+    assert "knows mtil, xtail, ucit and mllm-dcl" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- literature

@@ -20,7 +20,8 @@ def _split(value: str) -> list[str]:
 
 def profile(
     methods: Annotated[str, typer.Option(help="comma-separated method names, e.g. keeplora,inflora,lora")],
-    backbone: Annotated[str, typer.Option(help="'tiny' or an open_clip model name, e.g. ViT-B-16")] = "tiny",
+    backbone: Annotated[str, typer.Option(help="'tiny', an open_clip model name, e.g. ViT-B-16, or a "
+                                                 "LLaVA shape: llava-1.5-7b, llava-1.5-13b, llava-tiny")] = "tiny",
     tasks: Annotated[int, typer.Option(help="number of random tasks (growth curve length)")] = 3,
     batches: Annotated[int, typer.Option(help="training batches per task")] = 2,
     batch_size: Annotated[int, typer.Option(help="images per batch (MTIL uses 64)")] = 16,
@@ -44,6 +45,11 @@ def profile(
     names = _split(methods)
     if not names:
         raise UserError("--methods is empty; name at least one method, e.g. --methods keeplora,inflora")
+    if backbone.startswith("llava"):  # the MCIT setting: KeepLoRA's LLaVA-form linear algebra on random weights
+        from clbench.mcit.cli import profile_command
+
+        profile_command(backbone, names, set_ or [], seed, device, out)
+        return
     if out is not None and (out.is_dir() or out.suffix.lower() != ".csv"):
         raise UserError(f"--out {out}: give a file name ending in .csv")
     settings = ProfileSettings(backbone=backbone, tasks=tasks, batches=batches, batch_size=batch_size,

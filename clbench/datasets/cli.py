@@ -12,7 +12,8 @@ from clbench.errors import UserError
 
 def _check(
     data_root: Annotated[str, typer.Option(help="folder holding the datasets (default: $CLBENCH_DATA_ROOT)")] = "",
-    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil or xtail")] = "mtil",
+    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil, xtail, "
+                                                    "ucit or mllm-dcl")] = "mtil",
 ) -> None:
     """Table of the benchmark's datasets: found or missing (exact path), train/test images, classes.
 
@@ -23,6 +24,11 @@ def _check(
 
     from clbench.datasets.mtil import resolve_data_root
 
+    if benchmark in ("ucit", "mllm-dcl"):
+        from clbench.mcit.cli import data_check
+
+        data_check(resolve_data_root(data_root, benchmark), benchmark)
+        return
     if benchmark == "mtil":
         from clbench.datasets.mtil import inspect_mtil as inspect
         from clbench.datasets.mtil import unusable_line
@@ -30,8 +36,8 @@ def _check(
         from clbench.datasets.xtail import inspect_xtail as inspect
         from clbench.datasets.xtail import unusable_line
     else:
-        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows mtil and xtail (synthetic is "
-                        "embedded)")
+        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows mtil, xtail, ucit and "
+                        "mllm-dcl (synthetic and synthetic-mcit are embedded)")
     root = resolve_data_root(data_root, benchmark)
     statuses = inspect(root)
     table = Table(title=f"{'MTIL' if benchmark == 'mtil' else 'X-TAIL'} datasets under {root}")

@@ -1,0 +1,105 @@
+"""Command-line pieces of the MCIT setting, called from the shared commands (data check, run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from clbench.errors import UserError
+from clbench.mcit.data import BENCHMARKS, inspect
+
+
+def data_check(root: Path, benchmark: str) -> None:
+    """Print a table of the benchmark's tasks under ``root``; one-line error (exit 2) if any task is unusable."""
+    rows = inspect(root, benchmark)
+    table = Table(title=f"{benchmark} tasks under {root}")
+    for col in ("task", "status", "train", "test", "files / problem"):
+        table.add_column(col, justify="right" if col in ("train", "test") else "left", overflow="fold")
+    for task, row in zip(BENCHMARKS[benchmark], rows, strict=True):
+        counts = ["-" if v is None else f"{v:,}" for v in (row.n_train, row.n_test)]
+        where = ", ".join(str(p.relative_to(root)) for p in task.paths(root).values())
+        table.add_row(row.name, "[green]ok[/green]" if row.usable else "[red]unusable[/red]", *counts,
+                      where if row.usable else row.problem)
+    Console().print(table)
+    bad = [r for r in rows if not r.usable]
+    if bad:
+        raise UserError(f"{len(bad)} of {len(rows)} {benchmark} tasks unusable under {root}; first: {bad[0].problem}")
+
+
+def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,
+                data_root: str, device: str, sets: list[str], quiet: bool, other: dict) -> None:
+    """``clbench run`` on an MCIT benchmark: refuse options of the CLIP setting, run, print the metric table."""
+    from clbench.mcit.metrics import LABELS, ORDER
+    from clbench.mcit.runner import run_mcit
+    from clbench.profiling import summarise_profile
+
+    used = [flag for flag, value in other.items() if value]
+    if used:
+        raise UserError(f"{', '.join(used)} belong to the CLIP setting; the MCIT setting ({benchmark}) does not "
+                        "take them")
+    console = Console(stderr=True)
+
+    def on_task(method: str, t: int, name: str, row: list[float]) -> None:
+        if not quiet:
+            cells = " ".join(f"{v:5.1f}" for v in row)
+            console.print(f"{method}: after task {t + 1} ({name}): {cells}", highlight=False)
+
+    outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
+                        notify=lambda msg: console.print(f"note: {msg}", highlight=False), on_task=on_task)
+    table = Table(title=f"{benchmark}: MCITlib metrics (percent; caption tasks: caption average)")
+    for col in ("method", *(LABELS[k] for k in ORDER), "minutes", "results"):
+        table.add_column(col, justify="left" if col in ("method", "results") else "right")
+    for o in outcomes:
+        table.add_row(o.method, *(f"{o.metrics[k]:.1f}" for k in ORDER), f"{o.seconds / 60:.1f}", str(o.path))
+    Console().print(table)
+    if not quiet:
+        for o in outcomes:
+            Console().print(summarise_profile(pd.read_csv(o.path / "profile.csv"), title=f"{o.method}: cost per "
+                                              "section"))
+
+
+def profile_command(backbone: str, methods: list[str], sets: list[str], seed: int, device: str,
+                    out: Path | None) -> None:
+    """``clbench profile --backbone llava-...``: per-shape SVD costs of keeplora, scaled to the whole model."""
+    from clbench.mcit.costs import profile_llava_linear_algebra
+    from clbench.mcit.methods import get_mcit_method
+    from clbench.results import atomic_write_csv
+
+    for m in methods:
+        get_mcit_method(m)
+    if "keeplora" not in methods:
+        raise UserError("on a LLaVA backbone, clbench profile measures keeplora's SVD sections (lora has none); "
+                        "add keeplora to --methods")
+    hp = get_mcit_method("keeplora").Hparams()
+    for item in sets:
+        key, _, raw = item.partition("=")
+        if key not in ("keeplora.rank", "keeplora.eps_w", "keeplora.energy") or not raw:
+            raise UserError(f"--set {item!r}: on a LLaVA backbone use keeplora.rank, keeplora.eps_w or "
+                            "keeplora.energy")
+        setattr(hp, key.split(".")[1], type(getattr(hp, key.split(".")[1]))(raw))
+    dev = "cuda" if device == "auto" and __import__("torch").cuda.is_available() else \
+        ("cpu" if device == "auto" else device)
+    costs = profile_llava_linear_algebra(backbone, hp.rank, hp.eps_w, hp.energy, seed, dev)
+    table = Table(title=f"keeplora (LLaVA form) on {backbone} shapes, random weights, rank {hp.rank}, {dev}")
+    for col in ("matrix", "d_out x d_in", "count", "pretrained_svd s", "grad_svd s", "feature_svd s",
+                "basis cols", "gradient MiB", "basis bound MiB"):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    rows = []
+    for c in costs:
+        b = c.bytes(hp.rank)
+        rows.append({"matrix": c.kind, "d_out": c.d_out, "d_in": c.d_in, "count": c.per_model, **c.seconds,
+                     "basis_columns": c.basis_columns, **{f"{k}_bytes": v for k, v in b.items()}})
+        table.add_row(c.kind, f"{c.d_out} x {c.d_in}", str(c.per_model),
+                      *(f"{c.seconds[k]:.3f}" for k in ("pretrained_svd", "grad_svd", "feature_svd")),
+                      str(c.basis_columns), f"{b['gradient'] / 2**20:.1f}", f"{b['basis_bound'] / 2**20:.1f}")
+    Console().print(table)
+    totals = {k: sum(c.seconds[k] * c.per_model for c in costs) for k in ("pretrained_svd", "grad_svd", "feature_svd")}
+    grad_gib = sum(c.bytes(hp.rank)["gradient"] * c.per_model for c in costs) / 2**30
+    Console().print(f"whole model (x count): pretrained_svd {totals['pretrained_svd']:.1f} s once, grad_svd "
+                    f"{totals['grad_svd']:.1f} s and feature_svd {totals['feature_svd']:.1f} s per task; fp32 "
+                    f"gradient of all adapted weights {grad_gib:.2f} GiB", highlight=False)
+    if out is not None:
+        atomic_write_csv(out, pd.DataFrame(rows))

@@ -1,0 +1,187 @@
+"""The MCIT task loop, top to bottom: for each task, ``before_task`` -> train -> ``after_task`` -> score every task.
+
+Every task is evaluated after every task (the full T x T matrix, upper triangle included, as KeepLoRA's
+``Eval_finetune1a.sh``), with greedy decoding. Training follows MCITlib's recipe: AdamW, weight decay 0, cosine
+schedule with 3 % warm-up, per-task epochs; only what the method's ``param_groups`` return is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from clbench.mcit import scorers
+from clbench.mcit.caption import caption_average, caption_scores
+from clbench.mcit.codec import Codec, generate
+from clbench.mcit.methods import McitContext, McitMethod
+from clbench.mcit.synthetic import Split
+from clbench.profiling import Profiler
+
+
+@dataclass
+class McitTask:
+    """One task: name, scorer name (exact, caption, ai2d, pvqa, sci, finvis) and its splits."""
+
+    name: str
+    scorer: str
+    train: Split
+    test: Split
+    image_root: Path | None = None
+
+
+@dataclass
+class LoopConfig:
+    """Training and evaluation settings shared by every method."""
+
+    epochs: list[int] = field(default_factory=lambda: [1])  # per task; the last value repeats
+    batch_size: int = 16
+    warmup: float = 0.03
+    max_new_tokens: int = 10
+    eval_batch: int = 64
+    caption_max_chars: int | None = 300  # KeepLoRA; None = MCITlib LoRA-FT (no truncation)
+
+    def epochs_for(self, t: int) -> int:
+        return self.epochs[min(t, len(self.epochs) - 1)]
+
+
+def _images(split: Split, idx: list[int], root: Path | None):
+    if isinstance(split.images, Tensor):
+        return split.images[idx]
+    from PIL import Image
+
+    out = []
+    for i in idx:
+        path = (root or Path(".")) / split.images[i]
+        try:
+            with Image.open(path) as im:
+                out.append(im.convert("RGB"))
+        except OSError as exc:
+            from clbench.errors import UserError
+
+            raise UserError(f"cannot read image {path} ({exc.__class__.__name__}); check the dataset's images "
+                            "folder") from None
+    return out
+
+
+def _batches(codec: Codec, task: McitTask, order: list[int], batch_size: int, device) -> Iterator[dict[str, Tensor]]:
+    s = task.train
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = codec.train_batch([s.questions[i] for i in idx], [s.answers[i] for i in idx],
+                                  _images(s, idx, task.image_root))
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def _context(t: int, task: McitTask, n: int, codec: Codec, device, gen: torch.Generator) -> McitContext:
+    def batches(fraction: float = 1.0, batch_size: int = 1, evenly_spaced: bool = True):
+        total = len(task.train)
+        keep = max(1, round(total * fraction))
+        order = ([int(i * total / keep) for i in range(keep)] if evenly_spaced
+                 else torch.randperm(total, generator=gen)[:keep].tolist())
+        return _batches(codec, task, order, batch_size, device)
+
+    return McitContext(t, task.name, n, torch.device(device), batches)
+
+
+def train_task(model, codec: Codec, task: McitTask, method: McitMethod, cfg: LoopConfig, epochs: int, device,
+               gen: torch.Generator) -> float:
+    """Train on one task; returns the mean loss of the last epoch."""
+    groups = [g for g in method.param_groups() if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    steps = epochs * math.ceil(len(task.train) / cfg.batch_size)
+    warm = max(1, math.ceil(cfg.warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model.train()
+    losses: list[float] = []
+    for _ in range(epochs):
+        losses = []
+        order = torch.randperm(len(task.train), generator=gen).tolist()
+        for batch in _batches(codec, task, order, cfg.batch_size, device):
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    return sum(losses) / max(len(losses), 1)
+
+
+def predict(model, codec: Codec, task: McitTask, cfg: LoopConfig) -> list[str]:
+    """Greedy answers to every test question of ``task``."""
+    s = task.test
+    out: list[str] = []
+    model.eval()
+    for start in range(0, len(s), cfg.eval_batch):
+        idx = list(range(start, min(start + cfg.eval_batch, len(s))))
+        out += generate(model, codec, [s.questions[i] for i in idx], _images(s, idx, task.image_root),
+                        cfg.max_new_tokens)
+    return out
+
+
+def score(task: McitTask, predictions: list[str], cfg: LoopConfig) -> tuple[float, dict]:
+    """The task's official score (percent) of ``predictions`` and, for captions, the metrics behind it."""
+    s = task.test
+    if task.scorer == "caption":
+        ids = s.ids or [str(i) for i in range(len(s))]
+        metrics = caption_scores(dict(zip(ids, predictions, strict=True)), dict(zip(ids, s.references, strict=True)),
+                                 max_chars=cfg.caption_max_chars)
+        value, used = caption_average(metrics)
+        return value, {**metrics, "averaged": used}
+    item = {"exact": scorers.exact_match_item, "ai2d": scorers.ai2d_item, "pvqa": scorers.pvqa_item,
+            "finvis": scorers.finvis_item}.get(task.scorer)
+    if task.scorer == "sci":
+        names = s.image_names or [""] * len(s)
+        values = [scorers.sci_item(p, a, q, n) for p, a, q, n in zip(predictions, s.answers, s.questions, names,
+                                                                       strict=True)]
+    elif item is None:
+        raise ValueError(f"unknown scorer {task.scorer!r}")
+    else:
+        values = [item(p, a) for p, a in zip(predictions, s.answers, strict=True)]
+    return scorers.accuracy(values), {}
+
+
+def evaluate_all(model, codec: Codec, tasks: list[McitTask], cfg: LoopConfig) -> tuple[list[float], list[dict]]:
+    """Scores of every task (one matrix row) and their caption details."""
+    row, details = [], []
+    for task in tasks:
+        value, extra = score(task, predict(model, codec, task, cfg), cfg)
+        row.append(value)
+        details.append(extra)
+    return row, details
+
+
+def run_sequence(model, codec: Codec, tasks: list[McitTask], method: McitMethod, cfg: LoopConfig,
+                 profiler: Profiler, device, seed: int,
+                 on_task: Callable[[int, str, list[float]], None] | None = None) -> dict:
+    """Train ``method`` over ``tasks`` in order; returns the base row, the T x T matrix, caption details, losses."""
+    gen = torch.Generator().manual_seed(seed)
+    with profiler.section("eval"):
+        base_row, _ = evaluate_all(model, codec, tasks, cfg)
+    method.setup()
+    rows, details, losses = [], [], []
+    for t, task in enumerate(tasks):
+        profiler.task = t
+        ctx = _context(t, task, len(tasks), codec, device, gen)
+        method.before_task(ctx)
+        with profiler.section("train"):
+            losses.append(train_task(model, codec, task, method, cfg, cfg.epochs_for(t), device, gen))
+        method.after_task(ctx)
+        with profiler.section("eval"):
+            row, extra = evaluate_all(model, codec, tasks, cfg)
+        rows.append(row)
+        details.append(extra)
+        if on_task:
+            on_task(t, task.name, row)
+    return {"base": base_row, "matrix": rows, "details": details, "losses": losses}

@@ -1,0 +1,258 @@
+"""Methods of the MCIT setting (LLaVA): MCITlib's LoRA-FT and KeepLoRA's LLaVA variant, in one registry.
+
+The names are those of the CLIP registry (``lora``, ``keeplora``), so ``clbench run --methods lora,keeplora``
+means the same method family on either setting. A CLIP method without an LLaVA form is refused in one line by
+:func:`get_mcit_method`.
+
+Hooks, called by :mod:`clbench.mcit.loop`: ``setup()`` once, ``before_task(ctx)``, ``param_groups()`` for AdamW,
+``after_task(ctx)``; costly steps are timed in ``self.profiler`` sections named as for CLIP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from clbench import linalg
+from clbench.errors import UserError
+from clbench.mcit.backbone import adapted_linears, projector_parameters
+from clbench.profiling import Profiler
+
+
+class LoRALinear(nn.Module):
+    """``y = W x + b + s · B (A dropout(x))``; ``A`` (``r × d_in``) and ``B`` (``d_out × r``) in PyTorch layout.
+
+    A frozen ``A`` is a buffer, not a parameter (KeepLoRA, LoRA-FA style).
+    """
+
+    def __init__(self, base: nn.Linear, A: Tensor, B: Tensor, scale: float, dropout: float, train_A: bool):
+        super().__init__()
+        self.base = base
+        if train_A:
+            self.A = nn.Parameter(A)
+        else:
+            self.register_buffer("A", A)
+        self.B = nn.Parameter(B)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * (self.dropout(x) @ self.A.T.to(x.dtype)) @ self.B.T.to(x.dtype)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base layer with ``s · B A`` added to its weight."""
+        self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
+        return self.base
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@dataclass
+class McitContext:
+    """What a method may know about the current task; ``batches`` yields model-ready training batches."""
+
+    index: int
+    name: str
+    num_tasks: int
+    device: torch.device
+    batches: Callable[..., Iterator[dict[str, Tensor]]]  # (fraction, batch_size, evenly_spaced) -> batches
+
+
+class McitMethod:
+    """Base: trains the projector only at ``projector_lr``; subclasses add adapters."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Hparams: ClassVar[type]
+
+    def __init__(self, model: nn.Module, hparams, profiler: Profiler, generator: torch.Generator):
+        self.model, self.hp, self.profiler, self.generator = model, hparams, profiler, generator
+        self.layers: dict[str, LoRALinear] = {}
+
+    def setup(self) -> None:
+        """Once before the first task."""
+
+    def before_task(self, ctx: McitContext) -> None:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Adapter factors at ``lr``, the projector at ``projector_lr`` (MCITlib's ``--mm_projector_lr``)."""
+        adapters = [p for layer in self.layers.values() for p in layer.parameters(recurse=False)]
+        return [{"params": adapters, "lr": self.hp.lr},
+                {"params": projector_parameters(self.model), "lr": self.hp.projector_lr}]
+
+    def freeze_all_but_trained(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for group in self.param_groups():
+            for p in group["params"]:
+                p.requires_grad_(True)
+
+    def attach(self, factors: dict[str, tuple[Tensor, Tensor]], scale: float, dropout: float, train_A: bool) -> None:
+        for name, linear in adapted_linears(self.model).items():
+            A, B = factors[name]
+            self.layers[name] = LoRALinear(linear, A, B, scale, dropout, train_A)
+            _swap(self.model, name, self.layers[name])
+        self.freeze_all_but_trained()
+
+    def merge(self) -> None:
+        """Fold every adapter into its base weight and remove it (a full checkpoint per task, as MCITlib)."""
+        with self.profiler.section("merge"):
+            for name, layer in self.layers.items():
+                _swap(self.model, name, layer.merged())
+            self.layers = {}
+
+    def after_task(self, ctx: McitContext) -> None:
+        self.merge()
+
+    def state_bytes(self) -> int:
+        return 0
+
+
+_MCIT: dict[str, type[McitMethod]] = {}
+
+
+def register_mcit(name: str):
+    """Class decorator registering an MCIT method under ``name``."""
+
+    def wrap(cls: type[McitMethod]) -> type[McitMethod]:
+        cls.name = name
+        _MCIT[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_mcit_methods() -> list[str]:
+    return sorted(_MCIT)
+
+
+def get_mcit_method(name: str) -> type[McitMethod]:
+    """The MCIT class of ``name``; a CLIP-only method is refused in one line."""
+    if name not in _MCIT:
+        raise UserError(f"method {name!r} has no LLaVA form and cannot run on the MCIT setting; available there: "
+                        f"{', '.join(list_mcit_methods())}")
+    return _MCIT[name]
+
+
+@dataclass
+class LoraFTHparams:
+    """MCITlib LoRA-FT: r (UCIT 16, DCL 32), alpha = 2r, dropout 0.05; lr 2e-4 and projector 2e-5 there."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 5e-3
+    projector_lr: float = 5e-4
+
+
+@register_mcit("lora")
+class LoraFT(McitMethod):
+    """LoRA-FT (MCITlib): a fresh LoRA on every linear of the language model per task, merged after the task."""
+
+    summary = "MCITlib LoRA-FT: LoRA on every LLM linear (r, alpha = 2r), projector at its own rate, merged per task"
+    Hparams = LoraFTHparams
+
+    def before_task(self, ctx: McitContext) -> None:
+        factors = {}
+        for name, linear in adapted_linears(self.model).items():
+            A = torch.empty(self.hp.rank, linear.in_features)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=self.generator)  # PEFT's default A init
+            factors[name] = (A, torch.zeros(linear.out_features, self.hp.rank))
+        self.attach(factors, self.hp.alpha / self.hp.rank, self.hp.dropout, train_A=True)
+
+
+@dataclass
+class KeepLoraLlavaHparams:
+    """KeepLoRA's LLaVA variant: r (UCIT 32, DCL 64), alpha = r/4, eps_w 0.6, memory energy 0.99, 20% of data."""
+
+    rank: int = 8
+    alpha: float = 2.0
+    dropout: float = 0.05
+    lr: float = 5e-3
+    projector_lr: float = 5e-4
+    eps_w: float = 0.6
+    energy: float = 0.99
+    grad_fraction: float = 0.2
+    svd_niter: int = 2
+
+
+@register_mcit("keeplora")
+class KeepLoraLlava(McitMethod):
+    """KeepLoRA, LLaVA form (MCITlib ``KeepLoRA``; keeplora.md §11 of the clbench notes).
+
+    Per adapted weight W (PyTorch ``d_out × d_in``), with ``U`` = [W_p, M] the stored input-side basis:
+    - setup: ``W_p`` = top right singular vectors of W with energy ``eps_w`` (paper rule, input side);
+    - before task t: G = mean gradient of the loss over ``grad_fraction`` of the task's items (evenly spaced,
+      batch 1); Ĝ = (I − U Uᵀ) Gᵀ; A = U_rᵀ from Ĝ's top-r randomized SVD (2 iterations), frozen; B = 0;
+      no weight shift; s = alpha / r;
+    - after task t: merge; G' = the post-training gradient of the merged model on the same share;
+      M grows by the GPM rule at ``energy`` on Ĝ' (its input-side column space stands in for the features).
+    """
+
+    summary = "KeepLoRA (LLaVA form): frozen A from the projected gradient, B = 0, gradient memory at 0.99"
+    Hparams = KeepLoraLlavaHparams
+
+    def setup(self) -> None:
+        self.basis: dict[str, Tensor] = {}
+        with self.profiler.section("pretrained_svd"):
+            for name, linear in adapted_linears(self.model).items():
+                self.basis[name] = linalg.principal_basis(linear.weight, self.hp.eps_w, side="input", rule="paper")
+
+    def _gradients(self, ctx: McitContext) -> dict[str, Tensor]:
+        """Mean loss gradient of every adapted weight over the first-pass share of the task (paper layout)."""
+        linears = adapted_linears(self.model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for linear in linears.values():
+            linear.weight.requires_grad_(True)
+            linear.weight.grad = None
+        n = 0
+        was_training = self.model.training
+        self.model.train()
+        for batch in ctx.batches(fraction=self.hp.grad_fraction, batch_size=1, evenly_spaced=True):
+            self.model(**batch).loss.backward()
+            n += 1
+        self.model.train(was_training)
+        grads = {}
+        for name, linear in linears.items():
+            grads[name] = (linear.weight.grad / max(n, 1)).T.float()  # d_in x d_out
+            linear.weight.grad = None
+            linear.weight.requires_grad_(False)
+        return grads
+
+    def before_task(self, ctx: McitContext) -> None:
+        with self.profiler.section("grad_estimation"):
+            grads = self._gradients(ctx)
+        factors = {}
+        with self.profiler.section("grad_svd"):
+            for name, G in grads.items():
+                U = self.basis[name]
+                G_hat = linalg.project_out(G, U)
+                A, _, _ = linalg.top_r_factors(G_hat, self.hp.rank, method="randomized", niter=self.hp.svd_niter,
+                                               generator=self.generator, basis=U)
+                d_out = G.shape[1]
+                factors[name] = (A.T.contiguous(), torch.zeros(d_out, A.shape[1]))
+        self.attach(factors, self.hp.alpha / self.hp.rank, self.hp.dropout, train_A=False)
+
+    def after_task(self, ctx: McitContext) -> None:
+        self.merge()
+        with self.profiler.section("feature_stats"):
+            grads = self._gradients(ctx)
+        with self.profiler.section("feature_svd"):
+            for name, G in grads.items():
+                self.basis[name] = linalg.gpm_extend(self.basis[name], self.hp.energy, features=G)
+        self.profiler.record_state(ctx.index, "basis", self.state_bytes(),
+                                   columns=sum(b.shape[1] for b in self.basis.values()))
+
+    def state_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in getattr(self, "basis", {}).values())
