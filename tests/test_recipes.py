@@ -106,7 +106,7 @@ def test_config_records_the_recipe_and_the_run_id_ignores_it() -> None:
     assert recipe["card"].startswith("KeepLoRA")
     assert recipe["settings"]["compat"] == {"value": "official", "source": "--set",
                                             "note": "the paper preset has paper"}
-    assert recipe["settings"]["train.max_steps"]["source"] == "preset smoke"
+    assert recipe["settings"]["train.batch_size"]["source"] == "preset smoke"  # smoke: 16, the paper: 64
     json.dumps(resolved)  # config.json must be able to hold it
     assert run_id(resolved) == run_id({k: v for k, v in resolved.items() if k != "recipe"})
 
@@ -117,9 +117,9 @@ def test_run_writes_the_recipe_into_config_json(tmp_path: Path, capsys) -> None:
     assert main(args) == 0
     capsys.readouterr()
     # resuming with another setting names that setting, not its restatement in the recipe record
-    assert main([*args, "--resume", "--set", "train.lr=0.5"]) == 2
+    assert main([*args, "--resume", "--set", "finetune.train.lr=0.5"]) == 2  # the smoke preset's finetune rate: 2e-4
     err = capsys.readouterr().err
-    assert "(train.lr: 0.001 then, 0.5 now)" in err and "recipe.settings" not in err
+    assert "(train.lr: 0.0002 then, 0.5 now)" in err and "recipe.settings" not in err
     (config,) = tmp_path.glob("**/finetune/**/config.json")
     recipe = json.loads(config.read_text())["recipe"]
     assert recipe["preset"] == "smoke" and "finetune.sh" in recipe["card"]
