@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.methods.base import Method, TaskContext
-from clbench.methods.recipes import RecipeCard, code, harness
+from clbench.methods.recipes import RecipeCard, code
 from clbench.methods.registry import register_method
+from clbench.methods.zscl import ZSCL_TRAINING
 
 
 @register_method("zeroshot")
@@ -47,13 +48,7 @@ RECIPES = {
     "finetune": RecipeCard(
         "ZSCL's continual full fine-tuning baseline (Zheng et al., ICCV 2023), Thunderbeee/ZSCL mtil/scripts/"
         "finetune.sh",
-        {"train.optimizer": code("AdamW (src/models/finetune.py)"),
-         "train.lr": code("finetune.sh, the same for every dataset"),
-         "train.weight_decay": code("args.py default"),
-         "train.schedule": code("linear warm-up, then cosine decay to 0 (utils.cosine_lr), per iteration"),
-         "train.warmup_steps": code("args.py default"),
-         "train.epochs": harness("only high enough for max_steps to end the task"),
-         "train.max_steps": code("--iterations"),
-         "train.batch_size": code("args.py default"),
+        {"train.lr": code("finetune.sh, the same for every dataset"),
+         **ZSCL_TRAINING,
          "label_smoothing": code("finetune.sh --ls")}),
 }

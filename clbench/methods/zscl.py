@@ -408,17 +408,21 @@ class ZSCL(Method):
 
 
 # ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
+# ZSCL's training loop (src/models/finetune.py, src/args.py), shared by ZSCL and its fine-tuning baseline
+ZSCL_TRAINING = {
+    "train.optimizer": code("AdamW (src/models/finetune.py)"),
+    "train.weight_decay": code("args.py default"),
+    "train.schedule": code("linear warm-up, then cosine decay to 0 (utils.cosine_lr), per iteration"),
+    "train.warmup_steps": code("args.py default"),
+    "train.epochs": harness("only high enough for max_steps to end the task"),
+    "train.max_steps": code("--iterations"),
+    "train.batch_size": code("args.py default"),
+}
 RECIPES = {
     "zscl": RecipeCard(
         "ZSCL (Zheng et al., ICCV 2023), official code Thunderbeee/ZSCL mtil/scripts/ZSCL.sh",
-        {"train.optimizer": code("AdamW (src/models/finetune.py)"),
-         "train.lr": code("ZSCL.sh; its two exceptions are lr_overrides"),
-         "train.weight_decay": code("args.py default"),
-         "train.schedule": code("linear warm-up, then cosine decay to 0 (utils.cosine_lr), per iteration"),
-         "train.warmup_steps": code("args.py default"),
-         "train.epochs": harness("only high enough for max_steps to end the task"),
-         "train.max_steps": code("--iterations"),
-         "train.batch_size": code("args.py default"),
+        {"train.lr": code("ZSCL.sh; its two exceptions are lr_overrides"),
+         **ZSCL_TRAINING,
          "text_distill": code("'official': the frozen reference text embeddings of all captions in both terms, "
                               "no distillation gradient into the text tower; 'paper' is a variant"),
          "temperature": code("--T"),
