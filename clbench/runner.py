@@ -35,12 +35,13 @@ from clbench.checkpoint import (
     save_checkpoint,
 )
 from clbench.config import RunConfig, method_run_config, run_id, train_config_for
-from clbench.datasets.base import Benchmark, ImageSpec, duplicate_classnames
+from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
 from clbench.errors import UserError
 from clbench.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
 from clbench.interrupt import RunInterrupted, critical, handling_signals
 from clbench.lock import LOCK_NAME, RunLock
 from clbench.methods import get_method
+from clbench.methods.state_checks import StateMismatch
 from clbench.metrics import mtil_metrics
 from clbench.models.backbones import load_backbone
 from clbench.models.clip import ClipModel
@@ -445,7 +446,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
                                                             "environment": env}]
         profiler.task = -1
         method.setup()  # on the pretrained weights, as the interrupted run did; then its state replaces it
-        result = restore(ckpt, model, method, profiler, ckpt_path)
+        result = restore(ckpt, model, method, profiler, benchmark.tasks[: ckpt.completed], ckpt_path)
         del ckpt
     written = False
 
@@ -526,12 +527,18 @@ def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler
                       state_bytes=[dict(r) for r in profiler.state_bytes], rng=rng, rng_extra=rng_extra)
 
 
-def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler, path: Path | None = None) -> SequenceResult:
-    """Put ``ckpt`` back: method state (tensors on the model's device, then JSON), model weights (strict, every
-    shape checked), profiler records, generator states; returns the results so far. A checkpoint that does not
-    fit (edited tensors, another method's state) is a one-line UserError naming ``path``."""
+def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler, tasks: list[Task],
+            path: Path | None = None) -> SequenceResult:
+    """Put ``ckpt`` back: method state (checked by the method's ``check_state`` against the model and the
+    ``tasks`` done, then tensors on the model's device, then JSON), model weights (strict, every shape checked),
+    profiler records, generator states; returns the results so far. A checkpoint that does not fit (edited
+    tensors, another method's state) is a one-line UserError naming ``path`` and the entry."""
     device = model.device
     where = path or Path(CHECKPOINT_NAME)
+    try:
+        method.check_state(ckpt.method, ckpt.method_extra, list(tasks))
+    except StateMismatch as exc:
+        raise _bad_checkpoint(where, f"its {method.name} state does not fit this run: {exc.entry} {exc.why}") from None
     try:
         method.load_state_dict({k: v.to(device) for k, v in ckpt.method.items()})
         method.load_extra_state(ckpt.method_extra)

@@ -16,6 +16,8 @@ the model, its own typed hyperparameters and the current task, and supplies:
                                   a method overriding ``logits`` must override this too and document its
                                   routing rule;
 - ``state_dict()``/``load_state_dict()`` tensors + JSON for resume (no pickles);
+- ``check_state(state, extra, tasks)`` refuses restored state that does not fit the model (before it is loaded;
+                                  default: the keys, shapes and dtypes of the method's own state after ``setup``);
 - ``state_bytes()``               what it holds between tasks, for the cost profile.
 
 A method never reads files or writes results; its costly steps go in ``self.profiler.section(name)``.
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from clbench.datasets.base import ClassSpan, Task
+from clbench.methods.state_checks import check_like_fresh
 from clbench.models.clip import ClipModel
 from clbench.profiling import Profiler
 
@@ -142,6 +145,16 @@ class Method:
     def state_dict(self) -> dict[str, Tensor]:
         """Method state beyond the model weights (tensors only; JSON-able extras via ``extra_state``)."""
         return {}
+
+    def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[Task]) -> None:
+        """Refuse restored state (``state_dict()`` tensors and ``extra_state()`` JSON, saved after ``tasks``) that
+        does not fit this method on this model, with a :class:`~clbench.methods.state_checks.StateMismatch`
+        naming the entry. Called after :meth:`setup` and before :meth:`load_state_dict`.
+
+        Default, for state of fixed shapes: exactly the tensor names, shapes and dtypes of the method's own state
+        now (finite where floating), and JSON shaped like its own ``extra_state()``. A method whose state grows
+        over tasks (bases, memories, per-task heads) overrides this with its own rules."""
+        check_like_fresh(state, extra, self.state_dict(), self.extra_state())
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if state:

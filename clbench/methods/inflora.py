@@ -42,11 +42,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from clbench.datasets.base import Task
 from clbench.linalg import COMPUTE_DTYPE, RELATIVE_ENERGY_FLOOR, CovarianceAccumulator
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import encoder_list, merge_adapters
 from clbench.methods.recipes import RecipeCard, adapted, code
 from clbench.methods.registry import register_method
+from clbench.methods.state_checks import StateMismatch, expect_basis, expect_keys, extra_entry
 from clbench.models.attention import LowRankDelta
 from clbench.models.clip import AttentionSite, ClipModel
 
@@ -284,6 +286,23 @@ class InfLoRA(Method):
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         return {f"memory.{name}": m.basis.contiguous() for name, m in self.memory.items()}
+
+    def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[Task]) -> None:
+        """After the first task, one memory per site: a ``d × k`` basis (``d`` the site's width, ``k ≤ d``,
+        growing over tasks), finite; ``kinds`` names each memory's kind (``remove`` or ``retain``)."""
+        widths = {f"memory.{s.name}": s.width for s in self.sites()} if tasks else {}
+        expect_keys(state, widths)
+        for key, width in widths.items():
+            expect_basis(key, state[key], width)
+        expect_keys(extra, ("kinds",), entry=extra_entry)
+        kinds = extra["kinds"]
+        if not isinstance(kinds, dict):
+            raise StateMismatch(extra_entry("kinds"), f"is a {type(kinds).__name__}, expected an object of "
+                                                      "memory kinds")
+        expect_keys(kinds, widths, entry=lambda key: extra_entry(f"kinds.{key}"))
+        for key, kind in kinds.items():
+            if kind not in ("remove", "retain"):
+                raise StateMismatch(extra_entry(f"kinds.{key}"), f"is {kind!r}, expected 'remove' or 'retain'")
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.memory = {key.removeprefix("memory."): DualMemory(value.float(), self._kinds.get(key, "remove"))

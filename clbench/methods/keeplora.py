@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.config import check_range
-from clbench.datasets.base import ClassSpan
+from clbench.datasets.base import ClassSpan, Task
 from clbench.errors import UserError
 from clbench.linalg import (
     COMPUTE_DTYPE,
@@ -88,6 +88,14 @@ from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import adapter_parameters, encoder_list, merge_adapters
 from clbench.methods.recipes import RecipeCard, adapted, assumption, code, harness, paper
 from clbench.methods.registry import register_method
+from clbench.methods.state_checks import (
+    StateMismatch,
+    expect_basis,
+    expect_keys,
+    expect_tensor,
+    extra_entry,
+    tensor_entry,
+)
 from clbench.models.attention import PROJECTIONS, LowRankDelta
 from clbench.models.clip import AttentionSite
 
@@ -428,6 +436,21 @@ class KeepLoRA(Method):
     def state_dict(self) -> dict[str, Tensor]:
         return {f"basis/{name}": basis.detach().contiguous() for name, basis in self.bases.items()}
 
+    def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[Task]) -> None:
+        """One basis per adapted matrix, ``d × k_t`` with ``d`` the layer's width and ``k_t ≤ d`` (the columns
+        grow over tasks), finite; the rest is checked by :meth:`check_other_state`; no JSON state."""
+        bases = {k.removeprefix("basis/"): v for k, v in state.items() if k.startswith("basis/")}
+        widths = {m.name: m.site.width for m in self.matrices()}
+        expect_keys(bases, widths, entry=lambda name: tensor_entry(f"basis/{name}"))
+        for name, width in widths.items():
+            expect_basis(f"basis/{name}", bases[name], width)
+        self.check_other_state({k: v for k, v in state.items() if not k.startswith("basis/")}, tasks)
+        expect_keys(extra, (), entry=extra_entry)
+
+    def check_other_state(self, rest: dict[str, Tensor], tasks: list[Task]) -> None:
+        """Tensors besides the bases: KeepLoRA keeps none."""
+        expect_keys(rest, ())
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         rest = self._load_bases(state)
         if rest:
@@ -533,6 +556,18 @@ class KeepLoRAPlus(KeepLoRA):
     def state_dict(self) -> dict[str, Tensor]:
         heads = {f"head/{name}": h.detach().contiguous() for name, h in self.heads.items()}
         return {**super().state_dict(), **heads}
+
+    def check_other_state(self, rest: dict[str, Tensor], tasks: list[Task]) -> None:
+        """One head per task done, ``classes × embedding width``, finite."""
+        expect_keys(rest, [f"head/{t.name}" for t in tasks])
+        width = getattr(self.model.clip.visual, "output_dim", None)  # open_clip towers say their embedding width
+        for t in tasks:
+            key, value = f"head/{t.name}", rest[f"head/{t.name}"]
+            expect_tensor(key, value, floating=True)
+            if value.dim() != 2 or value.shape[0] != len(t.classnames) or (width and value.shape[1] != width):
+                raise StateMismatch(tensor_entry(key), f"is {tuple(value.shape)}, expected {len(t.classnames)} "
+                                                       f"classes × {width or 'the'} embedding width")
+            expect_tensor(key, value, finite=True)
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         rest = self._load_bases(state)

@@ -56,12 +56,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clbench.datasets.base import Task
 from clbench.linalg import COMPUTE_DTYPE
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.inflora import qkv_input_covariances
 from clbench.methods.lora import encoder_list
 from clbench.methods.recipes import RecipeCard, adapted, code
 from clbench.methods.registry import register_method
+from clbench.methods.state_checks import (
+    StateMismatch,
+    describe,
+    expect_keys,
+    expect_tensor,
+    extra_entry,
+    tensor_entry,
+)
 from clbench.models.attention import LowRankDelta
 from clbench.models.clip import AttentionSite, ClipModel
 
@@ -338,6 +347,20 @@ class LoDA(Method):
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         return {f"history.{name}": h.contiguous() for name, h in self.history.items()}
+
+    def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[Task]) -> None:
+        """After the first task, one history per site: a finite symmetric ``d × d`` covariance sum (``d`` the
+        site's width); no JSON state."""
+        widths = {f"history.{s.name}": s.width for s in self.sites()} if tasks else {}
+        expect_keys(state, widths)
+        for key, width in widths.items():
+            H = state[key]
+            expect_tensor(key, H, shape=(width, width), floating=True, finite=True)
+            # eigh reads one triangle only: an asymmetric history would be used silently (rounding passes)
+            if H.numel() and float((H - H.T).abs().max()) > 1e-3 * float(H.abs().max()):
+                raise StateMismatch(tensor_entry(key), f"is {describe(H)} and not symmetric, expected a "
+                                                       "covariance sum")
+        expect_keys(extra, (), entry=extra_entry)
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.history = {key.removeprefix("history."): value for key, value in state.items()}
