@@ -82,6 +82,26 @@ def test_config_file_that_is_special_or_deep(tmp_path: Path, capsys, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("target", "kind"), [("/dev/zero", "a device"), ("link", "a device"),
+                                              ("fifo", "a FIFO"), ("folder", "a folder"),
+                                              ("missing", "does not exist")])
+def test_pretrained_that_is_not_a_regular_file_says_what_it_is(tmp_path: Path, capsys, target: str,
+                                                                kind: str) -> None:
+    path = {"/dev/zero": Path("/dev/zero"), "link": tmp_path / "w.safetensors", "fifo": tmp_path / "w.safetensors",
+            "folder": tmp_path / "weights", "missing": tmp_path / "w.pt"}[target]
+    if target == "link":
+        path.symlink_to("/dev/zero")
+    elif target == "fifo":
+        os.mkfifo(path)  # nobody writes to it: opening it to read would block forever
+    elif target == "folder":
+        path.mkdir()
+    code = main(["run", "--methods", "zeroshot", "--out", str(tmp_path / "out"), *SMOKE[:2], "--quiet",
+                 "--pretrained", str(path)])
+    line = assert_one_line_error(capsys, code, f"pretrained weight file {path} ", kind)
+    assert ("not a regular file" in line) == (target != "missing"), line
+    assert not (tmp_path / "out").exists()
+
+
 # ---- non-finite and oversized values ------------------------------------------------------------------
 @pytest.mark.parametrize("setting", ["train.lr=nan", "train.lr=1e309", "train.lr=-inf", "keeplora.eps_f=nan",
                                      "lora.train.lr=inf", "train.batch_size=99999999999999999999999"])

@@ -25,6 +25,7 @@ from clbench.errors import UserError
 from clbench.models.clip import ClipModel
 from clbench.models.pretrain import PretrainConfig, cache_dir, config_key, pretrain
 from clbench.results import atomic_write_json, atomic_write_safetensors
+from clbench.safeio import check_regular
 
 TINY = "tiny"
 TINY_CONFIG = Path(__file__).parent / "configs" / "clbench-tiny.json"
@@ -103,8 +104,10 @@ def load_state_file(path: Path, allow_torchscript: bool = False) -> dict[str, to
     OpenAI's original ``.pt`` files are TorchScript archives, which execute code on load; they are read
     only with ``allow_torchscript=True`` (``--trust-torchscript``), which the user gives for a file they trust.
     """
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"pretrained weight file {path} does not exist; pass an existing .safetensors/.pt file")
+    # /dev/zero, a FIFO, a folder: named and refused before anything opens it (a FIFO would block the read)
+    check_regular(path, "pretrained weight file", "pass a .safetensors/.pt weight file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
