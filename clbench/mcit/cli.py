@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clbench.errors import UserError
+from clbench.mcit.bench import MCIT_BENCHMARKS
 from clbench.mcit.data import BENCHMARKS, inspect
 
 
@@ -27,6 +28,48 @@ def data_check(root: Path, benchmark: str) -> None:
     bad = [r for r in rows if not r.usable]
     if bad:
         raise UserError(f"{len(bad)} of {len(rows)} {benchmark} tasks unusable under {root}; first: {bad[0].problem}")
+
+
+def print_mcit_methods(console: Console) -> None:
+    """The methods of the MCIT setting, one line each (``clbench methods``)."""
+    from clbench.mcit.methods import get_mcit_method, list_mcit_methods
+
+    console.print(f"MCIT setting, LLaVA (--benchmark {', '.join(MCIT_BENCHMARKS)}):", highlight=False)
+    for name in list_mcit_methods():
+        console.print(f"  {name:12s} {get_mcit_method(name).summary}", highlight=False)
+
+
+def print_mcit_card(console: Console, name: str, preset: str) -> None:
+    """``clbench methods NAME --setting mcit``: the LLaVA form's hyperparameters and the preset's loop settings."""
+    import dataclasses
+
+    from clbench.mcit.loop import LoopConfig
+    from clbench.mcit.methods import get_mcit_method
+    from clbench.mcit.runner import PRESETS
+
+    cls = get_mcit_method(name)
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    console.print(f"{name}, MCIT setting: {cls.summary}", highlight=False)
+    console.print(f"official setting: {' '.join((cls.Hparams.__doc__ or '').split())}", highlight=False)
+    hp = cls.Hparams()
+    table = Table(title=f"hyperparameters (--set {name}.KEY=VALUE)")
+    for col in ("name", "type", "default"):
+        table.add_column(col)
+    for f in dataclasses.fields(hp):
+        table.add_row(f.name, type(getattr(hp, f.name)).__name__, str(getattr(hp, f.name)))
+    console.print(table)
+    p = PRESETS[preset]
+    loop = LoopConfig(**p["loop"])
+    table = Table(title=f"shared loop, --preset {preset}")
+    for col in ("setting", "value"):
+        table.add_column(col)
+    for f in dataclasses.fields(loop):
+        table.add_row(f"loop.{f.name}", str(getattr(loop, f.name)))
+    for key in ("n_train", "n_test"):
+        table.add_row(f"data.{key}", f"{p[key]} (synthetic-mcit only)")
+    table.add_row("pretrain_steps", f"{p['pretrain_steps']} (tiny LLaVA)")
+    console.print(table)
 
 
 def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,

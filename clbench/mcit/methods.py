@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from clbench import linalg
-from clbench.errors import UserError
 from clbench.mcit.backbone import adapted_linears, projector_parameters
+from clbench.methods.registry import Registry
 from clbench.profiling import Profiler
 
 
@@ -118,30 +118,30 @@ class McitMethod:
         return 0
 
 
-_MCIT: dict[str, type[McitMethod]] = {}
+def _refusal(name: str, available: list[str]) -> str:
+    from clbench.methods.registry import CLIP_METHODS
+
+    listed = f"available there: {', '.join(available)} (see 'clbench methods')"
+    if name in CLIP_METHODS:
+        return f"method {name!r} has no LLaVA form and cannot run on the MCIT setting; {listed}"
+    return f"unknown method {name!r} on the MCIT setting (LLaVA); {listed}"
+
+
+MCIT_METHODS: Registry[type[McitMethod]] = Registry(_refusal)
 
 
 def register_mcit(name: str):
     """Class decorator registering an MCIT method under ``name``."""
-
-    def wrap(cls: type[McitMethod]) -> type[McitMethod]:
-        cls.name = name
-        _MCIT[name] = cls
-        return cls
-
-    return wrap
+    return MCIT_METHODS.register(name)
 
 
 def list_mcit_methods() -> list[str]:
-    return sorted(_MCIT)
+    return MCIT_METHODS.names()
 
 
 def get_mcit_method(name: str) -> type[McitMethod]:
-    """The MCIT class of ``name``; a CLIP-only method is refused in one line."""
-    if name not in _MCIT:
-        raise UserError(f"method {name!r} has no LLaVA form and cannot run on the MCIT setting; available there: "
-                        f"{', '.join(list_mcit_methods())}")
-    return _MCIT[name]
+    """The MCIT class of ``name``; a CLIP-only method (or an unknown name) is refused in one line."""
+    return MCIT_METHODS.get(name)
 
 
 @dataclass
