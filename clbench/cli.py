@@ -108,7 +108,7 @@ def run(
 
         run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
                     other={"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
-                           "--resume": resume, "--skip-bad-images": skip_bad_images, "--order": order != 1})
+                           "--skip-bad-images": skip_bad_images, "--order": order != 1}, resume=resume)
         return
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,

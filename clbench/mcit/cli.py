@@ -73,8 +73,9 @@ def print_mcit_card(console: Console, name: str, preset: str) -> None:
 
 
 def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,
-                data_root: str, device: str, sets: list[str], quiet: bool, other: dict) -> None:
+                data_root: str, device: str, sets: list[str], quiet: bool, other: dict, resume: bool = False) -> None:
     """``clbench run`` on an MCIT benchmark: refuse options of the CLIP setting, run, print the metric table."""
+    from clbench.interrupt import handling_signals
     from clbench.mcit.metrics import LABELS, ORDER
     from clbench.mcit.runner import run_mcit
     from clbench.profiling import summarise_profile
@@ -90,8 +91,11 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
             cells = " ".join(f"{v:5.1f}" for v in row)
             console.print(f"{method}: after task {t + 1} ({name}): {cells}", highlight=False)
 
-    outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
-                        notify=lambda msg: console.print(f"note: {msg}", highlight=False), on_task=on_task)
+    with handling_signals():  # SIGTERM / SIGINT stop after a safe point; the run is marked interrupted
+        outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
+                            notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True),
+                            on_task=on_task,
+                            resume=resume)
     table = Table(title=f"{benchmark}: MCITlib metrics (percent; caption tasks: caption average)")
     for col in ("method", *(LABELS[k] for k in ORDER), "minutes", "results"):
         table.add_column(col, justify="left" if col in ("method", "results") else "right")

@@ -117,6 +117,18 @@ class McitMethod:
     def state_bytes(self) -> int:
         return 0
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What the method keeps between tasks (its adapters are merged after every task): its generator's state
+        and, in subclasses, their memories. Saved in resume checkpoints."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; a state of another method raises ``KeyError`` / ``ValueError``."""
+        extra = sorted(set(state) - {"generator"})
+        if extra:
+            raise KeyError(f"unexpected entries {extra[:3]}")
+        self.generator.set_state(state["generator"].to(torch.uint8).cpu())
+
 
 def _refusal(name: str, available: list[str]) -> str:
     from clbench.methods.registry import CLIP_METHODS
@@ -256,3 +268,17 @@ class KeepLoraLlava(McitMethod):
 
     def state_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in getattr(self, "basis", {}).values())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**super().state_dict(), **{f"basis/{name}": U for name, U in self.basis.items()}}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        basis = {k.removeprefix("basis/"): v for k, v in state.items() if k.startswith("basis/")}
+        super().load_state_dict({k: v for k, v in state.items() if not k.startswith("basis/")})
+        for name, linear in adapted_linears(self.model).items():
+            U = basis.get(name)
+            if U is None or U.dim() != 2 or U.shape[0] != linear.in_features:
+                raise ValueError(f"no basis of {linear.in_features} rows for {name}")
+        if set(basis) != set(adapted_linears(self.model)):
+            raise KeyError(f"bases of unknown layers {sorted(set(basis) - set(adapted_linears(self.model)))[:3]}")
+        self.basis = {k: v.float() for k, v in basis.items()}
