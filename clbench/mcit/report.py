@@ -100,7 +100,9 @@ def read_mcit_run(folder: Path, manifest: dict) -> Matrix:
     config = {"benchmark": benchmark, "preset": manifest.get("preset"), "loop": manifest.get("loop"),
               "backbone": manifest.get("backbone"), "hparams": manifest.get("hparams")}
     accuracy = pd.DataFrame(values, index=pd.Index(tasks, name="trained_on"), columns=tasks)
-    return Matrix(label=method_display(method), source=RUN, path=folder, seed=seed, datasets=tasks,
+    grid = folder.parent.name.partition(",")[2]  # a sweep's grid point: keeplora,rank=4 -> "rank=4"
+    label = method_display(method) + (f" ({grid.replace(',', ', ')})" if grid else "")
+    return Matrix(label=label, source=RUN, path=folder, seed=seed, datasets=tasks,
                   accuracy=accuracy, metrics=expected, method=method, zeroshot=base,
                   profile=_optional_csv(folder / "profile.csv", PROFILE_COLUMNS), config=config)
 
@@ -126,8 +128,8 @@ def collect_mcit(paths: list[Path]) -> ReportInput:
 def _check_one_table(runs: list[Matrix]) -> None:
     """One benchmark, one task list, one shared setup; one method's seeds share their hyperparameters."""
     first = runs[0]
-    for m in runs[1:]:
-        for key in ("benchmark", "preset", "loop", "backbone"):
+    for m in runs[1:]:  # a sweep over loop.* puts its grid point in the label, so loop may differ then
+        for key in ("benchmark", "preset", "backbone", *(() if "," in m.path.parent.name else ("loop",))):
             if m.config[key] != first.config[key]:
                 raise UserError(f"{m.path} and {first.path} differ in {key} ({json.dumps(m.config[key])} vs "
                                 f"{json.dumps(first.config[key])}); one table holds one setup, so report them apart")
@@ -135,14 +137,14 @@ def _check_one_table(runs: list[Matrix]) -> None:
             raise UserError(f"{m.path} and {first.path} train different task lists; report them apart")
     seen: dict[tuple[str, int], Matrix] = {}
     hparams: dict[str, Matrix] = {}
-    for m in runs:
-        if (m.method, m.seed) in seen:
-            raise UserError(f"two complete runs of {m.method} seed {m.seed}: {seen[m.method, m.seed].path} and "
+    for m in runs:  # one row per label: a method, or a method at a sweep's grid point
+        if (m.label, m.seed) in seen:
+            raise UserError(f"two complete runs of {m.label} seed {m.seed}: {seen[m.label, m.seed].path} and "
                             f"{m.path}; pass only one of them")
-        seen[m.method, m.seed] = m
-        other = hparams.setdefault(m.method, m)
+        seen[m.label, m.seed] = m
+        other = hparams.setdefault(m.label, m)
         if other.config["hparams"] != m.config["hparams"]:
-            raise UserError(f"runs of {m.method} with different hyperparameters ({other.path}, {m.path}); their "
+            raise UserError(f"runs of {m.label} with different hyperparameters ({other.path}, {m.path}); their "
                             "seeds cannot pool, so report them apart")
 
 

@@ -61,8 +61,11 @@ def has_run(path: Path) -> bool:
     return any((path / name).exists() for name in ("manifest.json", CHECKPOINT_NAME, LOCK_NAME))
 
 
-def plan_run(plan: McitPlan, resume: bool, notify: Callable[[str], None]) -> McitPlan:
-    """Decide how ``plan``'s run starts, checking a checkpoint's header against this configuration."""
+def plan_run(plan: McitPlan, resume: bool | str, notify: Callable[[str], None]) -> McitPlan:
+    """Decide how ``plan``'s run starts, checking a checkpoint's header against this configuration.
+
+    ``resume="auto"`` (sweeps): a complete run of this configuration is done, an unfinished one resumes, and a
+    run of another configuration in the folder is replaced (``True`` refuses that one instead)."""
     path, ckpt = plan.path, plan.path / CHECKPOINT_NAME
     if not resume:
         if ckpt.exists():
@@ -80,6 +83,9 @@ def plan_run(plan: McitPlan, resume: bool, notify: Callable[[str], None]) -> Mci
         return plan
     info = read_info(ckpt) if ckpt.exists() else None
     found = info.get("run_id") if info else manifest.get("run_id")
+    if found is not None and found != plan.run_id and resume == "auto":
+        notify(f"{plan.name}: {path} holds a run of other settings; replacing it")
+        return plan
     if found is not None and found != plan.run_id:
         raise UserError(f"--resume: the run in {path} was made with other options (run id {found}, now "
                         f"{plan.run_id}); rerun with the same options, or drop --resume to start over")

@@ -107,11 +107,13 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
              backbone: str = "tiny", data_root: str = "", device: str = "cpu", sets: list[str] | None = None,
              notify: Callable[[str], None] = print,
              on_task: Callable[[str, int, str, list[float]], None] | None = None,
-             resume: bool = False) -> list[McitOutcome]:
+             resume: bool | str = False, folder: str | None = None) -> list[McitOutcome]:
     """Run every method over the benchmark's sequence from the same base model; one results folder each.
 
     Every run folder is locked while it runs and checkpointed after every task; ``resume`` continues each run
-    after its last completed task (a complete run is left as it is)."""
+    after its last completed task (a complete run is left as it is; ``"auto"``: see
+    :func:`~clbench.mcit.resume.plan_run`). ``folder`` names the method folder of a single method's run (a sweep's
+    grid point, ``keeplora,rank=4``)."""
     if benchmark not in MCIT_BENCHMARKS:
         raise UserError(f"--benchmark {benchmark!r} is not an MCIT benchmark ({', '.join(MCIT_BENCHMARKS)})")
     if preset not in PRESETS:
@@ -143,8 +145,10 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
                     "hparams": dataclasses.asdict(hparams[name]), "loop": dataclasses.asdict(loop),
                     "backbone": base_id, "pretrain_steps": p["pretrain_steps"] if backbone == "tiny" else None,
                     "data": {k: v for k, v in data_info.items() if k != "root"}, "tasks": names}
-        plans.append(McitPlan(name, run_dir(out, benchmark, 1, name, seed), run_id(resolved), names))
-    if resume and not any(has_run(plan.path) for plan in plans):
+        plans.append(McitPlan(name, run_dir(out, benchmark, 1, folder or name, seed), run_id(resolved), names))
+    if folder is not None and len(plans) != 1:
+        raise ValueError("a folder name is for one method's run")
+    if resume is True and not any(has_run(plan.path) for plan in plans):
         raise UserError(f"--resume: no run to resume in {plans[0].path.parent.parent} (no run of "
                         f"{', '.join(classes)} there); check --out/--seed, or drop --resume to start the run")
     plans = [plan_run(plan, resume, notify) for plan in plans]
