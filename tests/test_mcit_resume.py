@@ -58,6 +58,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["resumed"][0]["after_task"] == 2
     assert not (folder / CHECKPOINT_NAME).exists()
+    from clbench.config import run_id
+
+    assert run_id(json.loads((folder / "config.json").read_text())) == manifest["run_id"]  # the id is the config's
     profile = pd.read_csv(folder / "profile.csv")
     assert sorted(set(profile["task"])) == sorted(set(pd.read_csv(_folder(whole) / "profile.csv")["task"]))
     notes: list[str] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ class McitPlan:
     tasks: list[str]
     mode: str = "fresh"
     completed: int = 0
+    config: dict = field(default_factory=dict)  # the resolved configuration the run id is made of (config.json)
 
 
 def _manifest(path: Path) -> dict:

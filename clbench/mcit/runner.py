@@ -145,7 +145,8 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
                     "hparams": dataclasses.asdict(hparams[name]), "loop": dataclasses.asdict(loop),
                     "backbone": base_id, "pretrain_steps": p["pretrain_steps"] if backbone == "tiny" else None,
                     "data": {k: v for k, v in data_info.items() if k != "root"}, "tasks": names}
-        plans.append(McitPlan(name, run_dir(out, benchmark, 1, folder or name, seed), run_id(resolved), names))
+        plans.append(McitPlan(name, run_dir(out, benchmark, 1, folder or name, seed), run_id(resolved), names,
+                              config=resolved))
     if folder is not None and len(plans) != 1:
         raise ValueError("a folder name is for one method's run")
     if resume is True and not any(has_run(plan.path) for plan in plans):
@@ -224,6 +225,7 @@ def _run_one(plan: McitPlan, cls, hparams, tasks: list[McitTask], settings: dict
         if plan.mode != "resume":
             for stale in STALE:
                 (path / stale).unlink(missing_ok=True)
+        atomic_write_json(path / "config.json", plan.config)
 
     def on_task_end(state: dict) -> None:
         with critical():
