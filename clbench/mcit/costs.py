@@ -77,11 +77,17 @@ class PartCost:
         return self.seconds * self.count
 
 
-def _timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
+def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def _timed(fn) -> tuple[float, object]:
+    """Wall seconds of ``fn()`` (CUDA synchronised before and after) and its result."""
+    _sync()
+    start = time.perf_counter()
+    out = fn()
+    _sync()
     return time.perf_counter() - start, out
 
 
