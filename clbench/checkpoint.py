@@ -144,12 +144,13 @@ def read_info(path: Path) -> dict:
     return info
 
 
-def check_info(path: Path, info: dict, run_id: str, datasets: list[str], union: bool) -> int:
+def check_info(path: Path, info: dict, run_id: str, datasets: list[str], union: bool, upper: float = 100.0) -> int:
     """Check the JSON part of a checkpoint against the run it is to continue; returns the tasks completed.
 
     Every field is checked for type and size before use: an edited ``completed`` count, accuracy rows of the
     wrong number or length or outside 0-100, a task list of another run, bad generator states or profile records
-    are a one-line UserError (never a partial matrix marked complete, nor a traceback)."""
+    are a one-line UserError (never a partial matrix marked complete, nor a traceback). ``upper`` bounds the
+    scores (MCIT caption averages include CIDEr x 100, which can pass 100)."""
     n = len(datasets)
 
     def need(ok: bool, what: str) -> None:
@@ -161,10 +162,11 @@ def check_info(path: Path, info: dict, run_id: str, datasets: list[str], union: 
     completed = info.get("completed")
     need(isinstance(completed, int) and not isinstance(completed, bool) and 1 <= completed <= n,
          f"its completed-task count {completed!r} is not between 1 and {n}")
-    need(_row(info.get("zeroshot"), n), f"its zero-shot row is not {n} accuracies in 0-100")
+    span = f"0-{upper:g}"
+    need(_row(info.get("zeroshot"), n, upper), f"its zero-shot row is not {n} accuracies in {span}")
     rows = info.get("rows")
-    need(isinstance(rows, list) and len(rows) == completed and all(_row(r, n) for r in rows),
-         f"its accuracy rows are not {completed} rows of {n} accuracies in 0-100")
+    need(isinstance(rows, list) and len(rows) == completed and all(_row(r, n, upper) for r in rows),
+         f"its accuracy rows are not {completed} rows of {n} accuracies in {span}")
     recall = info.get("recall", {})
     if union:
         need(isinstance(recall, dict) and _row(recall.get("zeroshot"), n) and isinstance(recall.get("rows"), list)
@@ -180,10 +182,10 @@ def check_info(path: Path, info: dict, run_id: str, datasets: list[str], union: 
     return completed
 
 
-def _row(values, n: int) -> bool:
-    """Whether ``values`` is a list of ``n`` finite numbers in 0-100 (percent)."""
+def _row(values, n: int, upper: float = 100.0) -> bool:
+    """Whether ``values`` is a list of ``n`` numbers in 0-``upper`` (percent; NaN never passes)."""
     return (isinstance(values, list) and len(values) == n
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 100.0 for v in values))
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= upper for v in values))
 
 
 def _check_rng_extra(path: Path, extra) -> None:

@@ -9,7 +9,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import click
 import typer
@@ -108,7 +108,7 @@ def run(
 
         run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
                     other={"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
-                           "--resume": resume, "--skip-bad-images": skip_bad_images, "--order": order != 1})
+                           "--skip-bad-images": skip_bad_images, "--order": order != 1}, resume=resume)
         return
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
@@ -188,18 +188,30 @@ def _print_summary(outcomes) -> None:
 @app.command()
 def methods(
     name: Annotated[str, typer.Argument(help="a method: print its hyperparameters and recipe card")] = "",
-    preset: Annotated[str, typer.Option("--preset", help="the preset whose recipe to show")] = "paper",
+    preset: Annotated[str, typer.Option("--preset", help="the preset whose recipe to show (CLIP default: paper; "
+                                        "MCIT default: default)")] = "",
     order: Annotated[int, typer.Option(help="task order, 1 or 2 (per-task epochs differ)")] = 1,
+    setting: Annotated[Literal["clip", "mcit"], typer.Option(
+        help="clip: CLIP on MTIL / X-TAIL / synthetic; mcit: LLaVA on UCIT / MLLM-DCL / synthetic-mcit")] = "clip",
 ) -> None:
-    """List the registered methods, or show one method's hyperparameters, defaults, ranges and recipe."""
+    """List the registered methods of both settings, or show one method's hyperparameters, defaults and recipe."""
+    from clbench.mcit.cli import print_mcit_card, print_mcit_methods
     from clbench.methods import get_method, list_methods
 
     if not name:
+        out_console.print("CLIP setting (--benchmark synthetic, mtil, xtail):", highlight=False)
         for method in list_methods():
-            out_console.print(f"{method:12s} {get_method(method).summary}", highlight=False)
-        out_console.print("details of one method: clbench methods NAME [--preset P] [--order N]", highlight=False)
+            out_console.print(f"  {method:12s} {get_method(method).summary}", highlight=False)
+        print_mcit_methods(out_console)
+        out_console.print("details of one method: clbench methods NAME [--preset P] [--order N]; its LLaVA form: "
+                          "clbench methods NAME --setting mcit", highlight=False)
         return
-    _print_method_card(name, preset, order)
+    if setting == "mcit":
+        if order != 1:
+            raise UserError("--order: the MCIT benchmarks have one task order; drop --order with --setting mcit")
+        print_mcit_card(out_console, name, preset or "default")
+        return
+    _print_method_card(name, preset or "paper", order)
 
 
 def _print_method_card(name: str, preset: str, order: int) -> None:

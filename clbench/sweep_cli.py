@@ -26,7 +26,6 @@ from rich.text import Text
 
 from clbench.cli_options import (
     Backbone,
-    BenchmarkName,
     DataRoot,
     Device,
     EvalRule,
@@ -35,6 +34,7 @@ from clbench.cli_options import (
     Precision,
     PresetName,
     Pretrained,
+    RunBenchmarkName,
     Sets,
     Shots,
     SkipBadImages,
@@ -82,7 +82,7 @@ def sweep(
     grid: Annotated[list[str] | None, typer.Option(
         "--grid", help="a swept setting, key=v1,v2,... (repeatable); method.key sweeps that method's runs only")]
     = None,
-    benchmark: BenchmarkName = "synthetic",
+    benchmark: RunBenchmarkName = "synthetic",
     eval_: EvalRule = None,
     out: OutFolder = Path("results"),
     preset: PresetName = "default",
@@ -119,6 +119,17 @@ def sweep(
     names = split_list(methods, "--methods")
     if len(set(names)) != len(names):
         raise UserError(f"--methods {methods!r} repeats a method; give each once")
+    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA: clbench.mcit.sweep, runs in this process
+        from clbench.mcit.cli import sweep_command
+
+        clip_only = {"--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
+                     "--shots": shots, "--skip-bad-images": skip_bad_images,
+                     "--launcher": launcher not in ("local", "inline"), "--jobs": jobs, "--cpus-per-job":
+                     cpus_per_job != 1, "--gpus-per-job": gpus_per_job, "--ray-address": ray_address,
+                     "--partition": partition, "--time": time_limit, "--slurm-param": slurm_param, "--dry-run": dry_run}
+        sweep_command(benchmark, names, int_list(seeds, "--seeds"), list(grid or []), out, preset, backbone,
+                      data_root, device, list(set_ or []), quiet, clip_only)
+        return
     axes = parse_grid(list(grid or []), names)
     check_real_data_options(benchmark, shots, skip_bad_images)
     sets = [*data_assignments(shots, skip_bad_images), *(set_ or [])]

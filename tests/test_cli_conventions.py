@@ -55,7 +55,8 @@ def test_every_help_is_plain_with_bare_flags(capsys, command: tuple[str, ...]) -
 
 def test_choices_are_enumerated(capsys) -> None:
     presets = "|".join(sorted(p.stem for p in (ROOT / "clbench" / "presets").glob("*.json")))
-    benchmarks = {("run",): "<synthetic|mtil|xtail|synthetic-mcit|ucit|mllm-dcl>", ("sweep",): "<synthetic|mtil|xtail>"}
+    benchmarks = {("run",): "<synthetic|mtil|xtail|synthetic-mcit|ucit|mllm-dcl>",
+                  ("sweep",): "<synthetic|mtil|xtail|synthetic-mcit|ucit|mllm-dcl>"}
     for command in (("run",), ("sweep",)):
         text = " ".join(_help(capsys, *command).split())
         for choice in (benchmarks[command], "<task|union>", "<fp32|amp>", f"<{presets}>", "<auto|cpu|cuda[:i]>"):

@@ -149,3 +149,19 @@ def test_natural_width_overflows_and_the_check_sees_it(paper_inputs, tmp_path: P
     (table,) = written_tables(out)
     assert "adjustbox" not in table.read_text()
     assert overfull(compile_table(table, tmp_path / "tex", ONE_COLUMN))
+
+
+def test_mcit_table_and_costs_compile(tmp_path: Path) -> None:
+    """MCIT runs (LLaVA): MCITlib's columns with mean ± std cells, bold and underline, and the cost table."""
+    from test_mcit_report import HAND, KEEP0, LORA0, LORA1, write_run
+
+    results = tmp_path / "results"
+    write_run(results, "lora", 0, LORA0, HAND["LORA0"])
+    write_run(results, "lora", 1, LORA1, HAND["LORA1"])
+    write_run(results, "keeplora", 0, KEEP0, HAND["KEEP0"])
+    out = tmp_path / "rep"
+    assert main(["report", str(results), "--costs", "--out", str(out)]) == 0
+    tables = written_tables(out)
+    assert [t.name for t in tables] == ["synthetic-mcit.tex", "synthetic-mcit_costs.tex"]
+    for table in tables:
+        compile_table(table, tmp_path / "tex" / table.stem)

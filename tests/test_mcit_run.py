@@ -61,15 +61,54 @@ def test_real_benchmark_without_data_is_one_line(tmp_path, capsys):
 
 
 def test_profile_llava_shapes(tmp_path, capsys):
+    """Reduced shapes (llava-tiny: hidden 64, MLP 128, 2 decoder and 2 vision layers) built and timed, then
+    extrapolated: counts are the matrices / layers of the whole model, one built layer stands for two."""
     csv = tmp_path / "costs.csv"
     rc = main(["profile", "--methods", "keeplora", "--backbone", "llava-tiny", "--set", "keeplora.rank=8",
-               "--out", str(csv)])
+               "--layers", "1", "--out", str(csv)])
     assert rc == 0
     frame = pd.read_csv(csv)
-    assert list(frame["matrix"]) == ["q/k/v/o", "gate/up", "down"]
-    assert list(frame["count"]) == [8, 4, 2]  # 4 + 2 + 1 matrices per layer, 2 layers
-    assert list(frame["gradient_bytes"]) == [4 * 64 * 64, 4 * 128 * 64, 4 * 64 * 128]
-    assert (frame["basis_columns"] <= frame["d_in"]).all()
-    assert "whole model" in capsys.readouterr().out
-    assert main(["profile", "--methods", "lora", "--backbone", "llava-tiny"]) == 2
-    assert main(["profile", "--methods", "keeplora", "--backbone", "llava-99b"]) == 2
+    grad = frame[frame["section"] == "grad_estimation"].set_index("part")
+    assert grad.loc["decoder layer, fwd+bwd", "count"] == 2 and grad.loc["vision layer, fwd", "count"] == 2
+    assert grad.loc["decoder layer, fwd+bwd", "how"] == "1 built, x2"
+    assert (grad["seconds"] > 0).all()
+    svd = frame[frame["section"] != "grad_estimation"]
+    assert set(svd["section"]) == {"pretrained_svd", "grad_svd", "feature_svd"}
+    per_kind = svd.drop_duplicates("part").set_index("part")
+    assert list(per_kind.index) == ["q/k/v/o", "gate/up", "down"]
+    assert list(per_kind["count"]) == [8, 4, 2]  # 4 + 2 + 1 matrices per layer, 2 layers
+    assert list(zip(per_kind["d_out"], per_kind["d_in"], strict=True)) == [(64, 64), (128, 64), (64, 128)]
+    assert frame["total_seconds"].to_numpy() == pytest.approx((frame["seconds"] * frame["count"]).to_numpy(),
+                                                              abs=1e-3)  # the CSV keeps 4 decimals
+    feature = svd[svd["section"] == "feature_svd"]
+    assert (feature["basis_columns"] <= feature["d_in"]).all() and (feature["basis_columns"] > 0).all()
+    out = capsys.readouterr().out
+    assert "whole model, extrapolated from 1 built decoder layer(s) to 2" in out
+
+
+def test_profile_llava_extrapolates_wide_svds_and_says_so(capsys):
+    from clbench.mcit.costs import profile_llava
+
+    costs = profile_llava("llava-tiny", layers=2, rank=4, svd_max_dim=64)
+    down = {c.section: c for c in costs if c.part == "down"}
+    gate = {c.section: c for c in costs if c.part == "gate/up"}
+    assert set(down) == {"pretrained_svd", "grad_svd", "feature_svd"}
+    for section, cost in down.items():  # (128 / 64)^3 = 8 times gate/up: the widest measured (d_in 64, d_out 128)
+        assert cost.how.startswith("EXTRAPOLATED: gate/up")
+        assert cost.seconds == pytest.approx(8 * gate[section].seconds)
+    assert not any(c.how.startswith("EXTRAPOLATED") for c in costs if c.part != "down")
+    assert main(["profile", "--methods", "keeplora", "--backbone", "llava-tiny", "--svd-max-dim", "64"]) == 0
+    assert "the SVD sections of down are extrapolated, not measured" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--methods", "lora", "--backbone", "llava-tiny"], "add keeplora"),
+    (["--methods", "keeplora", "--backbone", "llava-99b"], "LLaVA shapes known"),
+    (["--methods", "keeplora", "--backbone", "llava-tiny", "--layers", "3"], "between 1 and 2"),
+    (["--methods", "keeplora", "--backbone", "llava-tiny", "--svd-max-dim", "8"], "--svd-max-dim 8"),
+    (["--methods", "keeplora", "--backbone", "tiny", "--layers", "2"], "apply to LLaVA shapes"),
+])
+def test_profile_llava_refusals(args, needle, capsys):
+    assert main(["profile", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

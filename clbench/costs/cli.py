@@ -35,6 +35,11 @@ def profile(
                                                      "(exact; a few microseconds per operator)")] = True,
     evaluate: Annotated[bool, typer.Option(help="time one evaluation of all tasks after each task")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress messages")] = False,
+    layers: Annotated[int | None, typer.Option(help="LLaVA shapes: decoder (and vision) layers to build and time; "
+                                                    "the whole model is extrapolated from them (default 1)")] = None,
+    svd_max_dim: Annotated[int | None, typer.Option(help="LLaVA shapes: widest input of a matrix whose SVD sections "
+                                                         "are measured; wider ones are extrapolated (default 4096)")]
+    = None,
 ) -> None:
     """Time the cost centres (gradient pass, SVDs, feature statistics, merge, train step, eval) of methods
     on random data shaped like a backbone, and the stored state after each task."""
@@ -48,8 +53,10 @@ def profile(
     if backbone.startswith("llava"):  # the MCIT setting: KeepLoRA's LLaVA-form linear algebra on random weights
         from clbench.mcit.cli import profile_command
 
-        profile_command(backbone, names, set_ or [], seed, device, out)
+        profile_command(backbone, names, set_ or [], seed, device, out, layers, svd_max_dim)
         return
+    if layers is not None or svd_max_dim is not None:
+        raise UserError("--layers and --svd-max-dim apply to LLaVA shapes (--backbone llava-1.5-7b); drop them")
     if out is not None and (out.is_dir() or out.suffix.lower() != ".csv"):
         raise UserError(f"--out {out}: give a file name ending in .csv")
     settings = ProfileSettings(backbone=backbone, tasks=tasks, batches=batches, batch_size=batch_size,

@@ -8,7 +8,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from clbench.consoles import make_console
 from clbench.errors import UserError
+from clbench.mcit.bench import MCIT_BENCHMARKS
 from clbench.mcit.data import BENCHMARKS, inspect
 
 
@@ -29,9 +31,52 @@ def data_check(root: Path, benchmark: str) -> None:
         raise UserError(f"{len(bad)} of {len(rows)} {benchmark} tasks unusable under {root}; first: {bad[0].problem}")
 
 
+def print_mcit_methods(console: Console) -> None:
+    """The methods of the MCIT setting, one line each (``clbench methods``)."""
+    from clbench.mcit.methods import get_mcit_method, list_mcit_methods
+
+    console.print(f"MCIT setting, LLaVA (--benchmark {', '.join(MCIT_BENCHMARKS)}):", highlight=False)
+    for name in list_mcit_methods():
+        console.print(f"  {name:12s} {get_mcit_method(name).summary}", highlight=False)
+
+
+def print_mcit_card(console: Console, name: str, preset: str) -> None:
+    """``clbench methods NAME --setting mcit``: the LLaVA form's hyperparameters and the preset's loop settings."""
+    import dataclasses
+
+    from clbench.mcit.loop import LoopConfig
+    from clbench.mcit.methods import get_mcit_method
+    from clbench.mcit.runner import PRESETS
+
+    cls = get_mcit_method(name)
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    console.print(f"{name}, MCIT setting: {cls.summary}", highlight=False)
+    console.print(f"official setting: {' '.join((cls.Hparams.__doc__ or '').split())}", highlight=False)
+    hp = cls.Hparams()
+    table = Table(title=f"hyperparameters (--set {name}.KEY=VALUE)")
+    for col in ("name", "type", "default"):
+        table.add_column(col)
+    for f in dataclasses.fields(hp):
+        table.add_row(f.name, type(getattr(hp, f.name)).__name__, str(getattr(hp, f.name)))
+    console.print(table)
+    p = PRESETS[preset]
+    loop = LoopConfig(**p["loop"])
+    table = Table(title=f"shared loop, --preset {preset}")
+    for col in ("setting", "value"):
+        table.add_column(col)
+    for f in dataclasses.fields(loop):
+        table.add_row(f"loop.{f.name}", str(getattr(loop, f.name)))
+    for key in ("n_train", "n_test"):
+        table.add_row(f"data.{key}", f"{p[key]} (synthetic-mcit only)")
+    table.add_row("pretrain_steps", f"{p['pretrain_steps']} (tiny LLaVA)")
+    console.print(table)
+
+
 def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,
-                data_root: str, device: str, sets: list[str], quiet: bool, other: dict) -> None:
+                data_root: str, device: str, sets: list[str], quiet: bool, other: dict, resume: bool = False) -> None:
     """``clbench run`` on an MCIT benchmark: refuse options of the CLIP setting, run, print the metric table."""
+    from clbench.interrupt import handling_signals
     from clbench.mcit.metrics import LABELS, ORDER
     from clbench.mcit.runner import run_mcit
     from clbench.profiling import summarise_profile
@@ -47,8 +92,11 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
             cells = " ".join(f"{v:5.1f}" for v in row)
             console.print(f"{method}: after task {t + 1} ({name}): {cells}", highlight=False)
 
-    outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
-                        notify=lambda msg: console.print(f"note: {msg}", highlight=False), on_task=on_task)
+    with handling_signals():  # SIGTERM / SIGINT stop after a safe point; the run is marked interrupted
+        outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
+                            notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True),
+                            on_task=on_task,
+                            resume=resume)
     table = Table(title=f"{benchmark}: MCITlib metrics (percent; caption tasks: caption average)")
     for col in ("method", *(LABELS[k] for k in ORDER), "minutes", "results"):
         table.add_column(col, justify="left" if col in ("method", "results") else "right")
@@ -62,44 +110,99 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
 
 
 def profile_command(backbone: str, methods: list[str], sets: list[str], seed: int, device: str,
-                    out: Path | None) -> None:
-    """``clbench profile --backbone llava-...``: per-shape SVD costs of keeplora, scaled to the whole model."""
-    from clbench.mcit.costs import profile_llava_linear_algebra
+                    out: Path | None, layers: int | None = None, svd_max_dim: int | None = None) -> None:
+    """``clbench profile --backbone llava-...``: keeplora's gradient pass and SVD sections at the real shapes,
+    measured on ``layers`` built layers and extrapolated to the whole model (the output says which is which)."""
+    import torch
+
+    from clbench.mcit.costs import SHAPES, TEXT_TOKENS, profile_llava
     from clbench.mcit.methods import get_mcit_method
     from clbench.results import atomic_write_csv
 
     for m in methods:
         get_mcit_method(m)
     if "keeplora" not in methods:
-        raise UserError("on a LLaVA backbone, clbench profile measures keeplora's SVD sections (lora has none); "
-                        "add keeplora to --methods")
+        raise UserError("on a LLaVA backbone, clbench profile measures keeplora's gradient pass and SVD sections "
+                        "(lora has neither); add keeplora to --methods")
+    if out is not None and (out.is_dir() or out.suffix.lower() != ".csv"):
+        raise UserError(f"--out {out}: give a file name ending in .csv")
     hp = get_mcit_method("keeplora").Hparams()
     for item in sets:
         key, _, raw = item.partition("=")
         if key not in ("keeplora.rank", "keeplora.eps_w", "keeplora.energy") or not raw:
             raise UserError(f"--set {item!r}: on a LLaVA backbone use keeplora.rank, keeplora.eps_w or "
                             "keeplora.energy")
-        setattr(hp, key.split(".")[1], type(getattr(hp, key.split(".")[1]))(raw))
-    dev = "cuda" if device == "auto" and __import__("torch").cuda.is_available() else \
-        ("cpu" if device == "auto" else device)
-    costs = profile_llava_linear_algebra(backbone, hp.rank, hp.eps_w, hp.energy, seed, dev)
-    table = Table(title=f"keeplora (LLaVA form) on {backbone} shapes, random weights, rank {hp.rank}, {dev}")
-    for col in ("matrix", "d_out x d_in", "count", "pretrained_svd s", "grad_svd s", "feature_svd s",
-                "basis cols", "gradient MiB", "basis bound MiB"):
-        table.add_column(col, justify="left" if col == "matrix" else "right")
-    rows = []
+        try:
+            setattr(hp, key.split(".")[1], type(getattr(hp, key.split(".")[1]))(raw))
+        except ValueError:
+            raise UserError(f"--set {item!r}: {raw!r} is not a valid value for {key}") from None
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    layers = 1 if layers is None else layers
+    costs = profile_llava(backbone, layers, hp.rank, hp.eps_w, hp.energy, seed, dev,
+                          4096 if svd_max_dim is None else svd_max_dim)
+    shape = SHAPES[backbone]
+    table = Table(title=f"keeplora (LLaVA form) on {backbone} shapes, random weights, rank {hp.rank}, {dev}, "
+                  f"{torch.get_num_threads()} threads; one item = {shape.image_tokens} image + {TEXT_TOKENS} text "
+                  "tokens")
+    for col in ("section", "part", "d_out x d_in", "count", "s each", "s total", "how"):
+        table.add_column(col, justify="right" if col in ("count", "s each", "s total") else "left",
+                         no_wrap=col in ("section", "d_out x d_in"))
     for c in costs:
-        b = c.bytes(hp.rank)
-        rows.append({"matrix": c.kind, "d_out": c.d_out, "d_in": c.d_in, "count": c.per_model, **c.seconds,
-                     "basis_columns": c.basis_columns, **{f"{k}_bytes": v for k, v in b.items()}})
-        table.add_row(c.kind, f"{c.d_out} x {c.d_in}", str(c.per_model),
-                      *(f"{c.seconds[k]:.3f}" for k in ("pretrained_svd", "grad_svd", "feature_svd")),
-                      str(c.basis_columns), f"{b['gradient'] / 2**20:.1f}", f"{b['basis_bound'] / 2**20:.1f}")
-    Console().print(table)
-    totals = {k: sum(c.seconds[k] * c.per_model for c in costs) for k in ("pretrained_svd", "grad_svd", "feature_svd")}
-    grad_gib = sum(c.bytes(hp.rank)["gradient"] * c.per_model for c in costs) / 2**30
-    Console().print(f"whole model (x count): pretrained_svd {totals['pretrained_svd']:.1f} s once, grad_svd "
-                    f"{totals['grad_svd']:.1f} s and feature_svd {totals['feature_svd']:.1f} s per task; fp32 "
-                    f"gradient of all adapted weights {grad_gib:.2f} GiB", highlight=False)
+        table.add_row(c.section, c.part, f"{c.d_out} x {c.d_in}", str(c.count), f"{c.seconds:.3g}", f"{c.total:.3g}",
+                      c.how)
+    console = make_console()
+    console.print(table)
+    total = {s: sum(c.total for c in costs if c.section == s)
+             for s in ("grad_estimation", "pretrained_svd", "grad_svd", "feature_svd")}
+    share = 8000  # 20 % of a 40k-item UCIT task (ArxivQA, CLEVR-Math, Flickr30k train_*_4w.json)
+    grad_gib = sum(4 * c.d_out * c.d_in * c.count for c in costs if c.section == "grad_svd") / 2**30
+    extrapolated = sorted({c.part for c in costs if c.how.startswith("EXTRAPOLATED")})
+    console.print(
+        f"whole model, extrapolated from {layers} built decoder layer(s) to {shape.layers} (and vision layers to "
+        f"{shape.vision_layers}): grad_estimation {total['grad_estimation']:.1f} s per training item, so about "
+        f"{total['grad_estimation'] * share / 3600:.1f} h for the 20 % share of a 40k-item UCIT task ({share} "
+        f"items), and as much again for feature_stats; pretrained_svd {total['pretrained_svd']:.0f} s once; "
+        f"grad_svd {total['grad_svd']:.0f} s and feature_svd {total['feature_svd']:.0f} s per task; fp32 gradient "
+        f"of all adapted weights {grad_gib:.2f} GiB"
+        + (f"; the SVD sections of {', '.join(extrapolated)} are extrapolated, not measured (--svd-max-dim "
+           f"{max(shape.hidden, shape.intermediate)} measures them)" if extrapolated else ""), highlight=False)
     if out is not None:
-        atomic_write_csv(out, pd.DataFrame(rows))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_csv(out, pd.DataFrame([{**c.__dict__, "total_seconds": c.total} for c in costs]))
+
+
+def sweep_command(benchmark: str, methods: list[str], seeds: tuple[int, ...], grid: list[str], out: Path,
+                  preset: str, backbone: str, data_root: str, device: str, sets: list[str], quiet: bool,
+                  clip_only: dict) -> None:
+    """``clbench sweep`` on an MCIT benchmark: refuse the CLIP sweep's options, run, print one line per run."""
+    import typer
+
+    from clbench.interrupt import handling_signals
+    from clbench.mcit.metrics import LABELS, ORDER
+    from clbench.mcit.sweep import expand, parse_grid, run_sweep
+    from clbench.safeio import check_path
+
+    used = [flag for flag, value in clip_only.items() if value]
+    if used:
+        raise UserError(f"{', '.join(used)} belong to CLIP sweeps; an MCIT sweep ({benchmark}) runs its runs one "
+                        "after the other in this process, in one task order")
+    for m in methods:
+        from clbench.mcit.methods import get_mcit_method
+
+        get_mcit_method(m)
+    runs = expand(methods, seeds, parse_grid(grid, methods), sets, preset)
+    console = Console(stderr=True)
+    with handling_signals():
+        results = run_sweep(benchmark, runs, check_path(out, "--out"), preset, backbone, data_root, device,
+                            notify=(lambda m: None) if quiet else
+                            (lambda m: console.print(f"note: {m}", highlight=False, soft_wrap=True)))
+    table = Table(title=f"{benchmark} sweep: {len(results)} runs")
+    for col in ("run", "status", *(LABELS[k] for k in ORDER), "folder / error"):
+        table.add_column(col, justify="left" if col in ("run", "status", "folder / error") else "right",
+                         overflow="fold")
+    for r in results:
+        cells = [f"{r.metrics[k]:.1f}" if k in r.metrics else "-" for k in ORDER]
+        table.add_row(r.run.name, r.status, *cells, r.path or r.error)
+    make_console().print(table)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)

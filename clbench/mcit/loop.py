@@ -164,24 +164,38 @@ def evaluate_all(model, codec: Codec, tasks: list[McitTask], cfg: LoopConfig) ->
 
 def run_sequence(model, codec: Codec, tasks: list[McitTask], method: McitMethod, cfg: LoopConfig,
                  profiler: Profiler, device, seed: int,
-                 on_task: Callable[[int, str, list[float]], None] | None = None) -> dict:
-    """Train ``method`` over ``tasks`` in order; returns the base row, the T x T matrix, caption details, losses."""
+                 on_task: Callable[[int, str, list[float]], None] | None = None,
+                 start: dict | None = None, on_task_end: Callable[[dict], None] | None = None) -> dict:
+    """Train ``method`` over ``tasks`` in order; returns the base row, the T x T matrix, caption details, losses.
+
+    ``start`` (a resumed run): the state after ``len(start["matrix"])`` tasks, as this function builds it
+    (``base``, ``matrix``, ``details``, ``losses``, ``generator``: the loop generator's state as a byte list); the
+    model and method must already hold their state after those tasks. ``on_task_end(state)`` gets that state
+    after every task (the runner's checkpoint), before ``on_task`` reports the row.
+    """
     gen = torch.Generator().manual_seed(seed)
-    with profiler.section("eval"):
-        base_row, _ = evaluate_all(model, codec, tasks, cfg)
-    method.setup()
-    rows, details, losses = [], [], []
-    for t, task in enumerate(tasks):
+    if start is None:
+        with profiler.section("eval"):
+            base_row, _ = evaluate_all(model, codec, tasks, cfg)
+        method.setup()
+        state = {"base": base_row, "matrix": [], "details": [], "losses": []}
+    else:
+        gen.set_state(torch.tensor(start["generator"], dtype=torch.uint8))
+        state = {k: list(start[k]) for k in ("base", "matrix", "details", "losses")}
+    for t in range(len(state["matrix"]), len(tasks)):
+        task = tasks[t]
         profiler.task = t
         ctx = _context(t, task, len(tasks), codec, device, gen)
         method.before_task(ctx)
         with profiler.section("train"):
-            losses.append(train_task(model, codec, task, method, cfg, cfg.epochs_for(t), device, gen))
+            state["losses"].append(train_task(model, codec, task, method, cfg, cfg.epochs_for(t), device, gen))
         method.after_task(ctx)
         with profiler.section("eval"):
             row, extra = evaluate_all(model, codec, tasks, cfg)
-        rows.append(row)
-        details.append(extra)
+        state["matrix"].append(row)
+        state["details"].append(extra)
+        if on_task_end:
+            on_task_end({**state, "generator": gen.get_state().tolist()})
         if on_task:
             on_task(t, task.name, row)
-    return {"base": base_row, "matrix": rows, "details": details, "losses": losses}
+    return state

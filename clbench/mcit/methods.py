@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from clbench import linalg
-from clbench.errors import UserError
 from clbench.mcit.backbone import adapted_linears, projector_parameters
+from clbench.methods.registry import Registry
 from clbench.profiling import Profiler
 
 
@@ -117,31 +117,43 @@ class McitMethod:
     def state_bytes(self) -> int:
         return 0
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What the method keeps between tasks (its adapters are merged after every task): its generator's state
+        and, in subclasses, their memories. Saved in resume checkpoints."""
+        return {"generator": self.generator.get_state()}
 
-_MCIT: dict[str, type[McitMethod]] = {}
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; a state of another method raises ``KeyError`` / ``ValueError``."""
+        extra = sorted(set(state) - {"generator"})
+        if extra:
+            raise KeyError(f"unexpected entries {extra[:3]}")
+        self.generator.set_state(state["generator"].to(torch.uint8).cpu())
+
+
+def _refusal(name: str, available: list[str]) -> str:
+    from clbench.methods.registry import CLIP_METHODS
+
+    listed = f"available there: {', '.join(available)} (see 'clbench methods')"
+    if name in CLIP_METHODS:
+        return f"method {name!r} has no LLaVA form and cannot run on the MCIT setting; {listed}"
+    return f"unknown method {name!r} on the MCIT setting (LLaVA); {listed}"
+
+
+MCIT_METHODS: Registry[type[McitMethod]] = Registry(_refusal)
 
 
 def register_mcit(name: str):
     """Class decorator registering an MCIT method under ``name``."""
-
-    def wrap(cls: type[McitMethod]) -> type[McitMethod]:
-        cls.name = name
-        _MCIT[name] = cls
-        return cls
-
-    return wrap
+    return MCIT_METHODS.register(name)
 
 
 def list_mcit_methods() -> list[str]:
-    return sorted(_MCIT)
+    return MCIT_METHODS.names()
 
 
 def get_mcit_method(name: str) -> type[McitMethod]:
-    """The MCIT class of ``name``; a CLIP-only method is refused in one line."""
-    if name not in _MCIT:
-        raise UserError(f"method {name!r} has no LLaVA form and cannot run on the MCIT setting; available there: "
-                        f"{', '.join(list_mcit_methods())}")
-    return _MCIT[name]
+    """The MCIT class of ``name``; a CLIP-only method (or an unknown name) is refused in one line."""
+    return MCIT_METHODS.get(name)
 
 
 @dataclass
@@ -256,3 +268,17 @@ class KeepLoraLlava(McitMethod):
 
     def state_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in getattr(self, "basis", {}).values())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**super().state_dict(), **{f"basis/{name}": U for name, U in self.basis.items()}}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        basis = {k.removeprefix("basis/"): v for k, v in state.items() if k.startswith("basis/")}
+        super().load_state_dict({k: v for k, v in state.items() if not k.startswith("basis/")})
+        for name, linear in adapted_linears(self.model).items():
+            U = basis.get(name)
+            if U is None or U.dim() != 2 or U.shape[0] != linear.in_features:
+                raise ValueError(f"no basis of {linear.in_features} rows for {name}")
+        if set(basis) != set(adapted_linears(self.model)):
+            raise KeyError(f"bases of unknown layers {sorted(set(basis) - set(adapted_linears(self.model)))[:3]}")
+        self.basis = {k: v.float() for k, v in basis.items()}

@@ -2,14 +2,16 @@
 
 A results folder holds ``accuracy.csv`` (the full T x T matrix, rows = after task, columns = task), ``base.csv``
 (the base model's scores), ``metrics.json`` (MFT / MFN / MAA / BWT / Transfer, caption details, losses),
-``profile.csv`` (cost sections per task), and ``manifest.json`` (resolved config, seeds, data-file SHA-256,
-backbone, package versions, git revision, device).
+``profile.csv`` (cost sections per task), and ``manifest.json`` (resolved config, run id, status, seeds, data-file
+SHA-256, backbone, package versions, git revision, device); ``resume.safetensors`` while the run is unfinished
+(:mod:`clbench.mcit.resume`), ``run.lock`` while it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from clbench.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from clbench.config import run_id
 from clbench.errors import UserError
+from clbench.interrupt import RunInterrupted, critical
+from clbench.lock import RunLock
 from clbench.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
 from clbench.mcit.codec import VICUNA_SYSTEM, Codec
-from clbench.mcit.loop import LoopConfig, run_sequence
+from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
 from clbench.mcit.methods import get_mcit_method
 from clbench.mcit.metrics import mcit_metrics
+from clbench.mcit.resume import McitPlan, capture, has_run, plan_run, restore
 from clbench.profiling import Profiler
 from clbench.results import (
     accuracy_frame,
@@ -99,12 +106,21 @@ def _transformers_version() -> str:
 def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, preset: str = "default",
              backbone: str = "tiny", data_root: str = "", device: str = "cpu", sets: list[str] | None = None,
              notify: Callable[[str], None] = print,
-             on_task: Callable[[str, int, str, list[float]], None] | None = None) -> list[McitOutcome]:
-    """Run every method over the benchmark's sequence from the same base model; one results folder each."""
+             on_task: Callable[[str, int, str, list[float]], None] | None = None,
+             resume: bool | str = False, folder: str | None = None) -> list[McitOutcome]:
+    """Run every method over the benchmark's sequence from the same base model; one results folder each.
+
+    Every run folder is locked while it runs and checkpointed after every task; ``resume`` continues each run
+    after its last completed task (a complete run is left as it is; ``"auto"``: see
+    :func:`~clbench.mcit.resume.plan_run`). ``folder`` names the method folder of a single method's run (a sweep's
+    grid point, ``keeplora,rank=4``)."""
     if benchmark not in MCIT_BENCHMARKS:
         raise UserError(f"--benchmark {benchmark!r} is not an MCIT benchmark ({', '.join(MCIT_BENCHMARKS)})")
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise UserError(f"--methods lists {', '.join(twice)} more than once; name each method once")
     classes = {m: get_mcit_method(m) for m in methods}  # refuses CLIP-only methods before any work
     p = PRESETS[preset]
     loop = LoopConfig(**p["loop"])
@@ -121,30 +137,122 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
 
         root = resolve_data_root(data_root, benchmark)
         tasks, data_info = real_tasks(root, benchmark), {"root": str(root), "sha256": file_hashes(root, benchmark)}
-    outcomes = []
-    for name, cls in classes.items():
-        start = time.perf_counter()
-        model, codec, backbone_id = _backbone(backbone, p["pretrain_steps"], notify)
-        model.to(dev)
-        profiler = Profiler(device=dev)
-        method = cls(model, hparams[name], profiler, torch.Generator().manual_seed(seed))
-        torch.manual_seed(seed)
-        result = run_sequence(model, codec, tasks, method, loop, profiler, dev, seed,
-                              on_task=(lambda t, n, row, m=name: on_task(m, t, n, row)) if on_task else None)
-        names = [t.name for t in tasks]
-        metrics = mcit_metrics(result["matrix"], names)
-        metrics.update(details=result["details"], losses=result["losses"], setting="mcit")
-        path = run_dir(out, benchmark, 1, name, seed)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_csv(path / "accuracy.csv", accuracy_frame(result["matrix"], names, names))
-        atomic_write_csv(path / "base.csv", pd.DataFrame([result["base"]], columns=names))
-        atomic_write_csv(path / "profile.csv", profiler.frame())
-        atomic_write_json(path / "metrics.json", metrics)
-        seconds = time.perf_counter() - start
-        atomic_write_json(path / "manifest.json", {
-            "setting": "mcit", "benchmark": benchmark, "method": name, "seed": seed, "preset": preset,
-            "hparams": dataclasses.asdict(hparams[name]), "loop": dataclasses.asdict(loop), "backbone": backbone_id,
-            "data": data_info, "tasks": names, "seconds": seconds, "status": "complete",
-            "environment": {**environment_info(dev), "transformers": _transformers_version()}, "git": git_revision()})
-        outcomes.append(McitOutcome(name, path, metrics, seconds))
-    return outcomes
+    names = [t.name for t in tasks]
+    base_id = backbone if backbone == "tiny" else str(Path(backbone).expanduser().absolute())
+    plans = []
+    for name in classes:
+        resolved = {"setting": "mcit", "benchmark": benchmark, "method": name, "seed": seed, "preset": preset,
+                    "hparams": dataclasses.asdict(hparams[name]), "loop": dataclasses.asdict(loop),
+                    "backbone": base_id, "pretrain_steps": p["pretrain_steps"] if backbone == "tiny" else None,
+                    "data": {k: v for k, v in data_info.items() if k != "root"}, "tasks": names}
+        plans.append(McitPlan(name, run_dir(out, benchmark, 1, folder or name, seed), run_id(resolved), names,
+                              config=resolved))
+    if folder is not None and len(plans) != 1:
+        raise ValueError("a folder name is for one method's run")
+    if resume is True and not any(has_run(plan.path) for plan in plans):
+        raise UserError(f"--resume: no run to resume in {plans[0].path.parent.parent} (no run of "
+                        f"{', '.join(classes)} there); check --out/--seed, or drop --resume to start the run")
+    plans = [plan_run(plan, resume, notify) for plan in plans]
+    locks = []
+    try:
+        for plan in plans:  # every folder locked before any work: a live run elsewhere stops this one now
+            lock = RunLock(plan.path)
+            lock.acquire(notify)
+            locks.append(lock)
+        settings = {"benchmark": benchmark, "preset": preset, "loop": loop, "backbone": backbone,
+                    "steps": p["pretrain_steps"], "seed": seed, "data": data_info, "device": dev}
+        return [_run_one(plan, classes[plan.name], hparams[plan.name], tasks, settings, notify, on_task)
+                for plan in plans]
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _read_json(path: Path) -> dict:
+    from clbench.safeio import json_object, read_json
+
+    fix = "delete that run folder, or drop --resume"
+    return json_object(read_json(path, "run file", fix), path, "run file", fix)
+
+
+def _read_manifest(path: Path) -> dict:
+    return _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
+
+
+STALE = ("accuracy.csv", "base.csv", "profile.csv", "metrics.json", CHECKPOINT_NAME)
+
+
+def _write_results(path: Path, state: dict, names: list[str], profiler: Profiler) -> dict:
+    metrics = mcit_metrics(state["matrix"], names)
+    metrics.update(details=state["details"], losses=state["losses"], setting="mcit")
+    atomic_write_csv(path / "accuracy.csv", accuracy_frame(state["matrix"], names, names))
+    atomic_write_csv(path / "base.csv", pd.DataFrame([state["base"]], columns=names))
+    atomic_write_csv(path / "profile.csv", profiler.frame())
+    atomic_write_json(path / "metrics.json", metrics)
+    return metrics
+
+
+def _run_one(plan: McitPlan, cls, hparams, tasks: list[McitTask], settings: dict, notify: Callable[[str], None],
+             on_task: Callable[[str, int, str, list[float]], None] | None) -> McitOutcome:
+    """One method's run in its locked folder: fresh or resumed, checkpointed after every task."""
+    path, name, names = plan.path, plan.name, plan.tasks
+    if plan.mode == "done":
+        seconds = _read_manifest(path).get("seconds", 0.0)
+        return McitOutcome(name, path, _read_json(path / "metrics.json"), float(seconds))
+    dev, seed = settings["device"], settings["seed"]
+    started = time.time()
+    model, codec, backbone_id = _backbone(settings["backbone"], settings["steps"], notify)
+    model.to(dev)
+    profiler = Profiler(device=dev)
+    method = cls(model, hparams, profiler, torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    manifest = {"setting": "mcit", "benchmark": settings["benchmark"], "method": name, "seed": seed,
+                "preset": settings["preset"], "run_id": plan.run_id,
+                "hparams": dataclasses.asdict(hparams), "loop": dataclasses.asdict(settings["loop"]),
+                "backbone": backbone_id, "data": settings["data"], "tasks": names, "status": "running",
+                "started": started,
+                "environment": {**environment_info(dev), "transformers": _transformers_version()},
+                "git": git_revision()}
+    start = None
+    ckpt_path = path / CHECKPOINT_NAME
+    if plan.mode == "resume":
+        start = restore(plan, model, method, profiler)
+        stored = _read_manifest(path)
+        manifest["resumed"] = [*stored.get("resumed", []), {"after_task": plan.completed, "at": started}]
+        manifest["started"] = stored.get("started", started)
+    with critical():
+        atomic_write_json(path / "manifest.json", manifest)  # says running before old results go
+        if plan.mode != "resume":
+            for stale in STALE:
+                (path / stale).unlink(missing_ok=True)
+        atomic_write_json(path / "config.json", plan.config)
+
+    def on_task_end(state: dict) -> None:
+        with critical():
+            save_checkpoint(ckpt_path, capture(plan.run_id, state, names, model, method, profiler))
+            manifest["completed_tasks"] = len(state["matrix"])
+            atomic_write_json(path / "manifest.json", manifest)
+
+    try:
+        result = run_sequence(model, codec, tasks, method, settings["loop"], profiler, dev, seed,
+                              on_task=(lambda t, n, row: on_task(name, t, n, row)) if on_task else None,
+                              start=start, on_task_end=on_task_end)
+        with critical():
+            metrics = _write_results(path, result, names, profiler)
+            seconds = time.time() - manifest["started"]
+            manifest.update(status="complete", finished=time.time(), seconds=seconds)
+            atomic_write_json(path / "manifest.json", manifest)
+            ckpt_path.unlink(missing_ok=True)  # every result is on disk: the checkpoint is not needed
+        return McitOutcome(name, path, metrics, seconds)
+    except RunInterrupted as exc:
+        done = manifest.get("completed_tasks", plan.completed)
+        with critical():
+            manifest.update(status="interrupted", interrupted_by=exc.name, finished=time.time())
+            atomic_write_json(path / "manifest.json", manifest)
+        exc.where = f"{name} stopped after task {done} of {len(names)} in {path}"
+        raise
+    except BaseException as exc:
+        manifest.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                        finished=time.time(), traceback=traceback.format_exc())
+        atomic_write_json(path / "manifest.json", manifest)
+        raise

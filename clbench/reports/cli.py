@@ -54,6 +54,10 @@ def report(
 
         if with_literature or costs or label:
             raise UserError("--sensitivity makes its own table; drop --with-literature, --costs and --label")
+        from clbench.mcit.report import input_setting
+
+        if input_setting(list(inputs or [])) == "mcit":
+            raise UserError("--sensitivity reads CLIP sweeps; MCIT (LLaVA) runs are reported without it")
         result = build_sensitivity_report(list(inputs or []), sensitivity, format_, figures)
     else:
         result = build_report(list(inputs or []), format_, label, with_literature, figures, costs,

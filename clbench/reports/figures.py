@@ -77,15 +77,15 @@ def render(fig: Figure) -> dict[str, bytes]:
     return out
 
 
-def heatmap(m: Matrix) -> Figure:
-    """Accuracy after each task (rows) on every dataset (columns), zero-shot row first if known."""
+def heatmap(m: Matrix, score: str = "accuracy", base: str = "zero-shot") -> Figure:
+    """``score`` after each task (rows) on every dataset (columns), the ``base`` model's row first if known."""
     names = abbreviate_datasets(m.datasets)
     rows = [f"after {n}" for n in names]
     values = m.accuracy.to_numpy()
     offset = 0
     if m.zeroshot is not None:
         values = np.vstack([m.zeroshot.to_numpy(dtype=float), values])
-        rows = ["zero-shot", *rows]
+        rows = [base, *rows]
         offset = 1
     size = max(4.0, 0.55 * len(names) + 2)
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
@@ -101,8 +101,8 @@ def heatmap(m: Matrix) -> Figure:
     ax.set_xlabel("evaluated dataset")
     ax.set_ylabel("model (training order, top to bottom)")
     seed = "" if m.seed is None else f", seed {m.seed}"
-    ax.set_title(f"{m.label}{seed}: accuracy (%), outlined = task just trained")
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    ax.set_title(f"{m.label}{seed}: {score} (%), outlined = task just trained")
+    fig.colorbar(image, ax=ax, label=f"{score} (%)")
     return fig
 
 

@@ -47,6 +47,12 @@ def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None
     layout = layout or LatexLayout()
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    from clbench.mcit.report import build_mcit_report, input_setting
+
+    if input_setting(paths) == "mcit":  # LLaVA runs: MCITlib's columns (their own module)
+        if with_literature or labels:
+            raise UserError("--with-literature and --label apply to CLIP (MTIL) tables; drop them for MCIT runs")
+        return build_mcit_report(paths, fmt, figures, costs, layout)
     inp = collect(paths, labels)
     report = Report(warnings=list(inp.warnings))
     stem = table_stem(inp)
