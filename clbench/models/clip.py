@@ -7,6 +7,7 @@ and where projection inputs are observed, and keeps the logit scale.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,11 +52,22 @@ class ClipModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_spec = image_spec
         self.backbone = backbone
+        self.weights = "embedded"  # the weight file the model was loaded from (set by load_backbone)
         self._blocks = {"vision": clip.visual.transformer.resblocks, "text": clip.transformer.resblocks}
         for blocks in self._blocks.values():
             for block in blocks:
                 if not isinstance(block.attn, LoRAAttention) and replace_attention(block) != 1:
                     raise ValueError(f"backbone {backbone!r}: a block without a packed self-attention")
+
+    def __deepcopy__(self, memo: dict) -> ClipModel:
+        """Copy the weights, share the tokenizer: it holds no per-model state, and copying open_clip's BPE
+        tables (hundreds of thousands of objects) made every model copy cost about a second."""
+        memo[id(self.tokenizer)] = self.tokenizer
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     @property
     def device(self) -> torch.device:
