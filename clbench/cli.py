@@ -250,18 +250,54 @@ def _print_method_card(name: str, preset: str, order: int) -> None:
 
 
 @app.command()
-def pretrain(quiet: Annotated[bool, typer.Option("--quiet")] = False) -> None:
-    """Pretrain (or find cached) the embedded tiny backbone."""
-    from clbench.models.backbones import ensure_tiny_weights, tiny_weights_path
+def pretrain(
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="re-run the recipe (into the user cache) and report how far its output is from the "
+                         "weights shipped in the package")] = False,
+    export: Annotated[bool, typer.Option(
+        "--export", help="for maintainers: write the recipe's output as the package's shipped weights "
+                         "(float16 + recipe JSON under clbench/models/weights/)")] = False,
+) -> None:
+    """Pretrain the embedded tiny backbone (its recipe), or say which shipped or cached weights are used."""
+    from clbench.models.backbones import ensure_tiny_weights, tiny_key, tiny_recipe, tiny_weights_path
+    from clbench.models.pretrain import PretrainConfig
+    from clbench.models.shipped import compare_to_shipped, export_shipped, load_shipped, shipped_weights
     from clbench.progress import RunProgress
 
-    path = tiny_weights_path()
-    if path.exists():
-        out_console.print(f"tiny backbone already cached: {path}")
+    shipped = shipped_weights(tiny_key())
+    if shipped is not None and not (verify or export):
+        out_console.print(f"tiny backbone shipped with the package: {shipped} (made by this recipe; "
+                          "`clbench pretrain --verify` re-runs it)")
         return
-    with RunProgress(quiet=quiet, console=console) as progress:
-        path = ensure_tiny_weights(on_step=progress.pretrain_step)
-    out_console.print(f"tiny backbone pretrained and cached: {path}")
+    if verify and shipped is None:
+        raise UserError("--verify: no weights for the current recipe are shipped in this package; run "
+                        "`clbench pretrain` to make them in the cache")
+    path = tiny_weights_path()
+    if not path.exists():
+        with RunProgress(quiet=quiet, console=console) as progress:
+            path = ensure_tiny_weights(on_step=progress.pretrain_step)
+        out_console.print(f"tiny backbone pretrained and cached: {path}")
+    elif shipped is None:
+        out_console.print(f"tiny backbone already cached: {path}")
+    from clbench.models.backbones import load_state_file
+
+    state = load_state_file(path)
+    if verify:
+        diff = compare_to_shipped(state, load_shipped(shipped))
+        same = diff["max_abs_diff_after_rounding"] == 0.0
+        out_console.print(f"recipe output {path} vs shipped {shipped}: largest difference "
+                          f"{diff['max_abs_diff']:.3g} ({diff['max_abs_diff_after_rounding']:.3g} after rounding to "
+                          f"float16): {'the same weights' if same else 'NOT the same weights'}")
+        if not same:
+            raise typer.Exit(1)
+    if export:
+        import json
+
+        cached = path.parent / "recipe.json"
+        ran = json.loads(cached.read_text()) if cached.is_file() else {}
+        written = export_shipped(state, {**ran, **tiny_recipe(PretrainConfig())}, tiny_key())
+        out_console.print(f"shipped weights written: {written}")
 
 
 @app.command()

@@ -430,6 +430,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
     env = environment_info(device)
     manifest = {"status": "running", "run_id": plan.run_id, "method": name, "seed": cfg.seed,
                 "benchmark": cfg.benchmark, "order": cfg.order, "started": started, "environment": env,
+                "weights": getattr(base_model, "weights", cfg.pretrained or "embedded"),
                 "evaluation": evaluation_info(cfg.eval, benchmark), "benchmark_info": benchmark.info,
                 "classes": {t.name: len(t.classnames) for t in benchmark.tasks}}
     if plan.mode == "resume":

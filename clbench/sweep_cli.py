@@ -181,10 +181,10 @@ def _prepare_backbone(backbone: str, pretrained: str, quiet: bool) -> None:
     """Pretrain the embedded tiny backbone once here, so parallel runs do not each pretrain it."""
     if backbone != "tiny" or pretrained not in ("", "embedded"):
         return
-    from clbench.models.backbones import ensure_tiny_weights, tiny_weights_path
+    from clbench.models.backbones import ensure_tiny_weights, tiny_weights_ready
     from clbench.progress import RunProgress
 
-    if not tiny_weights_path().exists():
+    if not tiny_weights_ready():
         with RunProgress(quiet=quiet, console=console) as progress:
             ensure_tiny_weights(on_step=progress.pretrain_step)
 

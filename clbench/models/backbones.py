@@ -24,6 +24,7 @@ from clbench.datasets.base import ImageSpec
 from clbench.errors import UserError
 from clbench.models.clip import ClipModel
 from clbench.models.pretrain import PretrainConfig, cache_dir, config_key, pretrain
+from clbench.models.shipped import load_shipped, shipped_weights
 from clbench.results import atomic_write_json, atomic_write_safetensors
 from clbench.safeio import check_regular
 
@@ -68,34 +69,67 @@ def _create_without_weights(name: str):
         root.removeFilter(keep)
 
 
+def tiny_key(cfg: PretrainConfig | None = None) -> str:
+    """The config key of the tiny backbone's recipe (model config + pretraining config + corpus version)."""
+    return config_key(tiny_model_config(), cfg or PretrainConfig())
+
+
 def tiny_weights_path(cfg: PretrainConfig | None = None) -> Path:
-    cfg = cfg or PretrainConfig()
-    return cache_dir() / f"tiny-{config_key(tiny_model_config(), cfg)}" / "model.safetensors"
+    """Where the recipe's own (float32) output is cached for this user."""
+    return cache_dir() / f"tiny-{tiny_key(cfg)}" / "model.safetensors"
+
+
+def tiny_recipe(cfg: PretrainConfig) -> dict:
+    """What made the tiny weights: written beside the cached and the shipped weights."""
+    return {"pretrain": cfg.__dict__, "model": tiny_model_config(), "key": tiny_key(cfg),
+            "corpus": "clbench.models.pretrain.sample_corpus", "command": "clbench pretrain"}
+
+
+def tiny_weights_ready(cfg: PretrainConfig | None = None) -> bool:
+    """True when the embedded backbone needs no pretraining: shipped with the package, or already cached."""
+    return shipped_weights(tiny_key(cfg)) is not None or tiny_weights_path(cfg).exists()
+
+
+def run_tiny_recipe(cfg: PretrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Pretrain the tiny backbone from its seeded random initialisation; returns the float32 state."""
+    _register_tiny()
+    torch.manual_seed(cfg.seed)  # the random initialisation is part of what the seed determines
+    clip = _create_without_weights(TINY_OPEN_CLIP_NAME)
+    tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
+    return pretrain(clip, tokenizer, _normaliser(_image_spec(clip)), cfg, on_step=on_step)
 
 
 def ensure_tiny_weights(
     cfg: PretrainConfig | None = None, on_step: Callable[[int, float], None] | None = None
 ) -> Path:
-    """Return the cached tiny weights, pretraining them first if they are not cached yet."""
+    """Return the user-cached recipe output (float32), pretraining it first if it is not cached yet."""
     cfg = cfg or PretrainConfig()
     path = tiny_weights_path(cfg)
     if path.exists():
         return path
-    _register_tiny()
-    torch.manual_seed(cfg.seed)  # the random initialisation is part of what the seed determines
-    clip = _create_without_weights(TINY_OPEN_CLIP_NAME)
-    tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
-    state = pretrain(clip, tokenizer, _normaliser(_image_spec(clip)), cfg, on_step=on_step)
+    state = run_tiny_recipe(cfg, on_step)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_safetensors(path, state, metadata={"pretrain": json.dumps(cfg.__dict__)})
-        recipe = {"pretrain": cfg.__dict__, "model": tiny_model_config(), "key": path.parent.name,
-                  "corpus": "clbench.models.pretrain.sample_corpus"}
-        atomic_write_json(path.parent / "recipe.json", recipe)
+        atomic_write_json(path.parent / "recipe.json", {**tiny_recipe(cfg), "torch": torch.__version__,
+                                                        "threads": torch.get_num_threads()})
     except OSError as exc:
         raise UserError(f"cannot write the tiny backbone cache at {path.parent} ({exc.strerror}); "
                         "set CLBENCH_CACHE to a writable folder") from None
     return path
+
+
+def embedded_tiny_state(
+    cfg: PretrainConfig | None = None, on_step: Callable[[int, float], None] | None = None
+) -> tuple[dict[str, torch.Tensor], Path]:
+    """The embedded backbone's float32 weights and their file: the package's shipped weights when they were made
+    by the current recipe (every user starts from the same weights), else the user cache, pretraining first."""
+    cfg = cfg or PretrainConfig()
+    shipped = shipped_weights(tiny_key(cfg))
+    if shipped is not None:
+        return load_shipped(shipped), shipped
+    path = ensure_tiny_weights(cfg, on_step)
+    return load_state_file(path), path
 
 
 def load_state_file(path: Path, allow_torchscript: bool = False) -> dict[str, torch.Tensor]:
@@ -154,13 +188,15 @@ def load_backbone(
 
     A tag loads from local files only, unless ``allow_download`` or ``CLBENCH_ALLOW_DOWNLOAD=1``.
     """
+    weights = pretrained or "embedded"
     if name == TINY:
         _register_tiny()
         clip = _create_without_weights(TINY_OPEN_CLIP_NAME)
         tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
         if pretrained in (None, "embedded"):
-            state = load_state_file(ensure_tiny_weights(on_step=on_pretrain_step))
+            state, source = embedded_tiny_state(on_step=on_pretrain_step)
             clip.load_state_dict(state)
+            weights = str(source)
         elif pretrained != "none":
             clip.load_state_dict(_checked_state(load_state_file(Path(pretrained), allow_torchscript), clip, name))
     else:
@@ -179,6 +215,7 @@ def load_backbone(
             tokenizer = open_clip.get_tokenizer(name)
     clip.eval()
     model = ClipModel(clip, tokenizer, _image_spec(clip), name)
+    model.weights = weights  # recorded in each run's manifest: which file the run started from
     return model.to(device)
 
 
