@@ -88,7 +88,7 @@ def _single(shapes: Tensor, colours: Tensor, canvas: Tensor, gen: torch.Generato
 
 def _shapes(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
     colours = torch.randint(len(COLOURS), (len(labels),), generator=gen)
-    return _single(labels, colours, background("stripes", len(labels), size, gen), gen)
+    return _single(labels, colours, background("stripes", len(labels), size, gen), gen, scale=(0.5, 0.7), jitter=0.15)
 
 
 def _colours(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
@@ -104,7 +104,7 @@ def _compositions(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
 
 def _digits(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
     n = len(labels)
-    mask = digit_masks(labels, size, gen, height=(0.55, 0.8), slant=0.3, jitter=0.2)
+    mask = digit_masks(labels, size, gen, height=(0.7, 0.85), slant=0.15, jitter=0.1)
     ink = jittered_colours(torch.randint(len(COLOURS), (n,), generator=gen), gen, amount=0.1)
     return paint(background("noise", n, size, gen) * 0.5, mask.clamp(0, 1), ink)
 
@@ -113,7 +113,7 @@ def _counts(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
     n = len(labels)
     canvas = (background("plain", n, size, gen) + 0.25).clamp(0, 1)
     circles = torch.zeros(n, dtype=torch.long)
-    mask = place_objects(circles, labels + 1, None, _uniform(n, 0.16, 0.22, gen), size, gen)
+    mask = place_objects(circles, labels + 1, None, _uniform(n, 0.2, 0.24, gen), size, gen)
     return paint(canvas, mask, jittered_colours(torch.randint(len(COLOURS), (n,), generator=gen), gen))
 
 
