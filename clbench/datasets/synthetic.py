@@ -13,8 +13,8 @@ domain         classes  what the pretraining knows of it                     why
 =============  =======  ===================================================  ===================================
 Shapes         8        shape words, on plain/noise/gradient; never stripes  known concept, shifted look
 Colours        8        colour words on every kind of scene                  the best-known domain
-Digits         10       upright digits on plain backgrounds; here slanted,   partly known, like MNIST for CLIP
-                        resized, coloured ink on noise
+Digits         10       upright digits on plain backgrounds; here slightly   partly known, like MNIST for CLIP
+                        slanted, larger, coloured ink on noise
 Compositions   10       colours and shapes, never these ten combinations     compositional zero-shot transfer
 Patterns       8        nothing (no textures, no stripes)                    learnable only by training
 Counts         6        "three red circles"; here "three dots"               shared number words with Digits
