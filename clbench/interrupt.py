@@ -73,3 +73,17 @@ def critical() -> Iterator[None]:
     if _state.depth == 0 and _state.pending is not None:
         signum, _state.pending = _state.pending, None
         raise RunInterrupted(signum)
+
+
+def mark_interrupted(exc: RunInterrupted, manifest: dict, folder, name: str, total: int, default_done: int) -> None:
+    """Record an interruption in ``folder``'s manifest (status ``interrupted``, by which signal, when) and say on
+    ``exc`` where the run stopped, for the one-line resume message; shared by the CLIP and LLaVA runners."""
+    import time
+
+    from clbench.results import atomic_write_json
+
+    done = manifest.get("completed_tasks", default_done)
+    with critical():
+        manifest.update(status="interrupted", interrupted_by=exc.name, finished=time.time())
+        atomic_write_json(folder / "manifest.json", manifest)
+    exc.where = f"{name} stopped after task {done} of {total} in {folder}"

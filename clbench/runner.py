@@ -38,7 +38,7 @@ from clbench.config import RunConfig, method_run_config, run_id, train_config_fo
 from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
 from clbench.errors import UserError
 from clbench.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
-from clbench.interrupt import RunInterrupted, critical, handling_signals
+from clbench.interrupt import RunInterrupted, critical, handling_signals, mark_interrupted
 from clbench.lock import LOCK_NAME, RunLock
 from clbench.methods import get_method
 from clbench.methods.state_checks import StateMismatch
@@ -489,11 +489,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
         return MethodOutcome(name, path, "complete", metrics)
     except RunInterrupted as exc:
         commit()
-        done = manifest.get("completed_tasks", plan.completed)
-        with critical():
-            manifest.update(status="interrupted", interrupted_by=exc.name, finished=time.time())
-            atomic_write_json(path / "manifest.json", manifest)
-        exc.where = f"{name} stopped after task {done} of {len(benchmark.task_names)} in {path}"
+        mark_interrupted(exc, manifest, path, name, len(benchmark.task_names), plan.completed)
         raise
     except DivergenceError as exc:
         commit()

@@ -22,7 +22,7 @@ import torch
 from clbench.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from clbench.config import run_id
 from clbench.errors import UserError
-from clbench.interrupt import RunInterrupted, critical
+from clbench.interrupt import RunInterrupted, critical, mark_interrupted
 from clbench.lock import RunLock
 from clbench.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
 from clbench.mcit.codec import VICUNA_SYSTEM, Codec
@@ -245,11 +245,7 @@ def _run_one(plan: McitPlan, cls, hparams, tasks: list[McitTask], settings: dict
             ckpt_path.unlink(missing_ok=True)  # every result is on disk: the checkpoint is not needed
         return McitOutcome(name, path, metrics, seconds)
     except RunInterrupted as exc:
-        done = manifest.get("completed_tasks", plan.completed)
-        with critical():
-            manifest.update(status="interrupted", interrupted_by=exc.name, finished=time.time())
-            atomic_write_json(path / "manifest.json", manifest)
-        exc.where = f"{name} stopped after task {done} of {len(names)} in {path}"
+        mark_interrupted(exc, manifest, path, name, len(names), plan.completed)
         raise
     except BaseException as exc:
         manifest.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}",

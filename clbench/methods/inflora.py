@@ -46,7 +46,7 @@ from clbench.datasets.base import Task
 from clbench.linalg import COMPUTE_DTYPE, RELATIVE_ENERGY_FLOOR, CovarianceAccumulator
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import encoder_list, merge_adapters
-from clbench.methods.recipes import RecipeCard, adapted, code
+from clbench.methods.recipes import SAME_ADAPTER_BUDGET, RecipeCard, adapted, code
 from clbench.methods.registry import register_method
 from clbench.methods.state_checks import StateMismatch, expect_basis, expect_keys, extra_entry
 from clbench.models.attention import LowRankDelta
@@ -323,7 +323,6 @@ class InfLoRA(Method):
 
 
 # ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
-_SAME_BUDGET = "MTIL's per-dataset epochs and batch 64, the same data budget as every adapter method"
 RECIPES = {
     "inflora": RecipeCard(
         "InfLoRA (Liang & Li, CVPR 2024), official code liangyanshuo/InfLoRA@e08b00e",
@@ -332,9 +331,9 @@ RECIPES = {
          "train.weight_decay": code("configs/*.json"),
          "train.schedule": code("cosine decay (per step here, per epoch in the code)"),
          "train.warmup_steps": code("no warm-up"),
-         "train.epochs": adapted(f"{_SAME_BUDGET} (the code: 50 epochs on ImageNet-R)"),
+         "train.epochs": adapted(f"{SAME_ADAPTER_BUDGET} (the code: 50 epochs on ImageNet-R)"),
          "train.max_steps": adapted("no step cap, as the epochs decide"),
-         "train.batch_size": adapted(f"{_SAME_BUDGET} (the code: 128)"),
+         "train.batch_size": adapted(f"{SAME_ADAPTER_BUDGET} (the code: 128)"),
          "rank": code("configs/*.json (CIFAR-100, ImageNet-R)"),
          "lamb": code("the ImageNet-R configs (CIFAR-100/DomainNet start lower)"),
          "lame": code("configs/*.json; ε rises from lamb to lame over the tasks"),

@@ -61,7 +61,7 @@ from clbench.linalg import COMPUTE_DTYPE
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.inflora import qkv_input_covariances
 from clbench.methods.lora import encoder_list
-from clbench.methods.recipes import RecipeCard, adapted, code
+from clbench.methods.recipes import SAME_ADAPTER_BUDGET, RecipeCard, adapted, code
 from clbench.methods.registry import register_method
 from clbench.methods.state_checks import (
     StateMismatch,
@@ -370,7 +370,6 @@ class LoDA(Method):
 
 
 # ---- recipe cards (provenance under --preset paper; the values live in presets/paper.json and the defaults) --------
-_SAME_BUDGET = "MTIL's per-dataset epochs and batch 64, the same data budget as every adapter method"
 RECIPES = {
     "loda": RecipeCard(
         "LoDA (He et al., ICML 2026; 'dLoRA' in the code), official code HHHLF/LoDA_ICML2026@92f8ba8",
@@ -380,9 +379,9 @@ RECIPES = {
          "train.weight_decay": code("exps/dlora/*.json"),
          "train.schedule": code("cosine decay (per step here, per epoch in the code)"),
          "train.warmup_steps": code("no warm-up"),
-         "train.epochs": adapted(f"{_SAME_BUDGET} (the code: 20 epochs)"),
+         "train.epochs": adapted(f"{SAME_ADAPTER_BUDGET} (the code: 20 epochs)"),
          "train.max_steps": adapted("no step cap, as the epochs decide"),
-         "train.batch_size": adapted(f"{_SAME_BUDGET} (the code: 48)"),
+         "train.batch_size": adapted(f"{SAME_ADAPTER_BUDGET} (the code: 48)"),
          "rank": code("exps/dlora/*.json (64 on ImageNet-R)"),
          "gamma_general": code("slora_gamma halved by avg"),
          "gamma_isolated": code("plora_gamma halved by avg"),

@@ -166,3 +166,6 @@ def hparam_rows(method: str) -> list[tuple[str, str, str, str]]:
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         rows.append((f.name, kind, repr(getattr(defaults, f.name)), describe_range(dict(f.metadata))))
     return rows
+
+
+SAME_ADAPTER_BUDGET = "MTIL's per-dataset epochs and batch 64, the same data budget as every adapter method"
