@@ -190,13 +190,26 @@ def evaluate_row(method: Method, benchmark: Benchmark, trained: int, train: Trai
     return evaluate(method, benchmark, trained, train, prompt_policy, device, hooks, autocast), None
 
 
+def fused_supported(params: list) -> bool:
+    """Whether torch's fused Adam/AdamW kernel takes ``params``: floating point, all on CPU or all on CUDA."""
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    devices = {p.device.type for p in flat}
+    return bool(flat) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in flat)
+
+
 def build_optimizer(params: list, train: TrainConfig) -> torch.optim.Optimizer:
     """The optimiser of ``train.optimizer``: AdamW (decoupled decay), Adam (L2 decay, InfLoRA's code) or SGD
-    with ``train.momentum`` (LoDA's code), at ``train.lr`` with ``train.weight_decay``."""
+    with ``train.momentum`` (LoDA's code), at ``train.lr`` with ``train.weight_decay``.
+
+    Adam and AdamW use torch's fused kernel where it applies (the same update rule, one pass over each tensor
+    instead of a dozen): on CPU torch's default is a per-tensor loop, which made the optimiser step 70 % of a
+    full fine-tuning step of the tiny backbone, whose 49408-word embedding table is 85 % of its weights. The
+    two agree to float rounding."""
+    fused = fused_supported(params) or None
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
     if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     raise ValueError(f"unknown optimizer {train.optimizer!r}")

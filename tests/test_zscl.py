@@ -80,6 +80,16 @@ def test_weight_distance_is_the_sum_of_squared_differences() -> None:
     assert float(weight_distance(a, b)) == pytest.approx(6 * 1 + 4 * 4)
 
 
+def test_weight_distance_gradient_is_twice_the_difference_scaled_by_the_outer_gradient() -> None:
+    theta = [torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True), torch.tensor([4.0, 0.0], requires_grad=True)]
+    start = [torch.tensor([[0.0, 1.0], [0.5, 1.0]]), torch.tensor([1.0, 2.0])]
+    (3.0 * weight_distance(theta, start)).backward()  # d/dθ of 3·Σ(θ−s)² = 6(θ−s)
+    assert theta[0].grad.tolist() == [[6.0, -18.0], [0.0, 12.0]]
+    assert theta[1].grad.tolist() == [18.0, -12.0]
+    with pytest.raises(ValueError, match="starting points"):
+        weight_distance(theta, start[:1])
+
+
 def test_weight_ensemble_is_the_uniform_average_of_the_snapshots(tiny_model: ClipModel) -> None:
     method = _method(tiny_model, avg_freq=2)
     method.setup()
