@@ -1,6 +1,6 @@
 """Named cost sections: wall time (device-synchronised on CUDA) and peak memory, per task.
 
-Shared section names (DESIGN.md): ``pretrained_svd``, ``grad_estimation``, ``grad_svd``, ``feature_stats``,
+Shared section names: ``pretrained_svd``, ``grad_estimation``, ``grad_svd``, ``feature_stats``,
 ``feature_svd``, ``merge``, ``train``, ``eval``; methods may add their own (``reference_forward``,
 ``covariance``, ``memory_update``...). A section entered several times in one task is one row (seconds
 summed, peaks maxed, ``calls`` counted). Sections may nest (``setup`` holds ``pretrained_svd``); an outer

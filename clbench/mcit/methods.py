@@ -200,7 +200,8 @@ class KeepLoraLlavaHparams:
 
 @register_mcit("keeplora")
 class KeepLoraLlava(McitMethod):
-    """KeepLoRA, LLaVA form (MCITlib ``KeepLoRA``; keeplora.md §11 of the clbench notes).
+    """KeepLoRA, LLaVA form (Luo et al., ICLR 2026, arXiv 2601.19659, its LLaVA-1.5 experiments; run through MCITlib
+    as ``KeepLoRA``).
 
     Per adapted weight W (PyTorch ``d_out × d_in``), with ``U`` = [W_p, M] the stored input-side basis:
     - setup: ``W_p`` = top right singular vectors of W with energy ``eps_w`` (paper rule, input side);
