@@ -8,7 +8,9 @@ Example on a SLURM cluster (one GPU and 8 CPUs per run, at most 16 runs at once)
         --launcher slurm --partition gpu --time 12:00:00 --gpus-per-job 1 --cpus-per-job 8 --jobs 16 \\
         --slurm-param account=myproject
 
-Re-issuing the same command after a crash runs only what is missing; ``--dry-run`` lists the runs first.
+Re-issuing the same command after a crash runs only what is missing; ``--dry-run`` lists the runs first. The
+MCIT benchmarks (``--benchmark synthetic-mcit|ucit|mllm-dcl``) take the same command: :mod:`clbench.mcit.sweep`
+plans their runs and everything after the plan (launchers, dry run, live view, summary) is shared.
 """
 
 from __future__ import annotations
