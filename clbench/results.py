@@ -159,25 +159,29 @@ def read_accuracy_csv(path: Path) -> pd.DataFrame:
 
 
 COMPLETE_FILES = ("config.json", "accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv")
+# The MCIT (LLaVA) layout: the base model's row in base.csv, the task list under "tasks", MCITlib's metrics (MAA).
+MCIT_COMPLETE_FILES = ("config.json", "accuracy.csv", "base.csv", "metrics.json", "profile.csv")
 
 
-def missing_results(folder: Path, datasets: list[str] | None = None) -> str | None:
+def missing_results(folder: Path, datasets: list[str] | None = None, setting: str = "clip") -> str | None:
     """Why ``folder``'s files do not back a ``complete`` status (a file missing or unreadable, fewer accuracy rows
-    than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``."""
+    than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``; ``setting``
+    ``"mcit"`` checks an MCIT run folder's files (:mod:`clbench.mcit.runner`)."""
     from clbench.safeio import is_regular, read_json
 
     folder = Path(folder)
-    for name in COMPLETE_FILES:
+    mcit = setting == "mcit"
+    for name in MCIT_COMPLETE_FILES if mcit else COMPLETE_FILES:
         if not is_regular(folder / name):
             return f"{name} is missing"
     try:
         if datasets is None:
             config = read_json(folder / "config.json", "run file", "")
-            datasets = config.get("datasets") if isinstance(config, dict) else None
+            datasets = config.get("tasks" if mcit else "datasets") if isinstance(config, dict) else None
             if not isinstance(datasets, list):
                 return "config.json names no task list"
         metrics = read_json(folder / "metrics.json", "run file", "")
-        if not isinstance(metrics, dict) or "last" not in metrics:
+        if not isinstance(metrics, dict) or ("maa" if mcit else "last") not in metrics:
             return "metrics.json holds no metrics"
         frame = read_accuracy_csv(folder / "accuracy.csv")
     except UserError as exc:

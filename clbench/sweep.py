@@ -1,7 +1,9 @@
 """Sweeps: the cross product of methods, orders, seeds and grid values as runs with deterministic ids.
 
 A sweep is planned here and executed by a launcher (:mod:`clbench.launchers`); the launcher only decides
-*where* :func:`execute_run` is called, so the results do not depend on it.
+*where* :func:`execute_run` is called, so the results do not depend on it. An MCIT (LLaVA) sweep is planned by
+:mod:`clbench.mcit.sweep` into the same :class:`RunSpec` (``setting="mcit"``) and shares everything below the plan:
+ids checked in the worker, folders, skipping, staging, failures and resume.
 
 - **Grid axes.** ``--grid key=v1,v2`` is one axis. A key under a method (``keeplora.rank``,
   ``keeplora.train.lr``) applies to that method's runs only; any other key (``train.lr``,
@@ -56,6 +58,7 @@ LOG_FILE = "sweep.log"
 CHECKPOINT = "resume.safetensors"  # clbench.checkpoint.CHECKPOINT_NAME (not imported: it pulls in torch)
 MAX_FOLDER_NAME = 120
 RESERVED_KEYS = {"seed": "--seeds", "order": "--orders"}
+METRIC_KEYS = ("transfer", "average", "last", "bwt", "mft", "mfn", "maa")  # a report's metrics (CLIP and MCIT)
 
 # Status of a planned run.
 DONE = "done"
@@ -110,6 +113,7 @@ class RunSpec:
     threads: int = 1
     error: str | None = None  # the configuration is invalid: the run fails without starting
     eval_rule: str = ""  # the resolved --eval rule (part of the folder name when not the benchmark's own)
+    setting: str = "clip"  # "mcit": an LLaVA run of clbench.mcit (planned by clbench.mcit.sweep.expand)
 
     @property
     def name(self) -> str:
@@ -339,7 +343,8 @@ def run_status(spec: RunSpec) -> str:
     folder = Path(spec.folder)
     manifest = _read_json(folder / "manifest.json")
     status = manifest.get("status") if manifest else None
-    if status == "complete" and folder_run_id(folder) == spec.id and missing_results(folder) is None:
+    if status == "complete" and folder_run_id(folder) == spec.id \
+            and missing_results(folder, setting=spec.setting) is None:
         return DONE  # the files back the status (a kill while rewriting them would not)
     if (staged_folder(spec) / CHECKPOINT).exists():
         return RESUME
@@ -381,7 +386,7 @@ def execute_run(spec: RunSpec, capture: bool = False) -> RunReport:
             torch.set_num_threads(threads)
     folder = _publish(spec, error, trace, started)
     metrics = {k: float(v) for k, v in ((outcome.metrics or {}) if outcome else {}).items()
-               if k in ("transfer", "average", "last", "bwt")}
+               if k in METRIC_KEYS}
     return RunReport(spec.id, "failed" if error else "complete", str(folder), time.time() - started, metrics, error)
 
 
@@ -396,6 +401,10 @@ def _run(spec: RunSpec):
 
     if spec.error is not None:
         raise UserError(spec.error)
+    if spec.setting == "mcit":
+        from clbench.mcit.sweep import run_spec
+
+        return run_spec(spec, spec.staging / "out")
     cfg = build_config(spec.preset, dict(spec.options), list(spec.sets), [spec.method])
     rid = run_id(method_run_config(cfg, spec.method))
     if rid != spec.id:

@@ -8,13 +8,16 @@ Example on a SLURM cluster (one GPU and 8 CPUs per run, at most 16 runs at once)
         --launcher slurm --partition gpu --time 12:00:00 --gpus-per-job 1 --cpus-per-job 8 --jobs 16 \\
         --slurm-param account=myproject
 
-Re-issuing the same command after a crash runs only what is missing; ``--dry-run`` lists the runs first.
+Re-issuing the same command after a crash runs only what is missing; ``--dry-run`` lists the runs first. The
+MCIT benchmarks (``--benchmark synthetic-mcit|ucit|mllm-dcl``) take the same command: :mod:`clbench.mcit.sweep`
+plans their runs and everything after the plan (launchers, dry run, live view, summary) is shared.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -114,21 +117,29 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", help="no live view")] = False,
 ) -> None:
     """Run every (method, order, seed, grid point); runs whose complete results exist are skipped."""
-    from clbench.launchers import make_launcher
-
     names = split_list(methods, "--methods")
     if len(set(names)) != len(names):
         raise UserError(f"--methods {methods!r} repeats a method; give each once")
-    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA: clbench.mcit.sweep, runs in this process
-        from clbench.mcit.cli import sweep_command
+    launch = {"launcher": launcher, "jobs": jobs, "cpus": cpus_per_job, "gpus": gpus_per_job,
+              "ray_address": ray_address, "partition": partition, "time_limit": time_limit,
+              "params": list(slurm_param or []), "cluster": submitit_cluster, "device": device}
+    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA: planned by clbench.mcit.sweep
+        from clbench.mcit import sweep as mcit_sweep
+        from clbench.mcit.methods import get_mcit_method
+        from clbench.mcit.metrics import LABELS, ORDER
+        from clbench.safeio import check_path
 
-        clip_only = {"--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
-                     "--shots": shots, "--skip-bad-images": skip_bad_images,
-                     "--launcher": launcher not in ("local", "inline"), "--jobs": jobs, "--cpus-per-job":
-                     cpus_per_job != 1, "--gpus-per-job": gpus_per_job, "--ray-address": ray_address,
-                     "--partition": partition, "--time": time_limit, "--slurm-param": slurm_param, "--dry-run": dry_run}
-        sweep_command(benchmark, names, int_list(seeds, "--seeds"), list(grid or []), out, preset, backbone,
-                      data_root, device, list(set_ or []), quiet, clip_only)
+        mcit_sweep.check_options(benchmark, {
+            "--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
+            "--shots": shots, "--skip-bad-images": skip_bad_images})
+        for name in names:
+            get_mcit_method(name)  # a method without an LLaVA form: one line
+        axes = mcit_sweep.parse_grid(list(grid or []), names)
+        out_dir = check_path(out, "--out").resolve()
+        specs = mcit_sweep.expand(benchmark, names, int_list(seeds, "--seeds"), axes, list(set_ or []), preset,
+                                  backbone, data_root, device, out_dir, cpus_per_job)
+        _launch(specs, out_dir, dry_run, quiet, launch,
+                lambda: mcit_sweep.prepare_backbone(backbone, preset, quiet), [(LABELS[k], k) for k in ORDER])
         return
     axes = parse_grid(list(grid or []), names)
     check_real_data_options(benchmark, shots, skip_bad_images)
@@ -141,24 +152,37 @@ def sweep(
 
     request = SweepRequest(tuple(names), int_list(orders, "--orders"), int_list(seeds, "--seeds"), axes, preset,
                            tuple(options.items()), tuple(sets), str(check_path(out, "--out").resolve()), cpus_per_job)
-    specs = expand(request)
+    _launch(expand(request), Path(request.out), dry_run, quiet, launch,
+            lambda: _prepare_backbone(backbone, pretrained, quiet), CLIP_COLUMNS)
+
+
+CLIP_COLUMNS = [("Transfer", "transfer"), ("Average", "average"), ("Last", "last")]
+
+
+def _launch(specs: list[RunSpec], out: Path, dry_run: bool, quiet: bool, launch: dict, prepare: Callable[[], None],
+            columns: list[tuple[str, str]]) -> None:
+    """The planned runs of a sweep (CLIP or MCIT): list them (``--dry-run``), or run what is not done through the
+    chosen launcher under the live view, then print the summary (exit 1 when a run failed)."""
+    from clbench.launchers import make_launcher
+
     statuses = {s.id: run_status(s) for s in specs}
     if dry_run:
-        _print_plan(specs, statuses, Path(request.out))
+        _print_plan(specs, statuses, out)
         return
     to_run = [s for s in specs if statuses[s.id] not in (DONE, INVALID)]
-    chosen = make_launcher(launcher, jobs=jobs or _auto_jobs(launcher, device, cpus_per_job), cpus=cpus_per_job,
-                           gpus=gpus_per_job, ray_address=ray_address, slurm_folder=Path(request.out) / ".sweep" /
-                           "slurm", time_limit=time_limit, partition=partition, params=list(slurm_param or []),
-                           cluster=submitit_cluster)
+    name, device, cpus = launch["launcher"], launch["device"], launch["cpus"]
+    chosen = make_launcher(name, jobs=launch["jobs"] or _auto_jobs(name, device, cpus), cpus=cpus,
+                           gpus=launch["gpus"], ray_address=launch["ray_address"], slurm_folder=out / ".sweep" /
+                           "slurm", time_limit=launch["time_limit"], partition=launch["partition"],
+                           params=launch["params"], cluster=launch["cluster"])
     reports = [record_failure(s, s.error or "invalid configuration") for s in specs if statuses[s.id] == INVALID]
     skipped = sum(1 for s in specs if statuses[s.id] == DONE)
     if to_run:
-        _prepare_backbone(backbone, pretrained, quiet)
+        prepare()
     with SweepView(to_run, skipped, reports, quiet, console) as view:
         reports += chosen.run(to_run, view) if to_run else []
-    remove_empty_staging(Path(request.out))
-    _print_summary(specs, reports, skipped)
+    remove_empty_staging(out)
+    _print_summary(specs, reports, skipped, columns)
     if any(r.status != "complete" for r in reports):
         raise typer.Exit(1)
 
@@ -275,13 +299,14 @@ def _print_plan(specs: list[RunSpec], statuses: dict[str, str], out: Path) -> No
         typer.echo(f"  {spec.id}  {Path(spec.folder).relative_to(out)}" + (f"  ({spec.error})" if spec.error else ""))
 
 
-def _print_summary(specs: list[RunSpec], reports: list[RunReport], skipped: int) -> None:
+def _print_summary(specs: list[RunSpec], reports: list[RunReport], skipped: int,
+                   columns: list[tuple[str, str]] = CLIP_COLUMNS) -> None:
     """One line per run that ran (id, method, order, seed, grid point, status, metrics), then the failures."""
     by_id = {s.id: s for s in specs}
-    rows = [("id", "method", "order", "seed", "grid point", "status", "Transfer", "Average", "Last", "seconds")]
+    rows = [("id", "method", "order", "seed", "grid point", "status", *(label for label, _ in columns), "seconds")]
     for r in sorted(reports, key=lambda r: specs.index(by_id[r.id])):
         s = by_id[r.id]
-        cells = [f"{r.metrics[k]:.1f}" if k in r.metrics else "-" for k in ("transfer", "average", "last")]
+        cells = [f"{r.metrics[k]:.1f}" if k in r.metrics else "-" for _, k in columns]
         rows.append((r.id, s.method, str(s.order), str(s.seed), s.grid_text, r.status, *cells, f"{r.seconds:.0f}"))
     if reports:
         _echo_rows(rows)

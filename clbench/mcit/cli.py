@@ -1,4 +1,4 @@
-"""Command-line pieces of the MCIT setting, called from the shared commands (data check, run)."""
+"""Command-line pieces of the MCIT setting, called from the shared commands (data check, run, methods, profile)."""
 
 from __future__ import annotations
 
@@ -170,39 +170,3 @@ def profile_command(backbone: str, methods: list[str], sets: list[str], seed: in
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_csv(out, pd.DataFrame([{**c.__dict__, "total_seconds": c.total} for c in costs]))
 
-
-def sweep_command(benchmark: str, methods: list[str], seeds: tuple[int, ...], grid: list[str], out: Path,
-                  preset: str, backbone: str, data_root: str, device: str, sets: list[str], quiet: bool,
-                  clip_only: dict) -> None:
-    """``clbench sweep`` on an MCIT benchmark: refuse the CLIP sweep's options, run, print one line per run."""
-    import typer
-
-    from clbench.interrupt import handling_signals
-    from clbench.mcit.metrics import LABELS, ORDER
-    from clbench.mcit.sweep import expand, parse_grid, run_sweep
-    from clbench.safeio import check_path
-
-    used = [flag for flag, value in clip_only.items() if value]
-    if used:
-        raise UserError(f"{', '.join(used)} belong to CLIP sweeps; an MCIT sweep ({benchmark}) runs its runs one "
-                        "after the other in this process, in one task order")
-    for m in methods:
-        from clbench.mcit.methods import get_mcit_method
-
-        get_mcit_method(m)
-    runs = expand(methods, seeds, parse_grid(grid, methods), sets, preset)
-    console = Console(stderr=True)
-    with handling_signals():
-        results = run_sweep(benchmark, runs, check_path(out, "--out"), preset, backbone, data_root, device,
-                            notify=(lambda m: None) if quiet else
-                            (lambda m: console.print(f"note: {m}", highlight=False, soft_wrap=True)))
-    table = Table(title=f"{benchmark} sweep: {len(results)} runs")
-    for col in ("run", "status", *(LABELS[k] for k in ORDER), "folder / error"):
-        table.add_column(col, justify="left" if col in ("run", "status", "folder / error") else "right",
-                         overflow="fold")
-    for r in results:
-        cells = [f"{r.metrics[k]:.1f}" if k in r.metrics else "-" for k in ORDER]
-        table.add_row(r.run.name, r.status, *cells, r.path or r.error)
-    make_console().print(table)
-    if any(r.status == "failed" for r in results):
-        raise typer.Exit(1)

@@ -103,6 +103,30 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def data_identity(benchmark: str, sizes: dict, data_root: str) -> tuple[list[str], dict]:
+    """The task names and the data part of a run's identity: the synthetic sizes, or the data root and the
+    SHA-256 of every data file (a missing root or file is a UserError)."""
+    if benchmark == "synthetic-mcit":
+        from clbench.mcit import synthetic
+
+        return list(synthetic.TASKS), {"synthetic": dict(sizes)}
+    from clbench.datasets.mtil import resolve_data_root
+    from clbench.mcit.data import BENCHMARKS, file_hashes
+
+    root = resolve_data_root(data_root, benchmark)
+    return [t.name for t in BENCHMARKS[benchmark]], {"root": str(root), "sha256": file_hashes(root, benchmark)}
+
+
+def resolved_config(benchmark: str, method: str, seed: int, preset: str, backbone: str, hparams, loop: LoopConfig,
+                    data_info: dict, names: list[str]) -> dict:
+    """One method's resolved configuration (``config.json``); its :func:`~clbench.config.run_id` is the run id."""
+    base_id = backbone if backbone == "tiny" else str(Path(backbone).expanduser().absolute())
+    return {"setting": "mcit", "benchmark": benchmark, "method": method, "seed": seed, "preset": preset,
+            "hparams": dataclasses.asdict(hparams), "loop": dataclasses.asdict(loop), "backbone": base_id,
+            "pretrain_steps": PRESETS[preset]["pretrain_steps"] if backbone == "tiny" else None,
+            "data": {k: v for k, v in data_info.items() if k != "root"}, "tasks": list(names)}
+
+
 def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, preset: str = "default",
              backbone: str = "tiny", data_root: str = "", device: str = "cpu", sets: list[str] | None = None,
              notify: Callable[[str], None] = print,
@@ -129,22 +153,15 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     apply_sets(sets or [], loop, hparams, sizes)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
+    names, data_info = data_identity(benchmark, sizes, data_root)
     if benchmark == "synthetic-mcit":
-        tasks, data_info = synthetic_tasks(**sizes), {"synthetic": sizes}
+        tasks = synthetic_tasks(**sizes)
     else:
-        from clbench.datasets.mtil import resolve_data_root
-        from clbench.mcit.data import file_hashes
-
-        root = resolve_data_root(data_root, benchmark)
-        tasks, data_info = real_tasks(root, benchmark), {"root": str(root), "sha256": file_hashes(root, benchmark)}
+        tasks = real_tasks(Path(data_info["root"]), benchmark)
     names = [t.name for t in tasks]
-    base_id = backbone if backbone == "tiny" else str(Path(backbone).expanduser().absolute())
     plans = []
     for name in classes:
-        resolved = {"setting": "mcit", "benchmark": benchmark, "method": name, "seed": seed, "preset": preset,
-                    "hparams": dataclasses.asdict(hparams[name]), "loop": dataclasses.asdict(loop),
-                    "backbone": base_id, "pretrain_steps": p["pretrain_steps"] if backbone == "tiny" else None,
-                    "data": {k: v for k, v in data_info.items() if k != "root"}, "tasks": names}
+        resolved = resolved_config(benchmark, name, seed, preset, backbone, hparams[name], loop, data_info, names)
         plans.append(McitPlan(name, run_dir(out, benchmark, 1, folder or name, seed), run_id(resolved), names,
                               config=resolved))
     if folder is not None and len(plans) != 1:

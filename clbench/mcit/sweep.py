@@ -1,62 +1,44 @@
-"""``clbench sweep`` on an MCIT benchmark: every (method, seed, grid point) as a one-method ``clbench run``.
+"""``clbench sweep`` on an MCIT benchmark: every (method, seed, grid point) as one :class:`clbench.sweep.RunSpec`.
 
-Folders as in CLIP sweeps: ``<out>/<benchmark>-order1/<method>[,key=value...]/seed<s>`` (the grid point in the method
-folder's name, :func:`clbench.sweep.folder_name`). The run id decides what happens to a folder, as for CLIP: a
-complete run of the same configuration is skipped, an unfinished one (interrupted, or failed after a task) resumes
-after its last completed task (:mod:`clbench.mcit.resume`), a run of other settings is replaced. A failed run is
-recorded in its manifest and the sweep goes on. Runs execute one after the other in this process; the Ray and
-SLURM launchers of CLIP sweeps are not ported to this setting.
+The plan is the MCIT setting's own (its ``--grid`` keys, its run ids); everything else is the CLIP sweep's
+machinery, shared rather than copied: the launchers of :mod:`clbench.launchers` (``--launcher local|ray|slurm|
+inline``) call :func:`clbench.sweep.execute_run`, which runs an MCIT spec through :func:`run_spec`; the statuses
+and the skip / resume rules of :func:`clbench.sweep.run_status`; ``--dry-run``, the live view and the summary of
+:mod:`clbench.sweep_cli`.
+
+- **Folders** as in CLIP sweeps: ``<out>/<benchmark>-order1/<method>[,key=value...]/seed<s>`` (the grid point in
+  the method folder's name, :func:`clbench.sweep.folder_name`).
+- **Ids.** A run's id is the run id ``clbench run`` gives the same configuration (:func:`clbench.mcit.runner.
+  resolved_config`: hyperparameters, loop, backbone, data sizes or data files' SHA-256, tasks, seed).
+- **Skip, resume, replace** (:func:`clbench.sweep.run_status`): a folder whose manifest says ``complete``, whose
+  ``config.json`` has this run's id and whose files back it is skipped; a run that failed or was stopped after a
+  task resumes after it from its checkpoint in the sweep's staging folder (``<out>/.sweep/runs/<id>``, the
+  checkpoint of :mod:`clbench.mcit.resume`); anything else (new, failed before its first task, other settings)
+  runs and replaces the folder. A failed run is recorded in its folder (``manifest.json``, ``error.txt``) and
+  the sweep goes on.
+- Options of CLIP runs (``--orders``, ``--eval``, ``--pretrained``, ``--precision``, ``--shots``,
+  ``--skip-bad-images``) are refused in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from clbench.errors import UserError
+from clbench.sweep import GridAxis, RunSpec
 
 
-@dataclass(frozen=True)
-class McitAxis:
-    key: str
-    values: tuple[str, ...]
-    method: str | None  # None: every run (loop.* / data.*)
-    label: str
-
-
-@dataclass(frozen=True)
-class McitSweepRun:
-    method: str
-    seed: int
-    point: tuple[tuple[str, str], ...]
-    sets: tuple[str, ...]
-    folder: str  # the method folder's name
-
-    @property
-    def name(self) -> str:
-        return f"{self.folder} seed{self.seed}"
-
-
-@dataclass
-class McitSweepResult:
-    run: McitSweepRun
-    status: str  # complete, failed
-    metrics: dict
-    path: str
-    error: str = ""
-
-
-def parse_grid(items: list[str], methods: list[str]) -> tuple[McitAxis, ...]:
+def parse_grid(items: list[str], methods: list[str]) -> tuple[GridAxis, ...]:
     """``--grid key=v1,v2``: ``<method>.<hyperparameter>`` of a method in ``--methods``, ``loop.<field>`` or
     ``data.n_train`` / ``data.n_test``; each key once, each value once."""
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
-    from clbench.sweep import split_list
+    from clbench.sweep import GridAxis, split_list
 
-    axes: list[McitAxis] = []
+    axes: list[GridAxis] = []
     for item in items:
         key, sep, raw = (s.strip() for s in item.partition("="))
         head, _, rest = key.partition(".")
@@ -81,17 +63,21 @@ def parse_grid(items: list[str], methods: list[str]) -> tuple[McitAxis, ...]:
             raise UserError(f"--grid {item!r} repeats a value; give each once")
         if any(a.key == key for a in axes):
             raise UserError(f"--grid {key} is given twice; give all its values in one --grid")
-        axes.append(McitAxis(key, values, method, label))
+        axes.append(GridAxis(key, values, method, label))
     return tuple(axes)
 
 
-def expand(methods: list[str], seeds: tuple[int, ...], axes: tuple[McitAxis, ...], sets: list[str],
-           preset: str) -> list[McitSweepRun]:
-    """Every run, in order (seed, method, grid point); every run's settings are checked before any runs."""
+def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tuple[GridAxis, ...],
+           sets: list[str], preset: str, backbone: str, data_root: str, device: str, out: Path,
+           threads: int = 1) -> list[RunSpec]:
+    """Every run, in order (seed, method, grid point), with its run id and final folder; every run's settings are
+    checked before any runs (a bad value is a UserError)."""
+    from clbench.config import run_id
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
-    from clbench.mcit.runner import PRESETS, apply_sets
-    from clbench.sweep import folder_name
+    from clbench.mcit.runner import PRESETS, apply_sets, data_identity, resolved_config
+    from clbench.results import run_dir
+    from clbench.sweep import _check_distinct, folder_name
 
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
@@ -99,7 +85,12 @@ def expand(methods: list[str], seeds: tuple[int, ...], axes: tuple[McitAxis, ...
     for item in sets:
         if item.partition("=")[0].strip() in swept:
             raise UserError(f"{item.partition('=')[0]} is both in --set and --grid; keep it in one of them")
-    runs = []
+    if backbone != "tiny":
+        backbone = str(Path(backbone).expanduser().absolute())  # workers may start elsewhere
+    if data_root:
+        data_root = str(Path(data_root).expanduser().absolute())
+    identities: dict[str, tuple[list[str], dict]] = {}  # the data files are hashed once per sweep
+    specs = []
     for seed, method in itertools.product(seeds, methods):
         mine = [a for a in axes if a.method in (None, method)]
         others = {m for m in methods if m != method}
@@ -107,32 +98,63 @@ def expand(methods: list[str], seeds: tuple[int, ...], axes: tuple[McitAxis, ...
         for values in itertools.product(*(a.values for a in mine)):
             run_sets = (*base_sets, *(f"{a.key}={v}" for a, v in zip(mine, values, strict=True)))
             p = PRESETS[preset]
-            apply_sets(list(run_sets), LoopConfig(**p["loop"]), {method: get_mcit_method(method).Hparams()},
-                       {"n_train": p["n_train"], "n_test": p["n_test"]})  # a bad value fails now, not mid-sweep
+            loop, hparams = LoopConfig(**p["loop"]), {method: get_mcit_method(method).Hparams()}
+            sizes = {"n_train": p["n_train"], "n_test": p["n_test"]}
+            apply_sets(list(run_sets), loop, hparams, sizes)  # a bad value fails now, not mid-sweep
+            key = repr(sorted(sizes.items()))
+            if key not in identities:
+                identities[key] = data_identity(benchmark, sizes, data_root)
+            names, data_info = identities[key]
+            rid = run_id(resolved_config(benchmark, method, seed, preset, backbone, hparams[method], loop, data_info,
+                                         names))
             point = tuple((a.label, v) for a, v in zip(mine, values, strict=True))
-            runs.append(McitSweepRun(method, seed, point, run_sets, folder_name(method, point)))
-    return runs
+            options = (("benchmark", benchmark), ("backbone", backbone), ("data_root", data_root),
+                       ("device", device), ("order", 1), ("seed", seed))
+            folder = run_dir(out, benchmark, 1, folder_name(method, point), seed)
+            specs.append(RunSpec(rid, method, 1, seed, point, preset, options, run_sets, benchmark, str(out),
+                                 str(folder), threads, setting="mcit"))
+    _check_distinct(specs)
+    return specs
 
 
-def run_sweep(benchmark: str, runs: list[McitSweepRun], out: Path, preset: str, backbone: str, data_root: str,
-              device: str, notify: Callable[[str], None]) -> list[McitSweepResult]:
-    """Run (or skip, or resume) every run in turn; a failure is recorded and the next run starts."""
-    from clbench.interrupt import RunInterrupted
+def run_spec(spec: RunSpec, out: Path) -> SimpleNamespace:
+    """Run one MCIT spec in ``out`` (the sweep's staging folder), resuming after the last completed task of an
+    earlier attempt there; called by :func:`clbench.sweep.execute_run` in the launcher's worker."""
     from clbench.mcit.runner import run_mcit
+    from clbench.sweep import CHECKPOINT, staged_folder
 
-    results = []
-    for run in runs:
-        notes: list[str] = []
-        try:
-            (outcome,) = run_mcit(benchmark, [run.method], out, run.seed, preset, backbone, data_root, device,
-                                  list(run.sets), notify=lambda m, notes=notes: (notes.append(m), notify(m)),
-                                  resume="auto", folder=run.folder)
-            results.append(McitSweepResult(run, "skipped" if any("already complete" in n for n in notes)
-                                           else "complete", outcome.metrics, str(outcome.path)))
-        except RunInterrupted:
-            raise
-        except Exception as exc:  # noqa: BLE001 - recorded (the run's manifest says failed) and the sweep goes on
-            text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            results.append(McitSweepResult(run, "failed", {}, "", " ".join(text.split())))
-            notify(f"{run.name} failed: {' '.join(text.split())}")
-    return results
+    opts = dict(spec.options)
+    (again,) = expand(spec.benchmark, [spec.method], (spec.seed,), (), list(spec.sets), spec.preset,
+                      opts["backbone"], opts["data_root"], opts["device"], Path(spec.out))
+    if again.id != spec.id:
+        raise UserError(f"run id {again.id} differs from the planned {spec.id}: this worker resolves the "
+                        "configuration differently (another clbench version, or data files changed?); install the "
+                        "same version everywhere")
+    (outcome,) = run_mcit(spec.benchmark, [spec.method], out, spec.seed, spec.preset, opts["backbone"],
+                          opts["data_root"], opts["device"], list(spec.sets),
+                          notify=lambda m: print(f"note: {m}", flush=True),
+                          resume="auto" if (staged_folder(spec) / CHECKPOINT).exists() else False)
+    return SimpleNamespace(status="complete", error=None, metrics=outcome.metrics)
+
+
+def check_options(benchmark: str, clip_only: dict) -> None:
+    """Options of CLIP runs given to an MCIT sweep: one line naming them."""
+    used = [flag for flag, value in clip_only.items() if value]
+    if used:
+        raise UserError(f"{', '.join(used)} belong to CLIP sweeps; an MCIT sweep ({benchmark}) runs the LLaVA "
+                        "setting in one task order and does not take them")
+
+
+def prepare_backbone(backbone: str, preset: str, quiet: bool) -> None:
+    """Pre-train the embedded tiny LLaVA once here, so parallel runs do not each pre-train it."""
+    if backbone != "tiny":
+        return
+    from clbench.mcit.pretrain import ensure_tiny_llava, tiny_llava_path
+    from clbench.mcit.runner import PRESETS
+
+    steps = PRESETS[preset]["pretrain_steps"]
+    if not tiny_llava_path(steps).exists() and not quiet:
+        from clbench.sweep_cli import console
+
+        console.print(f"note: pre-training the tiny LLaVA ({steps} steps, cached afterwards)", highlight=False)
+    ensure_tiny_llava(steps=steps)
