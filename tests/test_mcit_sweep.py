@@ -217,15 +217,9 @@ def test_missing_extra_names_the_install_command(tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
-def test_ray_launcher_matches_inline(inline_sweep, tmp_path) -> None:
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'clbench[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        assert main([*TWO, "--out", str(tmp_path), "--launcher", "ray", "--cpus-per-job", "1"]) == 0
-    finally:
-        ray.shutdown()
-    same_results(tmp_path, inline_sweep, run_folders(inline_sweep))
+# The Ray launcher calls the same clbench.sweep.execute_run as the two launchers below; its own plumbing is
+# tested on CLIP specs (tests/test_sweep.py::test_ray_launcher_matches_local). An MCIT copy of that test took
+# 7 minutes on the 2-core CI machine (Ray workers importing torch and transformers) and was dropped.
 
 
 @pytest.mark.slow
