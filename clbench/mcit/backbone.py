@@ -47,12 +47,15 @@ def projector_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if PROJECTOR.search(name)]
 
 
-def tiny_llava(vocab_size: int, image_token_index: int, seed: int = 0, hidden: int = 64):
-    """A randomly initialised tiny ``LlavaForConditionalGeneration`` (32 px images, 16 image tokens)."""
+def tiny_llava(vocab_size: int, image_token_index: int, seed: int = 0, hidden: int = 64, vision_hidden: int = 128,
+               vision_layers: int = 3):
+    """A randomly initialised tiny ``LlavaForConditionalGeneration`` (32 px images, 16 image tokens); the vision
+    tower is wider and one layer deeper than the language model, since LLaVA reads its penultimate layer."""
     import torch
 
     tf = _transformers()
-    vision = tf.CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    vision = tf.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                 num_hidden_layers=vision_layers,
                                  num_attention_heads=4, image_size=32, patch_size=8)
     text = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
