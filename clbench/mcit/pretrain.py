@@ -29,17 +29,18 @@ from pathlib import Path
 import torch
 
 from clbench.mcit import synthetic
-from clbench.mcit.backbone import load_llava_checkpoint, tiny_llava
+from clbench.mcit.backbone import load_clip_tower, load_llava_checkpoint, tiny_llava, vision_tower
 from clbench.mcit.codec import Codec, tiny_processor
+from clbench.models.backbones import embedded_tiny_state, tiny_key
 
-STEPS = 2100
+STEPS = 1200
 EXTRA_WORDS = ("say", "how", "many", "it")
 POOL = 2048
 BATCH = 32
-LR = 2e-3
+LR = 1e-3
 SEED = 0
 VERSION = 4  # of the corpus: bump on any change to the splits below
-MODEL = {"hidden": 64, "vision_hidden": 128, "vision_layers": 3}
+MODEL = {"hidden": 64, "vision_hidden": 128, "vision_layers": 4}
 SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
@@ -49,9 +50,10 @@ def _cache_root() -> Path:
 
 
 def recipe(steps: int = STEPS, seed: int = SEED) -> dict:
-    """Everything the pre-trained weights are a function of (the corpus by its version)."""
-    return {"vocab": synthetic.vocabulary(), "extra_words": list(EXTRA_WORDS), "steps": steps, "seed": seed,
-            "batch": BATCH, "lr": LR, "pool": POOL, "model": MODEL, "version": VERSION}
+    """Everything the pre-trained weights are a function of (the corpus by its version, the vision tower by the
+    tiny CLIP's config key)."""
+    return {"clip_tower": tiny_key(), "vocab": synthetic.vocabulary(), "extra_words": list(EXTRA_WORDS),
+            "steps": steps, "seed": seed, "batch": BATCH, "lr": LR, "pool": POOL, "model": MODEL, "version": VERSION}
 
 
 def recipe_key(steps: int = STEPS, seed: int = SEED) -> str:
@@ -134,13 +136,15 @@ def pretrain_tiny(steps: int = STEPS, seed: int = SEED, on_step: Callable[[int, 
     processor = tiny_processor([*synthetic.vocabulary(), *EXTRA_WORDS])
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     model = tiny_llava(len(processor.tokenizer), image_id, seed=seed, **MODEL)
+    load_clip_tower(model, embedded_tiny_state()[0])  # LLaVA's tower is a pre-trained CLIP, frozen here too
+    vision_tower(model).requires_grad_(False)
     codec = Codec(processor)
     gen = torch.Generator().manual_seed(seed)
     splits = [synthetic.make_split(synthetic.BASE_TASK, POOL, seed + 11), _object_split(POOL, seed + 12),
               _place_split(POOL, seed + 14), _count_split(POOL, seed + 13), _pair_split(POOL, seed + 15),
               _choice_split(POOL, seed + 16), _say_split(POOL, gen)]
     pools = [codec.train_batch(s.questions, s.answers, s.images) for s in splits]
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(steps):
