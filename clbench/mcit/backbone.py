@@ -2,8 +2,9 @@
 
 - ``load_llava_checkpoint(path)``: ``LlavaForConditionalGeneration`` + its processor from a local folder, local
   files only and safetensors only (a folder with only ``*.bin`` weights is refused: those are pickles).
-- ``tiny_llava(vocab)``: a small CLIP vision tower (32 px, patch 8, 16 image tokens) + the ``gelu`` MLP projector +
-  a 2-layer Llama, the pattern of transformers' own LLaVA tests, sized for 2 CPU cores.
+- ``tiny_llava(vocab)``: a CLIP vision tower of the tiny CLIP's shape (32 px, patch 8, 16 image tokens, width 128,
+  4 layers) + the ``gelu`` MLP projector + a 2-layer Llama (width 64), the pattern of transformers' own LLaVA
+  tests, sized for 2 CPU cores; ``load_clip_tower`` puts clbench's pre-trained tiny CLIP image encoder into it.
 - ``adapted_linears(model)``: MCITlib's ``find_all_linear_names`` rule by pattern, not fixed paths (module paths
   moved in transformers' ~4.52 refactor): every ``nn.Linear`` outside the vision tower, projector and resampler,
   except ``lm_head``.
