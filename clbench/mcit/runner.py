@@ -43,7 +43,7 @@ from clbench.results import (
 
 PRESETS = {
     "smoke": {"n_train": 32, "n_test": 8, "pretrain_steps": 20, "loop": {"epochs": [1], "batch_size": 16}},
-    "default": {"n_train": 192, "n_test": 48, "pretrain_steps": STEPS, "loop": {"epochs": [5], "batch_size": 16}},
+    "default": {"n_train": 192, "n_test": 48, "pretrain_steps": STEPS, "loop": {"epochs": [12], "batch_size": 16}},
 }
 
 
