@@ -37,7 +37,7 @@ def test_card_of_the_llava_form_shows_its_hyperparameters(capsys) -> None:
     for f in dataclasses.fields(hp):
         assert f.name in out
     assert "grad_fraction" in out and "eps_w" in out  # LLaVA-only fields, absent from the CLIP keeplora
-    assert "UCIT 32, DCL 64" in out and "loop.epochs" in out and "[3]" in out  # default preset: 3 epochs
+    assert "UCIT 32, DCL 64" in out and "loop.epochs" in out and "[12]" in out  # default preset: 12 epochs
     assert main(["methods", "keeplora", "--setting", "mcit", "--preset", "smoke"]) == 0
     assert "[1]" in capsys.readouterr().out
 

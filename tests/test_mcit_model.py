@@ -202,3 +202,20 @@ def test_training_reduces_the_loss(tiny):
     first = train_task(model, codec, task, method, cfg, 1, "cpu", gen)
     last = train_task(model, codec, task, method, cfg, 3, "cpu", gen)
     assert last < first
+
+
+def test_shipped_tiny_llava_matches_its_recipe_and_knows_colours(monkeypatch, tmp_path):
+    from clbench.mcit import pretrain
+    from clbench.mcit.loop import McitTask, predict, score
+
+    shipped = pretrain.shipped_weights()
+    assert shipped is not None, "the package ships the default recipe's tiny LLaVA (python -m clbench.mcit.pretrain " \
+                                "--export after a recipe change)"
+    card = __import__("json").loads(pretrain.shipped_paths(pretrain.recipe_key())[1].read_text())
+    assert card["key"] == pretrain.recipe_key() and card["steps"] == pretrain.STEPS
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))
+    assert pretrain.is_ready() and not pretrain.is_ready(steps=7)  # another recipe is not shipped
+    model, processor = load_llava_checkpoint(pretrain.ensure_tiny_llava(on_step=lambda *a: pytest.fail("trained")))
+    s = synthetic.make_split(synthetic.BASE_TASK, 32, 4242)
+    task = McitTask(synthetic.BASE_TASK, "exact", s, s)
+    assert score(task, predict(model, Codec(processor), task, LoopConfig()), LoopConfig())[0] >= 75.0  # chance 12.5

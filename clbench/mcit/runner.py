@@ -29,6 +29,7 @@ from clbench.mcit.codec import VICUNA_SYSTEM, Codec
 from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
 from clbench.mcit.methods import get_mcit_method
 from clbench.mcit.metrics import mcit_metrics
+from clbench.mcit.pretrain import STEPS
 from clbench.mcit.resume import McitPlan, capture, has_run, plan_run, restore
 from clbench.profiling import Profiler
 from clbench.results import (
@@ -42,7 +43,7 @@ from clbench.results import (
 
 PRESETS = {
     "smoke": {"n_train": 32, "n_test": 8, "pretrain_steps": 20, "loop": {"epochs": [1], "batch_size": 16}},
-    "default": {"n_train": 192, "n_test": 48, "pretrain_steps": 1000, "loop": {"epochs": [3], "batch_size": 16}},
+    "default": {"n_train": 192, "n_test": 48, "pretrain_steps": STEPS, "loop": {"epochs": [12], "batch_size": 16}},
 }
 
 
@@ -86,9 +87,9 @@ def _backbone(backbone: str, steps: int, notify: Callable[[str], None]):
     from clbench.mcit.backbone import load_llava_checkpoint
 
     if backbone == "tiny":
-        from clbench.mcit.pretrain import ensure_tiny_llava, tiny_llava_path
+        from clbench.mcit.pretrain import ensure_tiny_llava, is_ready
 
-        if not tiny_llava_path(steps).exists():
+        if not is_ready(steps):
             notify(f"pre-training the tiny LLaVA ({steps} steps, cached afterwards)")
         path = ensure_tiny_llava(steps=steps)
         model, processor = load_llava_checkpoint(path)

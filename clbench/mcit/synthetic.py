@@ -133,6 +133,14 @@ def make_split(task: str, n: int, seed: int) -> Split:
     raise ValueError(f"unknown synthetic-mcit task {task!r}")
 
 
+def side_shapes(n: int, seed: int) -> list[tuple[str, str]]:
+    """The (left, right) shape names of ``make_split("side-qa", n, seed)``'s images (same draws)."""
+    gen = torch.Generator().manual_seed(seed)
+    first = _randint(len(SHAPES), n, gen)
+    second = (first + 1 + _randint(len(SHAPES) - 1, n, gen)) % len(SHAPES)
+    return [(SHAPES[f], SHAPES[s]) for f, s in zip(first.tolist(), second.tolist(), strict=True)]
+
+
 def task_splits(task: str, n_train: int, n_test: int) -> tuple[Split, Split]:
     """Disjoint train and test splits of ``task`` (different seeds)."""
     return make_split(task, n_train, SEEDS[task]), make_split(task, n_test, SEEDS[task] + 7)
