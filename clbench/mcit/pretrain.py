@@ -6,7 +6,8 @@ naming an object's colour (``colour-name``, scored as the base task), naming col
 -> "red circle"), size, shape and place ("where is it ?" -> "big star top"), the two shapes of a pair, left one
 first ("what is this ?" -> "star and ring"), counting circles ("how many ?" -> "3"), multiple choice over shapes
 ("which shape ? A ring B star ..." -> "B"), and repeating a word ("say west" -> "west"), which trains the output
-row of every vocabulary word. Everything is trained (vision tower included) with AdamW under a one-cycle schedule;
+row of every vocabulary word. The projector and the language model are trained with AdamW under a one-cycle
+schedule; the vision tower is the tiny CLIP's image encoder, frozen as LLaVA's CLIP tower is;
 the result is a pure function of :func:`recipe` (vocabulary, corpus version, model sizes, steps, seed, rates), and
 its folder name carries a hash of it.
 
