@@ -13,3 +13,19 @@ def tiny_model():
 
     torch.manual_seed(0)
     return load_backbone("tiny", "none")
+
+
+@pytest.fixture
+def count_runs(monkeypatch) -> list[str]:
+    """Ids of the runs the launchers execute in this process from now on (sweep tests of both settings)."""
+    import clbench.launchers as launchers
+
+    calls: list[str] = []
+    real = launchers.execute_run
+
+    def counting(spec, capture=False):
+        calls.append(spec.id)
+        return real(spec, capture)
+
+    monkeypatch.setattr(launchers, "execute_run", counting)
+    return calls

@@ -88,22 +88,6 @@ def inline_sweep(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def count_runs(monkeypatch) -> list[str]:
-    """Ids of the runs the launchers execute in this process from now on."""
-    import clbench.launchers as launchers
-
-    calls: list[str] = []
-    real = launchers.execute_run
-
-    def counting(spec, capture=False):
-        calls.append(spec.id)
-        return real(spec, capture)
-
-    monkeypatch.setattr(launchers, "execute_run", counting)
-    return calls
-
-
 def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys) -> None:
     """The brief's SLURM command on a fake UCIT tree: 2 seeds x (lora + keeplora at two ranks), nothing run."""
     from fake_mcit import write_fake

@@ -56,22 +56,6 @@ def inline_sweep(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def count_runs(monkeypatch) -> list[str]:
-    """Ids of the runs the inline launcher executes from now on."""
-    import clbench.launchers as launchers
-
-    calls: list[str] = []
-    real = launchers.execute_run
-
-    def counting(spec, capture=False):
-        calls.append(spec.id)
-        return real(spec, capture)
-
-    monkeypatch.setattr(launchers, "execute_run", counting)
-    return calls
-
-
 def request(tmp_path: Path, methods=("lora", "keeplora"), seeds=(0, 1), grid=(), sets=("data.num_tasks=2",)):
     axes = parse_grid(list(grid), list(methods))
     options = (("benchmark", "synthetic"), ("pretrained", "none"))
