@@ -29,3 +29,20 @@ def count_runs(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(launchers, "execute_run", counting)
     return calls
+
+
+@pytest.fixture
+def without_launcher_extras(monkeypatch) -> None:
+    """The launchers see neither Ray nor submitit installed (their one-line install hint is under test)."""
+    import importlib
+
+    import clbench.launchers as launchers
+
+    real = importlib.import_module
+
+    def without(name, *a, **k):
+        if name in ("ray", "submitit"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(launchers.importlib, "import_module", without)

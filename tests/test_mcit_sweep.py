@@ -4,7 +4,6 @@ resume from the staging folder)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -183,17 +182,8 @@ def test_run_failed_after_a_task_resumes_from_staging(inline_sweep, tmp_path, mo
 
 @pytest.mark.parametrize("launcher, extra, args", [("ray", "clbench[ray]", []),
                                                     ("slurm", "clbench[slurm]", ["--time", "10"])])
-def test_missing_extra_names_the_install_command(tmp_path, capsys, monkeypatch, launcher, extra, args) -> None:
-    import clbench.launchers as launchers
-
-    real = importlib.import_module
-
-    def without(name, *a, **k):
-        if name in ("ray", "submitit"):
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(launchers.importlib, "import_module", without)
+def test_missing_extra_names_the_install_command(tmp_path, capsys, without_launcher_extras, launcher, extra,
+                                                   args) -> None:
     assert main(["sweep", "--methods", "lora", *TINY, "--out", str(tmp_path / "o"), "--launcher", launcher,
                  *args]) == 2
     err = capsys.readouterr().err
