@@ -190,9 +190,14 @@ def evaluate_row(method: Method, benchmark: Benchmark, trained: int, train: Trai
     return evaluate(method, benchmark, trained, train, prompt_policy, device, hooks, autocast), None
 
 
+def flat_parameters(params: list) -> list[Tensor]:
+    """The tensors of an optimiser's ``params`` argument (plain tensors or param-group dicts)."""
+    return [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+
+
 def fused_supported(params: list) -> bool:
     """Whether torch's fused Adam/AdamW kernel takes ``params``: floating point, all on CPU or all on CUDA."""
-    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    flat = flat_parameters(params)
     devices = {p.device.type for p in flat}
     return bool(flat) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in flat)
 
@@ -222,7 +227,7 @@ def train_task(method: Method, ctx: TaskContext, train: TrainConfig, hooks: Hook
     Each batch takes one optimiser step per objective of ``method.losses`` (one for most methods, two for
     LoDA's GAO); the schedule and ``after_step`` advance once per batch."""
     params = method.trainable_parameters()
-    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    flat = flat_parameters(params)
     model = method.model
     for p in model.parameters():
         p.requires_grad_(False)

@@ -154,7 +154,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     apply_sets(sets or [], loop, hparams, sizes)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
-    names, data_info = data_identity(benchmark, sizes, data_root)
+    _, data_info = data_identity(benchmark, sizes, data_root)  # names: from the tasks below
     if benchmark == "synthetic-mcit":
         tasks = synthetic_tasks(**sizes)
     else:
