@@ -141,11 +141,12 @@ def evaluate(method: Method, benchmark: Benchmark, trained: int, train: TrainCon
     row = []
     for index, task in enumerate(benchmark.tasks):
         with autocast():
-            text = model.class_text_features(dataset_prompts(task, prompt_policy))
+            text = method.eval_text_features(dataset_prompts(task, prompt_policy), task.name)
         correct = total = 0
         for images, labels in test_batches(task, train, device):
             with autocast():
-                logits = method.logits(model.encode_image(images), text, task.name, trained=index < trained)
+                logits = method.logits(method.eval_image_features(images, task.name), text, task.name,
+                                       trained=index < trained)
             correct += int((logits.argmax(-1) == labels).sum())
             total += len(labels)
         row.append(100.0 * correct / max(total, 1))
@@ -162,14 +163,15 @@ def evaluate_union(method: Method, benchmark: Benchmark, trained: int, train: Tr
     model.eval()
     spans = union_spans(benchmark)
     with autocast():
-        text = torch.cat([model.class_text_features(dataset_prompts(task, prompt_policy))
-                          for task in benchmark.tasks])
+        # classes along the second-to-last axis: a method may keep several text variants (one per expert)
+        text = torch.cat([method.eval_text_features(dataset_prompts(task, prompt_policy), task.name)
+                          for task in benchmark.tasks], dim=-2)
     accuracy, recall = [], []
     for task, span in zip(benchmark.tasks, spans, strict=True):
         correct = inside = total = 0
         for images, labels in test_batches(task, train, device):
             with autocast():
-                logits = method.logits_union(model.encode_image(images), text, spans, trained)
+                logits = method.logits_union(method.eval_image_features(images, None), text, spans, trained)
             predicted = logits.argmax(-1)
             correct += int((predicted == labels + span.start).sum())
             inside += int(((predicted >= span.start) & (predicted < span.stop)).sum())

@@ -11,6 +11,9 @@ the model, its own typed hyperparameters and the current task, and supplies:
                                   ``loss``; LoDA's GAO yields two, its code after a yield runs after that step);
 - ``after_step(task, step)``      e.g. weight ensembling;
 - ``after_task(task)``            e.g. merge the adapters, update a stored subspace;
+- ``eval_image_features(images, dataset)`` / ``eval_text_features(prompts, dataset)``
+                                  the features evaluation scores (default: the model's encoders); methods whose
+                                  encoder depends on the input (MoE-Adapters' and DIKI's routing) override them;
 - ``logits(...)``                 evaluation logits within one dataset (default: scaled cosine similarity);
 - ``logits_union(...)``           evaluation logits over every dataset's classes (``--eval union``, X-TAIL);
                                   a method overriding ``logits`` must override this too and document its
@@ -127,6 +130,17 @@ class Method:
         """After training task ``task``, before it is evaluated."""
 
     # ---- evaluation -----------------------------------------------------------------------------
+    def eval_image_features(self, images: Tensor, dataset: str | None) -> Tensor:
+        """Image features that evaluation scores; ``dataset`` names the test set under ``--eval task`` (the task
+        identity is known) and is ``None`` under ``--eval union``. Default: the model's image encoder."""
+        return self.model.encode_image(images)
+
+    def eval_text_features(self, prompts: list[list[str]], dataset: str) -> Tensor:
+        """Class text features of ``dataset`` that evaluation scores (one list of prompts per class, averaged);
+        classes lie along the second-to-last axis, so a method may return several variants stacked in front.
+        Default: the model's text encoder."""
+        return self.model.class_text_features(prompts)
+
     def logits(self, image_features: Tensor, text_features: Tensor, dataset: str, trained: bool) -> Tensor:
         """Evaluation logits for ``dataset``; ``trained`` says whether it was trained on already."""
         return self.model.logit_scale() * image_features @ text_features.T
