@@ -86,6 +86,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Hparams: ClassVar[type] = NoHparams
+    # True for methods whose trained modules stay beside the frozen CLIP at inference instead of being merged into
+    # its weights (MoE-Adapters' experts and routers, DIKI's prompts); every other method evaluates a plain CLIP.
+    keeps_modules: ClassVar[bool] = False
     # Name of the benchmark being run ("synthetic", "mtil", ...); the runner and the harness set it before
     # validate()/setup(), for methods whose inputs depend on it (ZSCL's reference data).
     benchmark: str = "synthetic"
