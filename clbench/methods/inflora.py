@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from clbench.datasets.base import Task
-from clbench.linalg import COMPUTE_DTYPE, RELATIVE_ENERGY_FLOOR, CovarianceAccumulator
+from clbench.linalg import COMPUTE_DTYPE, RELATIVE_ENERGY_FLOOR, CovarianceAccumulator, full_precision
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import encoder_list, merge_adapters
 from clbench.methods.recipes import SAME_ADAPTER_BUDGET, RecipeCard, adapted, code
@@ -115,6 +115,7 @@ def free_projector(memory: DualMemory | None, d: int, dtype: torch.dtype = COMPU
     return eye - B @ B.T if memory.kind == "remove" else B @ B.T
 
 
+@full_precision()
 def design_down(C: Tensor, memory: DualMemory | None, rank: int, row_scale: float = ROW_SCALE) -> Tensor:
     """InfLoRA's down-projection ``D = U[:, :r]ᵀ·row_scale`` from ``SVD(Ĉ)`` (``r × d``, float32).
 
@@ -134,6 +135,7 @@ def _svd_energy(C: Tensor) -> tuple[Tensor, Tensor]:
     return U, S**2
 
 
+@full_precision()
 def dual_gpm_update(memory: DualMemory | None, C: Tensor, threshold: float) -> DualMemory:
     """One DualGPM step (Liang & Li 2024, ``methods/inflora.py``) with the post-training covariance ``C`` of a site.
 
