@@ -485,7 +485,8 @@ def top_r_factors(
 
     KeepLoRA sets ``A = U_r`` (``m × r``, orthonormal) and ``B = diag(S_r) V_rᵀ``. ``method="exact"`` uses
     ``torch.linalg.svd``; ``"randomized"`` the randomized SVD with ``oversample`` sketch columns in total
-    (``torch.svd_lowrank``'s ``q``; default ``4r`` as in the official code) and ``niter`` power iterations.
+    (``torch.svd_lowrank``'s ``q``; default ``4r`` as in the official MTIL code, whose LLaVA code uses ``r``)
+    and ``niter`` power iterations.
 
     With ``basis`` (the stored ``U`` that ``Ĝ`` was projected off), ``A`` is kept in ``span(U)^⊥``: its columns
     are projected off ``U`` once more and re-orthonormalised (removing float error), and when
