@@ -16,7 +16,10 @@ Per task t and attention block (one site = one block of one encoder):
    per site, looked up by exact adapter name (no substring matching, InfLoRA issue #13) [adapted].
 4. After training: ``feature_stats`` again with the trained model, ``memory_update`` (DualGPM with the
    threshold ``ε_t = lamb + (lame − lamb)·t/T``, energy = squared eigenvalues of ``C``, DualGPM as in the code), then
-   ``merge`` (``W ← W + U D``), so old tasks cost nothing at training or inference time [code].
+   ``merge`` (``W ← W + U D``), so old tasks cost nothing at training or inference time [code]. The design,
+   the memory update and the merge run in float32/float64 whatever the caller's autocast
+   (:func:`clbench.linalg.full_precision`; the harness wraps the hooks in fp16 autocast under
+   ``--precision amp``, which the feature passes follow).
 
 Defaults as the official code: k and v (not q, not o) of every block of the vision tower
 (the code's ViT has no text tower), rank r = 10, ε from ``lamb = 0.98`` (the code's ImageNet-R configs; 0.95

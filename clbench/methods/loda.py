@@ -31,7 +31,8 @@ prompts) and the history ``H_t = Σ_{j<t} (Σ_j^pre + Σ_j^post)`` [code]:
   as ``Σ_i (1 − η_i) b_i a_iᵀ``; the isolated update is merged unscaled; no recalibration on the first
   task [code]. Then ``H ← H + Σ_t^pre`` and, after merging, ``H ← H + Σ_t^post`` (a second pass; on the
   first task the merge is exact, so ``Σ^post = Σ^pre`` and that pass is skipped) [code; ``history_twice``
-  = false counts each task once].
+  = false counts each task once]. The designs, the recalibration and the merge run in float32/float64
+  whatever the caller's autocast (:func:`clbench.linalg.full_precision`; the feature passes follow it).
 
 Training recipe (``--preset paper``): the code's SGD with momentum 0.9, weight decay 5e-4, cosine decay and
 lr 0.005 (its CIFAR-100 and CUB configs) [code]. Adapted to MTIL: the protocol's per-dataset epochs and batch
