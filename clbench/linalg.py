@@ -10,6 +10,10 @@ Pure functions on tensors; nothing here knows about models. Conventions:
 - Energies are squared singular values (σ²), or equivalently eigenvalues of an uncentered covariance.
 - Eigen/SVD work that decides a basis is done in float64 by default and returned in float32: the cut at an
   energy threshold then does not depend on float32 rounding.
+- Nothing here follows the caller's autocast: every function that multiplies runs under
+  :func:`full_precision` (autocast off), so a projection, a sketch or a merge computed inside
+  ``--precision amp``'s fp16 (or a CPU bf16) autocast is the float32/float64 one. Methods wrap their own
+  merges, shifts and closed-form updates in the same context.
 
 Energy rules (KeepLoRA, Luo et al. ICLR 2026, and its MTIL code, MaolinLuo/KeepLoRA):
 
@@ -22,6 +26,8 @@ energy fraction is below ``ε``: the ``≥`` rule, counted from the energy the o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Literal
 
 import torch
@@ -49,6 +55,22 @@ MIXED_ENERGY_MARGIN = 1e-6  # relative to the total energy
 # CovarianceAccumulator: tokens per float64 chunk (8 MiB at d = 768), so the float64 copy of a batch is never
 # made whole.
 COVARIANCE_CHUNK_BYTES = 8 * 2**20
+
+
+# ---- precision ------------------------------------------------------------------------------------------
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """Autocast off on the CPU and on CUDA: matrix products run in their operands' dtype (float32 or float64),
+    whatever autocast the caller entered (``--precision amp`` wraps the methods' hooks in fp16 autocast).
+
+    Used as a context (``with full_precision():``) or a decorator (``@full_precision()``) for merges, weight
+    shifts, projections and closed-form updates, where a half-precision product would put rounding of the
+    size of 1e-3 into the weights (and outside the factors' spans)."""
+    with ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
 
 
 # ---- energy rules ---------------------------------------------------------------------------------------
@@ -89,6 +111,7 @@ def projector(basis: Tensor) -> Tensor:
     return basis @ basis.T
 
 
+@full_precision()
 def project_out(G: Tensor, basis: Tensor) -> Tensor:
     """``(I − U Uᵀ) G``: remove the components of ``G``'s columns that lie in ``span(U)``.
 
@@ -129,17 +152,24 @@ def is_orthonormal(basis: Tensor, atol: float = 1e-5) -> bool:
 
 
 # ---- randomized SVD -------------------------------------------------------------------------------------
+@full_precision()
 def randomized_svd(
     M: Tensor, q: int, niter: int = 4, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4): ``M ≈ U diag(S) Vᵀ`` with ``q`` columns.
 
-    A Gaussian sketch of ``q`` columns, ``niter`` power iterations with re-orthonormalisation, then an exact
-    SVD of the small ``q × n`` projection: the algorithm of ``torch.svd_lowrank(M, q, niter)``, with an
-    explicit ``generator`` (drawn on the CPU) so results are reproducible. Works in ``M``'s dtype.
+    The algorithm of ``torch.svd_lowrank(M, q, niter)`` step for step (a wide ``M`` is sketched through
+    ``Mᵀ``, as torch does; a Gaussian sketch of ``q`` columns, ``niter`` power iterations with
+    re-orthonormalisation, then an exact SVD of the small projection), with an explicit ``generator`` (drawn on
+    the CPU) so results are reproducible: with a generator seeded ``s`` on the CPU it returns what
+    ``torch.manual_seed(s); torch.svd_lowrank(M, q, niter)`` does (the official KeepLoRA codes' call), to
+    float rounding. Works in ``M``'s dtype.
     """
     m, n = M.shape
     q = max(1, min(q, m, n))
+    if m < n:  # torch.svd_lowrank assumes a tall matrix and transposes a wide one
+        V, S, U = randomized_svd(M.T, q, niter, generator)
+        return U, S, V
     omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device)
     Q = torch.linalg.qr(M @ omega).Q
     for _ in range(niter):
@@ -150,6 +180,7 @@ def randomized_svd(
 
 
 # ---- principal basis of a weight (KeepLoRA S0) ----------------------------------------------------------
+@full_precision()
 def principal_basis(
     W: Tensor,
     threshold: float,
@@ -368,6 +399,7 @@ class SlotSumAccumulator:
 
 
 # ---- GPM basis extension (KeepLoRA S7, InfLoRA/GPM) -------------------------------------------------------
+@full_precision()
 def gpm_extend(
     basis: Tensor,
     threshold: float,
@@ -439,6 +471,7 @@ def gpm_extend(
 
 
 # ---- top-r factors of a projected gradient (KeepLoRA S3) ------------------------------------------------
+@full_precision()
 def top_r_factors(
     G_hat: Tensor,
     r: int,
@@ -452,7 +485,8 @@ def top_r_factors(
 
     KeepLoRA sets ``A = U_r`` (``m × r``, orthonormal) and ``B = diag(S_r) V_rᵀ``. ``method="exact"`` uses
     ``torch.linalg.svd``; ``"randomized"`` the randomized SVD with ``oversample`` sketch columns in total
-    (``torch.svd_lowrank``'s ``q``; default ``4r`` as in the official code) and ``niter`` power iterations.
+    (``torch.svd_lowrank``'s ``q``; default ``4r`` as in the official MTIL code, whose LLaVA code uses ``r``)
+    and ``niter`` power iterations.
 
     With ``basis`` (the stored ``U`` that ``Ĝ`` was projected off), ``A`` is kept in ``span(U)^⊥``: its columns
     are projected off ``U`` once more and re-orthonormalised (removing float error), and when

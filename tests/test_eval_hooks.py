@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -61,3 +62,19 @@ def test_both_rules_score_the_methods_feature_hooks(tiny_model) -> None:
     accuracy, recall = evaluate_union(method, bench, 0, train, "first", torch.device("cpu"), Hooks())
     assert (accuracy, recall) == ([100.0, 0.0], [100.0, 100.0])
     assert set(method.seen) == {None}
+
+
+def test_selection_recall_counts_exactly_the_own_datasets_span(tiny_model) -> None:
+    """X-TAIL's task-selection recall: a prediction counts when it lands in ``[start, stop)`` of the image's own
+    dataset. Predictions on the last class of the own span count; those on the first class of the next dataset
+    (``stop``) or on the last class of the previous one (``start − 1``) do not. Union classes: a = 0..2, b = 3..4."""
+    tasks = [coded_task("a", 3, 0), coded_task("b", 2, 3)]
+    bench = Benchmark("coded", 1, tasks)
+    train = TrainConfig(epochs=[1], batch_size=4, eval_batch_size=64)
+    # a's images (codes 0, 1, 2, twice): 0 -> 3 (b's first class), 1 -> 1, 2 -> 2 (a's last class): 4 of 6 inside
+    # b's images (codes 3, 4, twice): 3 -> 2 (a's last class), 4 -> 3 (b's first class): 2 of 4 inside
+    moves = torch.tensor([3, 1, 2, 2, 3])
+    method = Coded(tiny_model, lambda code, dataset: moves[code], {"a": 0, "b": 3}, 5)
+    accuracy, recall = evaluate_union(method, bench, 0, train, "first", torch.device("cpu"), Hooks())
+    assert recall == [pytest.approx(100 * 4 / 6), pytest.approx(50.0)]
+    assert accuracy == [pytest.approx(100 * 4 / 6), 0.0]

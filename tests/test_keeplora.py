@@ -252,6 +252,36 @@ def test_adapters_are_the_top_r_residual_gradient(tiny_model: ClipModel, compat:
         assert method.init_stats[m.name]["a_leak"] < 1e-5
 
 
+def test_official_gradient_sketch_is_torch_svd_lowrank_with_4r_columns_and_4_iterations(tiny_model: ClipModel) -> None:
+    """``grad_svd=randomized`` is the official MTIL call ``torch.svd_lowrank(Ĝ, q=4r, niter=4)`` (trainer.py),
+    drawn from one generator seeded from the global one: with the global generator seeded the same way, torch's
+    own function gives the same A and B to float rounding. The gradients have slowly decaying spectra, so a
+    sketch with fewer columns or power iterations is far off (an exact-SVD comparison cannot tell)."""
+    r = 4
+    method = _method(tiny_model, compat="official", encoders="vision", rank=r)
+    method.setup()
+    gen = torch.Generator().manual_seed(7)
+    grads = {}
+    for m in method.matrices():
+        d_out, d_in = m.weight().shape
+        left, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen))
+        right, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen))
+        grads[m.name] = left @ torch.diag(torch.linspace(1.0, 0.5, min(d_out, d_in))) @ right.T
+    torch.manual_seed(11)
+    method.init_adapters(grads)
+    torch.manual_seed(11)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,))))  # the method's generator, as the global one here
+    for m in method.matrices():
+        U = method.bases[m.name]
+        G = grads[m.name].T  # paper layout d_in × d_out
+        G_hat = G - U @ (U.T @ G)
+        Us, Ss, Vs = torch.svd_lowrank(G_hat, q=4 * r, niter=4)  # the official call
+        adapter = m.site.module.adapters[m.proj][ADAPTER]
+        A, B = adapter.down.T, adapter.up.T
+        assert _rel(A, Us[:, :r]) <= 1e-4, m.name
+        assert _rel(B, Ss[:r, None] * Vs[:, :r].T) <= 1e-4, m.name
+
+
 # ---- S5–S6: no interference, exact merge -----------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "compat"), [("keeplora", "paper"), ("keeplora", "official"),
                                               ("keeplora++", "paper"), ("keeplora+", "paper")])

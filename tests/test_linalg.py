@@ -383,3 +383,15 @@ def test_randomized_svd_is_reproducible_with_a_generator():
     a = randomized_svd(M, 8, 2, gen(7))
     b = randomized_svd(M, 8, 2, gen(7))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (20, 20), (12, 40)])
+def test_randomized_svd_is_torch_svd_lowrank_with_the_same_seed(shape: tuple[int, int]) -> None:
+    """The official KeepLoRA codes call ``torch.svd_lowrank`` on the global generator; with a CPU generator seeded
+    the same, ours returns the same factors (a wide matrix is sketched through its transpose, as torch does)."""
+    M = torch.randn(*shape, generator=gen(3)) @ torch.diag(torch.linspace(1.0, 0.5, shape[1]))
+    torch.manual_seed(5)
+    expected = torch.svd_lowrank(M, q=6, niter=2)
+    got = randomized_svd(M, 6, 2, gen(5))
+    for x, y in zip(got, expected, strict=True):
+        assert torch.allclose(x, y, atol=1e-6)

@@ -123,10 +123,11 @@ def test_lora_ft_hooks(tiny):
 
 
 def _plain_gradients(model, codec, task, fraction):
-    """Mean gradient of each adapted weight over evenly spaced items, batch 1, re-derived without the method."""
+    """Mean gradient of each adapted weight over the official evenly spaced share (``int(N·f)`` items at
+    ``linspace(0, N − 1, ·)`` truncated, as ``extract_gradients.py``), batch 1, re-derived without the method."""
     total = len(task.train)
-    keep = max(1, round(total * fraction))
-    idx = [int(i * total / keep) for i in range(keep)]
+    keep = int(total * fraction)
+    idx = [int(i * (total - 1) / (keep - 1)) for i in range(keep)] if keep > 1 else [0]
     linears = adapted_linears(model)
     sums = {n: torch.zeros_like(m.weight) for n, m in linears.items()}
     model.train()
@@ -168,11 +169,15 @@ def test_keeplora_llava_init_and_memory(tiny):
     assert layer.scale == pytest.approx(0.25)
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, before, atol=1e-6)  # no weight shift, output unchanged
-    # A spans the top-4 left singular vectors of (I - Wp Wpᵀ) G, G the mean gradient (paper layout)
-    G_hat = expected[name] - Wp @ (Wp.T @ expected[name])
-    U, _, _ = torch.linalg.svd(G_hat.double())
-    top = U[:, :4].float()
-    assert torch.allclose(layer.A.T @ layer.A, top @ top.T, atol=1e-3)
+    # A = the official sketch of Ĝ = (I - Wp Wpᵀ) G, G the mean gradient (paper layout): torch.svd_lowrank(Ĝ, q=r)
+    # with torch's default 2 iterations, layer after layer from the generator the method was given (seed 0)
+    torch.manual_seed(0)
+    for other in method.layers:  # in the order the gradients were factorised
+        U = method.basis[other]
+        G_hat = expected[other] - U @ (U.T @ expected[other])
+        official = torch.svd_lowrank(G_hat, q=4)[0]
+        A = method.layers[other].A
+        assert float((A - official.T).norm() / official.norm()) <= 1e-4, other
     assert torch.allclose(layer.A @ Wp, torch.zeros(4, p), atol=1e-5)
 
     with torch.no_grad():
@@ -185,6 +190,58 @@ def test_keeplora_llava_init_and_memory(tiny):
     assert torch.equal(basis[:, :p], Wp)
     captured = ((basis @ (basis.T @ after)) ** 2).sum() / (after**2).sum()
     assert float(captured) >= 0.99 - 1e-4
+
+
+def test_keeplora_llava_a_is_the_top_r_of_the_projected_gradient(tiny):
+    """Per layer, G = 10·u₁f₁ᵀ + 9·u₂f₂ᵀ + Σ_j σ_j g_j f_{j+2}ᵀ with u₁, u₂ in the stored basis U and g_j ⟂ U
+    (σ = 5, 4, 3, 2): the raw gradient's top-4 directions are u₁, u₂, g₁, g₂, the projected gradient's
+    Ĝ = (I − UUᵀ)G are g₁…g₄ (rank 4 = r, so the rank-r sketch finds them exactly). A must span g₁…g₄."""
+    model, codec = tiny
+    hp = KeepLoraLlava.Hparams(rank=4, alpha=1.0, dropout=0.0)
+    method = KeepLoraLlava(model, hp, Profiler(), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    grads, expected = {}, {}
+    method.basis = {}
+    for name, linear in adapted_linears(model).items():
+        d_in, d_out = linear.in_features, linear.out_features
+        Q, _ = torch.linalg.qr(torch.randn(d_in, 7, generator=gen))
+        F, _ = torch.linalg.qr(torch.randn(d_out, 6, generator=gen))
+        U, free = Q[:, :3], Q[:, 3:]
+        method.basis[name] = U.contiguous()
+        sigma = torch.tensor([10.0, 9.0, 5.0, 4.0, 3.0, 2.0])
+        directions = torch.cat([U[:, :2], free], dim=1)  # d_in × 6
+        grads[name] = directions * sigma @ F.T
+        expected[name] = free @ free.T
+    method._gradients = lambda ctx: grads
+    method.before_task(_ctx(codec, synthetic_tasks(4, 4)[0]))
+    for name, layer in method.layers.items():
+        assert torch.allclose(layer.A.T @ layer.A, expected[name], atol=1e-5), name
+
+
+def test_keeplora_llava_share_is_the_official_linspace():
+    """``extract_gradients.py``: ``int(N·f)`` items at ``torch.linspace(0, N − 1, int(N·f)).long()`` (first and last
+    item included, positions truncated), written out here by hand."""
+    from clbench.mcit.loop import evenly_spaced_share
+
+    assert evenly_spaced_share(10, 0.25) == [0, 9]  # int(2.5) = 2 items; i·N/k would give [0, 5]
+    assert evenly_spaced_share(7, 0.5) == [0, 3, 6]  # int(3.5) = 3; round() would take 4
+    assert evenly_spaced_share(10, 0.3) == [0, 4, 9]  # 4.5 truncated to 4
+    assert evenly_spaced_share(5, 1.0) == [0, 1, 2, 3, 4]
+    assert evenly_spaced_share(3, 0.1) == [0]  # at least one item (the official code would take none)
+
+
+def test_lora_linear_merge_is_float32_under_autocast():
+    """The LLaVA merge ``W + s·B·A`` in the factors' float32 whatever the caller's autocast (bf16 is ~3e-3 off)."""
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(32, 24)
+    W = base.weight.detach().double().clone()
+    A, B = torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen)
+    layer = LoRALinear(base, A, B, scale=0.5, dropout=0.0, train_A=False)
+    expected = 0.5 * B.double() @ A.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = layer.merged()
+    change = merged.weight.detach().double() - W
+    assert float((change - expected).norm() / expected.norm()) <= 1e-6
 
 
 def test_clip_only_method_is_refused_in_one_line():

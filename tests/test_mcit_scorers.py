@@ -83,6 +83,29 @@ def test_bleu_picks_the_closest_reference_length():
     assert b[0] == pytest.approx(1.0)
 
 
+def test_bleu_brevity_penalty_uses_the_closest_not_the_shortest_reference():
+    """pycocoevalcap's BleuScorer ("closest"): the reference length closest to the candidate's, ties to the
+    shorter. Here the shortest (2) and the mean (4) would give no penalty; the closest (6) does."""
+    cand = ["a", "b", "c", "d", "e"]
+    b = cap.bleu([cand], [[["a", "b"], ["a", "b", "c", "d", "e", "f"]]])
+    assert b[0] == pytest.approx(math.exp(1 - 6 / 5))
+    # lengths 2, 4 and 6 for 5 tokens: 4 and 6 tie at distance 1, the shorter (4) is taken: no penalty
+    b = cap.bleu([cand], [[["a", "b"], ["a", "b", "c", "d"], ["a", "b", "c", "d", "e", "f"]]])
+    assert b[0] == pytest.approx(1.0)
+
+
+def test_cider_idf_is_log_n_over_document_frequency():
+    """CIDEr-D's idf is ``log(N) − log(max(1, df))`` with N the number of images and df the number of images whose
+    references hold the n-gram (pycocoevalcap's ``log(float(len(crefs)))``). Here "a" is in two of the three
+    images' references, the other unigrams in one, so the idfs differ and the partial match's cosine depends on
+    their ratio (a common ``log(N + 1)`` would not cancel)."""
+    refs = [[["a", "b"]], [["a", "c"]], [["d", "e"]]]
+    idf_a, idf_b = math.log(3) - math.log(2), math.log(3)
+    # image 1 predicted "a": unigram cosine idf_a / ‖(idf_a, idf_b)‖, no bigram, one bigram shorter -> exp(-1/72)
+    first = 10 * idf_a / math.hypot(idf_a, idf_b) * math.exp(-1 / 72) / 4
+    assert cap.cider_d([["a"], ["a", "c"], ["d", "e"]], refs) == pytest.approx((first + 5.0 + 5.0) / 3)
+
+
 def test_rouge_l_by_hand():
     f = cap.rouge_l([["a", "cat", "sat"]], [[["a", "cat", "sat", "on", "mat"]]])
     assert f == pytest.approx((1 + 1.44) * 1.0 * 0.6 / (0.6 + 1.44 * 1.0))

@@ -77,12 +77,19 @@ def _batches(codec: Codec, task: McitTask, order: list[int], batch_size: int, de
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def evenly_spaced_share(total: int, fraction: float) -> list[int]:
+    """KeepLoRA's LLaVA share of the training items (``extract_gradients.py``): ``int(N·f)`` items at
+    ``linspace(0, N − 1, int(N·f))`` truncated to integers, so the first and the last item are both in it. At
+    least one item (the official code would take none when ``N·f < 1`` and divide by zero)."""
+    keep = max(1, int(total * fraction))
+    return torch.linspace(0, total - 1, keep).long().tolist()
+
+
 def _context(t: int, task: McitTask, n: int, codec: Codec, device, gen: torch.Generator) -> McitContext:
     def batches(fraction: float = 1.0, batch_size: int = 1, evenly_spaced: bool = True):
         total = len(task.train)
-        keep = max(1, round(total * fraction))
-        order = ([int(i * total / keep) for i in range(keep)] if evenly_spaced
-                 else torch.randperm(total, generator=gen)[:keep].tolist())
+        order = (evenly_spaced_share(total, fraction) if evenly_spaced
+                 else torch.randperm(total, generator=gen)[:max(1, int(total * fraction))].tolist())
         return _batches(codec, task, order, batch_size, device)
 
     return McitContext(t, task.name, n, torch.device(device), batches)

@@ -46,8 +46,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """The base layer with ``s · B A`` added to its weight."""
-        self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
+        """The base layer with ``s · B A`` added to its weight (the product in the factors' dtype whatever the
+        caller's autocast)."""
+        with linalg.full_precision():
+            self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
         return self.base
 
 
@@ -205,8 +207,10 @@ class KeepLoraLlava(McitMethod):
 
     Per adapted weight W (PyTorch ``d_out × d_in``), with ``U`` = [W_p, M] the stored input-side basis:
     - setup: ``W_p`` = top right singular vectors of W with energy ``eps_w`` (paper rule, input side);
-    - before task t: G = mean gradient of the loss over ``grad_fraction`` of the task's items (evenly spaced,
-      batch 1); Ĝ = (I − U Uᵀ) Gᵀ; A = U_rᵀ from Ĝ's top-r randomized SVD (2 iterations), frozen; B = 0;
+    - before task t: G = mean gradient of the loss over ``grad_fraction`` of the task's items (``int(N·f)``
+      items at ``linspace(0, N − 1, int(N·f))``, batch 1, as the official ``extract_gradients.py``);
+      Ĝ = (I − U Uᵀ) Gᵀ; A = U_rᵀ from the official sketch of Ĝ, ``torch.svd_lowrank(Ĝ, q=r)`` (r sketch
+      columns, torch's default 2 power iterations; drawn from the method's generator), frozen; B = 0;
       no weight shift; s = alpha / r;
     - after task t: merge; G' = the post-training gradient of the merged model on the same share;
       M grows by the GPM rule at ``energy`` on Ĝ' (its input-side column space stands in for the features).
@@ -251,8 +255,8 @@ class KeepLoraLlava(McitMethod):
             for name, G in grads.items():
                 U = self.basis[name]
                 G_hat = linalg.project_out(G, U)
-                A, _, _ = linalg.top_r_factors(G_hat, self.hp.rank, method="randomized", niter=self.hp.svd_niter,
-                                               generator=self.generator, basis=U)
+                A, _, _ = linalg.top_r_factors(G_hat, self.hp.rank, method="randomized", oversample=self.hp.rank,
+                                               niter=self.hp.svd_niter, generator=self.generator, basis=U)
                 d_out = G.shape[1]
                 factors[name] = (A.T.contiguous(), torch.zeros(d_out, A.shape[1]))
         self.attach(factors, self.hp.alpha / self.hp.rank, self.hp.dropout, train_A=False)

@@ -16,7 +16,10 @@ Per task t and attention block (one site = one block of one encoder):
    per site, looked up by exact adapter name (no substring matching, InfLoRA issue #13) [adapted].
 4. After training: ``feature_stats`` again with the trained model, ``memory_update`` (DualGPM with the
    threshold ``ε_t = lamb + (lame − lamb)·t/T``, energy = squared eigenvalues of ``C``, DualGPM as in the code), then
-   ``merge`` (``W ← W + U D``), so old tasks cost nothing at training or inference time [code].
+   ``merge`` (``W ← W + U D``), so old tasks cost nothing at training or inference time [code]. The design,
+   the memory update and the merge run in float32/float64 whatever the caller's autocast
+   (:func:`clbench.linalg.full_precision`; the harness wraps the hooks in fp16 autocast under
+   ``--precision amp``, which the feature passes follow).
 
 Defaults as the official code: k and v (not q, not o) of every block of the vision tower
 (the code's ViT has no text tower), rank r = 10, ε from ``lamb = 0.98`` (the code's ImageNet-R configs; 0.95
@@ -43,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from clbench.datasets.base import Task
-from clbench.linalg import COMPUTE_DTYPE, RELATIVE_ENERGY_FLOOR, CovarianceAccumulator
+from clbench.linalg import COMPUTE_DTYPE, RELATIVE_ENERGY_FLOOR, CovarianceAccumulator, full_precision
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.lora import encoder_list, merge_adapters
 from clbench.methods.recipes import SAME_ADAPTER_BUDGET, RecipeCard, adapted, code
@@ -115,6 +118,7 @@ def free_projector(memory: DualMemory | None, d: int, dtype: torch.dtype = COMPU
     return eye - B @ B.T if memory.kind == "remove" else B @ B.T
 
 
+@full_precision()
 def design_down(C: Tensor, memory: DualMemory | None, rank: int, row_scale: float = ROW_SCALE) -> Tensor:
     """InfLoRA's down-projection ``D = U[:, :r]ᵀ·row_scale`` from ``SVD(Ĉ)`` (``r × d``, float32).
 
@@ -134,6 +138,7 @@ def _svd_energy(C: Tensor) -> tuple[Tensor, Tensor]:
     return U, S**2
 
 
+@full_precision()
 def dual_gpm_update(memory: DualMemory | None, C: Tensor, threshold: float) -> DualMemory:
     """One DualGPM step (Liang & Li 2024, ``methods/inflora.py``) with the post-training covariance ``C`` of a site.
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,7 @@ from clbench.linalg import (
     CovarianceAccumulator,
     SlotSumAccumulator,
     empty_basis,
+    full_precision,
     gpm_extend,
     principal_basis,
     project_out,
@@ -231,10 +233,11 @@ class KeepLoRA(Method):
             raise UserError(f"{self.name}.rank={self.hparams.rank} exceeds the width {width} of the adapted "
                             f"layers; use --set {self.name}.rank=<value <= {width}>")
 
-    def _no_autocast(self) -> torch.autocast:
-        """The subspace algebra (S0, S2–S3, S7) runs at its own precision even when the caller enabled autocast
-        (the gradient and feature passes follow the caller's autocast, like the official fp16 pass)."""
-        return torch.autocast(self.model.device.type, enabled=False)
+    def _no_autocast(self) -> AbstractContextManager[None]:
+        """The subspace algebra (S0, S2–S3, S7), the shift and the merge run at their own precision even when
+        the caller enabled autocast (the gradient and feature passes follow the caller's autocast, like the
+        official fp16 pass): :func:`clbench.linalg.full_precision`, shared with the other methods."""
+        return full_precision()
 
     # ---- S0: pretrained principal subspace ---------------------------------------------------------------
     def setup(self) -> None:

@@ -31,7 +31,8 @@ prompts) and the history ``H_t = Σ_{j<t} (Σ_j^pre + Σ_j^post)`` [code]:
   as ``Σ_i (1 − η_i) b_i a_iᵀ``; the isolated update is merged unscaled; no recalibration on the first
   task [code]. Then ``H ← H + Σ_t^pre`` and, after merging, ``H ← H + Σ_t^post`` (a second pass; on the
   first task the merge is exact, so ``Σ^post = Σ^pre`` and that pass is skipped) [code; ``history_twice``
-  = false counts each task once].
+  = false counts each task once]. The designs, the recalibration and the merge run in float32/float64
+  whatever the caller's autocast (:func:`clbench.linalg.full_precision`; the feature passes follow it).
 
 Training recipe (``--preset paper``): the code's SGD with momentum 0.9, weight decay 5e-4, cosine decay and
 lr 0.005 (its CIFAR-100 and CUB configs) [code]. Adapted to MTIL: the protocol's per-dataset epochs and batch
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.datasets.base import Task
-from clbench.linalg import COMPUTE_DTYPE
+from clbench.linalg import COMPUTE_DTYPE, full_precision
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.inflora import qkv_input_covariances
 from clbench.methods.lora import encoder_list
@@ -80,6 +81,7 @@ PROJECTIONS = ("q", "k", "v")
 
 
 # ---- pure linear algebra -------------------------------------------------------------------------------
+@full_precision()
 def general_down(sigma: Tensor, history: Tensor | None, rank: int, row_scale: float = ROW_SCALE) -> Tensor:
     """``D_G`` (``r × d``): the top-r eigenvectors of ``Σ_t + H_t`` as rows, scaled (max ``tr(Q(Σ+H)Qᵀ)``)."""
     total = sigma.to(COMPUTE_DTYPE) + (0 if history is None else history.to(sigma.device, COMPUTE_DTYPE))
@@ -99,6 +101,7 @@ def jittered_cholesky(H: Tensor, start: float = 1e-12, factor: float = 10.0, tri
     raise ValueError("the history covariance could not be made positive definite")
 
 
+@full_precision()
 def isolated_down(sigma: Tensor, history: Tensor, rank: int, row_scale: float = ROW_SCALE) -> Tensor:
     """``D_I`` (``r × d``): an orthonormal basis of the top-r generalized eigenvectors of ``(Σ_t, H_t)``.
 
@@ -117,6 +120,7 @@ def isolated_down(sigma: Tensor, history: Tensor, rank: int, row_scale: float = 
     return (Q.T * row_scale).float().contiguous()
 
 
+@full_precision()
 def recalibration_factors(down: Tensor, history: Tensor, sigma: Tensor, merge_gamma: float = 3.0,
                           eps: float = 1e-12) -> Tensor:
     """``κ_i = 1 − η_i``, ``η_i = p_i/(p_i + γ_m c_i + ε)``, ``p_i = a_iᵀHa_i``, ``c_i = a_iᵀΣa_i`` (a_i = row i).
@@ -130,8 +134,10 @@ def recalibration_factors(down: Tensor, history: Tensor, sigma: Tensor, merge_ga
     return 1 - p / (p + merge_gamma * c + eps)
 
 
+@full_precision()
 def recalibrated_delta(up: Tensor, down: Tensor, scale: float, kappa: Tensor) -> Tensor:
-    """``Σ_i κ_i b_i a_iᵀ`` with ``b_i`` = column i of ``scale·up`` and ``a_i`` = row i of ``down``."""
+    """``Σ_i κ_i b_i a_iᵀ`` with ``b_i`` = column i of ``scale·up`` and ``a_i`` = row i of ``down``, in the
+    factors' dtype whatever the caller's autocast (the harness wraps ``after_task`` in it)."""
     return (scale * up.detach() * kappa.to(up.dtype)) @ down.detach()
 
 
@@ -328,7 +334,12 @@ class LoDA(Method):
                 self.history[site.name] = self.history[site.name] + post[site.name]
 
     def _merge_site(self, site: AttentionSite, sigma: Tensor | None) -> None:
-        """``W ← W + Σ_i κ_i b_i a_iᵀ + γ_I U_I D_I`` (κ = 1 without recalibration) for q, k and v."""
+        """``W ← W + Σ_i κ_i b_i a_iᵀ + γ_I U_I D_I`` (κ = 1 without recalibration) for q, k and v, in float32
+        whatever the caller's autocast."""
+        with full_precision():
+            self._merge_site_fp32(site, sigma)
+
+    def _merge_site_fp32(self, site: AttentionSite, sigma: Tensor | None) -> None:
         module = site.module
         kappa = None
         if sigma is not None:

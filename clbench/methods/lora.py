@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clbench.linalg import full_precision
 from clbench.methods.base import Method, TaskContext
 from clbench.methods.recipes import RecipeCard, adapted, harness
 from clbench.methods.registry import register_method
@@ -30,8 +31,10 @@ class LoRAHparams:
     encoders: str = field(default="vision,text", metadata={"subset_of": ("vision", "text")})
 
 
+@full_precision()
 def merge_adapters(sites: list[AttentionSite], name: str = ADAPTER) -> None:
-    """Fold every adapter called ``name`` into its base weight (exact: W + s·up·down)."""
+    """Fold every adapter called ``name`` into its base weight (exact: W + s·up·down), in float32 whatever the
+    caller's autocast (LoRA, InfLoRA and KeepLoRA merge through here)."""
     for site in sites:
         for proj in list(site.module.adapters):
             if name in site.module.adapters[proj]:

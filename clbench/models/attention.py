@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clbench.linalg import full_precision
+
 PROJECTIONS = ("q", "k", "v", "o")
 Observer = Callable[[str, Tensor], None]
 
@@ -52,7 +54,7 @@ class LowRankDelta(nn.Module):
     def delta(self) -> Tensor:
         """The dense weight delta, ``d_out × d_in``, in the factors' dtype whatever the caller's autocast (a
         half-precision product would add rounding outside the factors' spans, e.g. when merging)."""
-        with torch.autocast(self.up.device.type, enabled=False):
+        with full_precision():
             return self.scale * (self.up @ self.down)
 
     def forward(self, x: Tensor) -> Tensor:
