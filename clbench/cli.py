@@ -215,9 +215,9 @@ def methods(
 
 
 def _print_method_card(name: str, preset: str, order: int) -> None:
-    from clbench.config import build_config
+    from clbench.config import build_config, recipe_rows
     from clbench.methods import get_method
-    from clbench.methods.recipes import card_for, hparam_rows, recipe_rows
+    from clbench.methods.recipes import card_for, hparam_rows
 
     cls = get_method(name)
     cfg = build_config(preset, {"order": order}, [], [name])
