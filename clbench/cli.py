@@ -39,7 +39,8 @@ from clbench.interrupt import RunInterrupted
 # Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last).")
+                  help="Continual-learning benchmark suite: CLIP on MTIL / X-TAIL (Transfer / Average / Last) and "
+                       "LLaVA on UCIT / MLLM-DCL (MFT / MFN / MAA).")
 console = make_console(stderr=True)
 out_console = make_console()
 
@@ -57,7 +58,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
 ) -> None:
-    """Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last)."""
+    """Continual-learning benchmark suite: CLIP on MTIL / X-TAIL and LLaVA on UCIT / MLLM-DCL."""
 
 
 def _split(value: str) -> list[str]:
