@@ -370,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             return main_interrupted(exc.__cause__, argv)
         console.print("aborted")
         return 130
+    except ImportError as exc:  # last resort for an optional extra's package that no require() caught
+        from clbench.extras import extra_of, install_hint
+
+        if extra_of(exc) is None:
+            raise
+        module = (exc.name or "").partition(".")[0]
+        console.print(f"error: this command needs the optional package {module!r}, which is not installed; install "
+                      f"it with {install_hint(module)}", highlight=False, soft_wrap=True, markup=False)
+        return 2
     except (OSError, RecursionError, MemoryError) as exc:  # last resort: the causes are checked where they arise
         console.print(f"error: {last_resort_message(exc)}", highlight=False, soft_wrap=True, markup=False)
         return 2

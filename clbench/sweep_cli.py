@@ -124,11 +124,13 @@ def sweep(
               "ray_address": ray_address, "partition": partition, "time_limit": time_limit,
               "params": list(slurm_param or []), "cluster": submitit_cluster, "device": device}
     if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA: planned by clbench.mcit.sweep
+        from clbench.extras import require_extra
         from clbench.mcit import sweep as mcit_sweep
         from clbench.mcit.methods import get_mcit_method
         from clbench.mcit.metrics import LABELS, ORDER
         from clbench.safeio import check_path
 
+        require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
         mcit_sweep.check_options(benchmark, {
             "--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
             "--shots": shots, "--skip-bad-images": skip_bad_images})
