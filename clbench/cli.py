@@ -107,9 +107,17 @@ def run(
     if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA continual instruction tuning: clbench.mcit
         from clbench.mcit.cli import run_command
 
+        # Options of the CLIP setting only are refused there in one line (tests/test_setting_options.py): the
+        # LLaVA setting loads local llava-hf folders (no download, no TorchScript) and has no tracker yet.
+        clip_only = {"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
+                     "--skip-bad-images": skip_bad_images, "--order": order != 1, "--track": track.strip(),
+                     "--allow-download": allow_download, "--trust-torchscript": trust_torchscript}
+        if threads is not None and not any(clip_only.values()):
+            import torch
+
+            torch.set_num_threads(threads)  # recorded in the manifest's environment, as for CLIP runs
         run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
-                    other={"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
-                           "--skip-bad-images": skip_bad_images, "--order": order != 1}, resume=resume)
+                    other=clip_only, resume=resume)
         return
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,

@@ -258,16 +258,16 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
         check_train_config(train_config_for(cfg, name), name)
     if not cfg.eval:
         cfg.eval = DEFAULT_EVAL[cfg.benchmark]
-    if cfg.benchmark == "synthetic" and cfg.data_root:
-        raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded "
-                        "(drop --data-root, or pass --benchmark mtil)")
-    check_real_data_options(cfg.benchmark, cfg.data.shots, cfg.data.skip_bad_images)
+    check_real_data_options(cfg.benchmark, cfg.data.shots, cfg.data.skip_bad_images, cfg.data_root or "")
     return cfg
 
 
-def check_real_data_options(benchmark: str, shots: int | None, skip_bad_images: bool) -> None:
-    """Refuse ``--shots`` / ``--skip-bad-images`` on the synthetic benchmark: they only mean something for real
-    datasets, and ignoring them would hide the mistake."""
+def check_real_data_options(benchmark: str, shots: int | None, skip_bad_images: bool, data_root: str = "") -> None:
+    """Refuse ``--shots`` / ``--skip-bad-images`` / ``--data-root`` on the synthetic benchmark: they only mean
+    something for real datasets, and ignoring them would hide the mistake."""
+    if benchmark == "synthetic" and data_root:
+        raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded (drop --data-root, or "
+                        "pass --benchmark mtil)")
     if benchmark == "synthetic" and (shots or skip_bad_images):
         flag = "--shots" if shots else "--skip-bad-images"
         raise UserError(f"{flag} is for real datasets; the synthetic benchmark is drawn in memory (set its size "

@@ -144,7 +144,7 @@ def sweep(
                 lambda: mcit_sweep.prepare_backbone(backbone, preset, quiet), [(LABELS[k], k) for k in ORDER])
         return
     axes = parse_grid(list(grid or []), names)
-    check_real_data_options(benchmark, shots, skip_bad_images)
+    check_real_data_options(benchmark, shots, skip_bad_images, data_root)
     sets = [*data_assignments(shots, skip_bad_images), *(set_ or [])]
     check_sets(sets, names, axes)
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
