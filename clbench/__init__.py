@@ -1,3 +1,3 @@
-"""clbench: continual-learning methods for CLIP on one shared MTIL harness."""
+"""clbench: continual-learning methods on one benchmark suite: CLIP on MTIL / X-TAIL, LLaVA on UCIT / MLLM-DCL."""
 
 __version__ = "0.1.0"

@@ -39,7 +39,8 @@ from clbench.interrupt import RunInterrupted
 # Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last).")
+                  help="Continual-learning benchmark suite: CLIP on MTIL / X-TAIL (Transfer / Average / Last) and "
+                       "LLaVA on UCIT / MLLM-DCL (MFT / MFN / MAA).")
 console = make_console(stderr=True)
 out_console = make_console()
 
@@ -57,7 +58,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
 ) -> None:
-    """Continual-learning benchmark suite for CLIP (MTIL Transfer / Average / Last)."""
+    """Continual-learning benchmark suite: CLIP on MTIL / X-TAIL and LLaVA on UCIT / MLLM-DCL."""
 
 
 def _split(value: str) -> list[str]:
@@ -106,9 +107,17 @@ def run(
     if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA continual instruction tuning: clbench.mcit
         from clbench.mcit.cli import run_command
 
+        # Options of the CLIP setting only are refused there in one line (tests/test_setting_options.py): the
+        # LLaVA setting loads local llava-hf folders (no download, no TorchScript) and has no tracker yet.
+        clip_only = {"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
+                     "--skip-bad-images": skip_bad_images, "--order": order != 1, "--track": track.strip(),
+                     "--allow-download": allow_download, "--trust-torchscript": trust_torchscript}
+        if threads is not None and not any(clip_only.values()):
+            import torch
+
+            torch.set_num_threads(threads)  # recorded in the manifest's environment, as for CLIP runs
         run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
-                    other={"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
-                           "--skip-bad-images": skip_bad_images, "--order": order != 1}, resume=resume)
+                    other=clip_only, resume=resume)
         return
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
@@ -215,9 +224,9 @@ def methods(
 
 
 def _print_method_card(name: str, preset: str, order: int) -> None:
-    from clbench.config import build_config
+    from clbench.config import build_config, recipe_rows
     from clbench.methods import get_method
-    from clbench.methods.recipes import card_for, hparam_rows, recipe_rows
+    from clbench.methods.recipes import card_for, hparam_rows
 
     cls = get_method(name)
     cfg = build_config(preset, {"order": order}, [], [name])
@@ -369,6 +378,15 @@ def main(argv: list[str] | None = None) -> int:
             return main_interrupted(exc.__cause__, argv)
         console.print("aborted")
         return 130
+    except ImportError as exc:  # last resort for an optional extra's package that no require() caught
+        from clbench.extras import extra_of, install_hint
+
+        if extra_of(exc) is None:
+            raise
+        module = (exc.name or "").partition(".")[0]
+        console.print(f"error: this command needs the optional package {module!r}, which is not installed; install "
+                      f"it with {install_hint(module)}", highlight=False, soft_wrap=True, markup=False)
+        return 2
     except (OSError, RecursionError, MemoryError) as exc:  # last resort: the causes are checked where they arise
         console.print(f"error: {last_resort_message(exc)}", highlight=False, soft_wrap=True, markup=False)
         return 2

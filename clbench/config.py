@@ -17,12 +17,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from clbench.datasets import BENCHMARKS
 from clbench.errors import UserError
+from clbench.ranges import check_range  # also clbench.config.check_range, as before
+
+if TYPE_CHECKING:
+    from clbench.methods.recipes import RecipeRow
 
 PRESET_DIR = Path(__file__).parent / "presets"
-BENCHMARKS = ("synthetic", "mtil", "xtail")
 # The evaluation rule of each benchmark when --eval is not given: ``task`` classifies a test image among its own
 # dataset's classes (MTIL: task identity known), ``union`` among every dataset's classes (X-TAIL).
 SEED_MAX = 2**32 - 1
@@ -159,24 +163,6 @@ def _where(path: str) -> str:
     return path if path.startswith(("-", "preset ")) else f"--set {path}"
 
 
-def check_range(value: Any, meta: typing.Mapping, path: str) -> None:
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if "choices" in meta and v not in meta["choices"]:
-            raise UserError(f"{path}={v!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
-        if "min" in meta and (v < meta["min"] or (meta.get("exclusive_min") and v == meta["min"])):
-            op = ">" if meta.get("exclusive_min") else ">="
-            raise UserError(f"{path}={v} is out of range; it must be {op} {meta['min']}")
-        if "max" in meta and v > meta["max"]:
-            raise UserError(f"{path}={v} is out of range; it must be <= {meta['max']}")
-        if "choices_of" in meta and (not v or any(c not in meta["choices_of"] for c in v) or len(set(v)) != len(v)):
-            raise UserError(f"{path}={v!r}: use distinct letters from {meta['choices_of']!r}")
-        if "subset_of" in meta:
-            parts = [p.strip() for p in str(v).split(",")]
-            if not parts or any(p not in meta["subset_of"] for p in parts):
-                raise UserError(f"{path}={v!r}: use a comma-separated subset of {', '.join(meta['subset_of'])}")
-
-
 def set_field(obj: Any, keys: list[str], raw: Any, path: str) -> None:
     """Set ``obj.<keys>`` (dataclasses all the way down) from ``raw``, typed and range-checked."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -272,16 +258,16 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
         check_train_config(train_config_for(cfg, name), name)
     if not cfg.eval:
         cfg.eval = DEFAULT_EVAL[cfg.benchmark]
-    if cfg.benchmark == "synthetic" and cfg.data_root:
-        raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded "
-                        "(drop --data-root, or pass --benchmark mtil)")
-    check_real_data_options(cfg.benchmark, cfg.data.shots, cfg.data.skip_bad_images)
+    check_real_data_options(cfg.benchmark, cfg.data.shots, cfg.data.skip_bad_images, cfg.data_root or "")
     return cfg
 
 
-def check_real_data_options(benchmark: str, shots: int | None, skip_bad_images: bool) -> None:
-    """Refuse ``--shots`` / ``--skip-bad-images`` on the synthetic benchmark: they only mean something for real
-    datasets, and ignoring them would hide the mistake."""
+def check_real_data_options(benchmark: str, shots: int | None, skip_bad_images: bool, data_root: str = "") -> None:
+    """Refuse ``--shots`` / ``--skip-bad-images`` / ``--data-root`` on the synthetic benchmark: they only mean
+    something for real datasets, and ignoring them would hide the mistake."""
+    if benchmark == "synthetic" and data_root:
+        raise UserError("--data-root is for real datasets; the synthetic benchmark is embedded (drop --data-root, or "
+                        "pass --benchmark mtil)")
     if benchmark == "synthetic" and (shots or skip_bad_images):
         flag = "--shots" if shots else "--skip-bad-images"
         raise UserError(f"{flag} is for real datasets; the synthetic benchmark is drawn in memory (set its size "
@@ -318,8 +304,6 @@ def method_run_config(cfg: RunConfig, method: str) -> dict:
     data["method"] = method
     data["hparams"] = cfg.methods[method]
     data["train"] = dataclasses.asdict(train_config_for(cfg, method))
-    from clbench.methods.recipes import recipe_record
-
     data["recipe"] = recipe_record(cfg, method)  # the preset and method card the run followed
     return data
 
@@ -329,3 +313,55 @@ def run_id(run_config: dict) -> str:
     record is left out: it restates the settings with their provenance."""
     blob = json.dumps({k: v for k, v in run_config.items() if k not in ("device", "recipe")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Recipe cards (clbench.methods.recipes) read against a resolved configuration: here, in the configuration layer,
+# so that methods declare their cards without importing it.
+def setting_value(cfg: RunConfig, method: str, key: str) -> Any:
+    """The resolved value of ``train.<key>`` or of hyperparameter ``key`` for ``method`` in ``cfg`` (a hyperparameter
+    that ``cfg`` leaves out has its default)."""
+    from clbench.methods import get_method
+    from clbench.methods.recipes import TRAIN_FALLBACK
+
+    if key.startswith("train."):
+        name = key.removeprefix("train.")
+        return getattr(train_config_for(cfg, method), name, TRAIN_FALLBACK.get(name))
+    hparams = cfg.methods.get(method, {})
+    return hparams[key] if key in hparams else getattr(get_method(method).Hparams(), key)
+
+
+def recipe_rows(cfg: RunConfig, method: str) -> list[RecipeRow]:
+    """Every setting the card of ``method`` declares, with its value in ``cfg`` and its provenance
+    (:class:`clbench.methods.recipes.RecipeRow` each)."""
+    from clbench.methods.recipes import RecipeRow, card_for
+
+    card = card_for(method)
+    if card is None:
+        return []
+    options = {"order": cfg.order, "benchmark": cfg.benchmark}
+    authors = build_config(card.preset, options, [], [method])
+    preset = authors if cfg.preset == card.preset else build_config(cfg.preset, options, [], [method])
+    rows = []
+    for key, source in card.settings.items():
+        value = setting_value(cfg, method, key)
+        theirs = setting_value(authors, method, key)
+        if value == theirs:
+            rows.append(RecipeRow(key, value, source.kind, source.note))
+        elif value == setting_value(preset, method, key):
+            rows.append(RecipeRow(key, value, f"preset {cfg.preset}", f"the {card.preset} preset has {theirs}"))
+        else:
+            rows.append(RecipeRow(key, value, "--set", f"the {card.preset} preset has {theirs}"))
+    return rows
+
+
+def recipe_record(cfg: RunConfig, method: str) -> dict:
+    """What ``config.json`` records about the recipe a run used: its preset, the card it follows and each
+    declared setting's value and provenance."""
+    from clbench.methods.recipes import card_for
+
+    card = card_for(method)
+    if card is None:
+        return {"preset": cfg.preset, "card": None}
+    return {"preset": cfg.preset, "card": card.reference, "authors_preset": card.preset,
+            "settings": {row.key: {"value": row.value, "source": row.source, "note": row.note}
+                         for row in recipe_rows(cfg, method)}}

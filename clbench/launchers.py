@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clbench.errors import UserError
+from clbench.extras import missing
 from clbench.sweep import RunReport, RunSpec, execute_run, record_failure
 
 POLL_SECONDS = 0.5
@@ -52,12 +53,11 @@ class Launcher(Protocol):
 
 def require(launcher: str) -> Any:
     """Import the optional package a launcher needs, or a UserError naming the install command."""
-    module, extra = EXTRAS[launcher]
+    module, _ = EXTRAS[launcher]
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"--launcher {launcher} needs the optional package {module!r}; install it with "
-                        f"pip install '{extra}'") from None
+        raise missing(module, f"--launcher {launcher}") from None
 
 
 def _failure(spec: RunSpec, exc: BaseException, where: str) -> RunReport:

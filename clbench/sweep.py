@@ -2,8 +2,9 @@
 
 A sweep is planned here and executed by a launcher (:mod:`clbench.launchers`); the launcher only decides
 *where* :func:`execute_run` is called, so the results do not depend on it. An MCIT (LLaVA) sweep is planned by
-:mod:`clbench.mcit.sweep` into the same :class:`RunSpec` (``setting="mcit"``) and shares everything below the plan:
-ids checked in the worker, folders, skipping, staging, failures and resume.
+:mod:`clbench.mcit.sweep` into the same :class:`RunSpec` (``setting="mcit"``, its ``runner``) and shares everything
+below the plan: ids checked in the worker, folders, skipping, staging, failures and resume. This module never
+imports a setting: a spec carries the function that runs it.
 
 - **Grid axes.** ``--grid key=v1,v2`` is one axis. A key under a method (``keeplora.rank``,
   ``keeplora.train.lr``) applies to that method's runs only; any other key (``train.lr``,
@@ -42,7 +43,7 @@ import socket
 import time
 import traceback
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,9 @@ class RunSpec:
     error: str | None = None  # the configuration is invalid: the run fails without starting
     eval_rule: str = ""  # the resolved --eval rule (part of the folder name when not the benchmark's own)
     setting: str = "clip"  # "mcit": an LLaVA run of clbench.mcit (planned by clbench.mcit.sweep.expand)
+    # How a worker runs this spec under its staging folder (``runner(spec, out)``; pickled by reference to the
+    # worker): set by the setting that planned it, so this engine never imports a setting. None: the CLIP runner.
+    runner: Callable[[RunSpec, Path], Any] | None = None
 
     @property
     def name(self) -> str:
@@ -401,10 +405,8 @@ def _run(spec: RunSpec):
 
     if spec.error is not None:
         raise UserError(spec.error)
-    if spec.setting == "mcit":
-        from clbench.mcit.sweep import run_spec
-
-        return run_spec(spec, spec.staging / "out")
+    if spec.runner is not None:  # another setting's run (clbench.mcit.sweep.run_spec)
+        return spec.runner(spec, spec.staging / "out")
     cfg = build_config(spec.preset, dict(spec.options), list(spec.sets), [spec.method])
     rid = run_id(method_run_config(cfg, spec.method))
     if rid != spec.id:

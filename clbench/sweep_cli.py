@@ -124,11 +124,13 @@ def sweep(
               "ray_address": ray_address, "partition": partition, "time_limit": time_limit,
               "params": list(slurm_param or []), "cluster": submitit_cluster, "device": device}
     if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA: planned by clbench.mcit.sweep
+        from clbench.extras import require_extra
         from clbench.mcit import sweep as mcit_sweep
         from clbench.mcit.methods import get_mcit_method
         from clbench.mcit.metrics import LABELS, ORDER
         from clbench.safeio import check_path
 
+        require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
         mcit_sweep.check_options(benchmark, {
             "--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
             "--shots": shots, "--skip-bad-images": skip_bad_images})
@@ -142,7 +144,7 @@ def sweep(
                 lambda: mcit_sweep.prepare_backbone(backbone, preset, quiet), [(LABELS[k], k) for k in ORDER])
         return
     axes = parse_grid(list(grid or []), names)
-    check_real_data_options(benchmark, shots, skip_bad_images)
+    check_real_data_options(benchmark, shots, skip_bad_images, data_root)
     sets = [*data_assignments(shots, skip_bad_images), *(set_ or [])]
     check_sets(sets, names, axes)
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from clbench.errors import UserError
+from clbench.extras import missing, require
 from clbench.harness import Hooks
 
 BACKENDS = ("tensorboard", "wandb")
@@ -31,7 +32,7 @@ def parse_backends(value: str) -> list[str]:
         if name not in BACKENDS:
             raise UserError(f"--track {name!r} is not one of {', '.join(BACKENDS)}")
         if importlib.util.find_spec(_MODULES[name]) is None:
-            raise UserError(f"--track {name} needs the {name} package: pip install 'clbench[tracking]'")
+            raise missing(_MODULES[name], f"--track {name}")
     return list(dict.fromkeys(names))
 
 
@@ -50,6 +51,7 @@ class Backend:
 
 class TensorBoardBackend(Backend):
     def __init__(self, logdir: Path, config: dict) -> None:
+        require("tensorboard", "--track tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(logdir))
@@ -69,8 +71,7 @@ class TensorBoardBackend(Backend):
 
 class WandbBackend(Backend):
     def __init__(self, folder: Path, name: str, config: dict) -> None:
-        import wandb
-
+        wandb = require("wandb", "--track wandb")
         folder.mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "clbench"), name=name, config=config,

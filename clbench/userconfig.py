@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clbench.config import BENCHMARKS
+from clbench.datasets import BENCHMARKS
 from clbench.errors import UserError
 from clbench.safeio import check_path, exists, read_bytes
 

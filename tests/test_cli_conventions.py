@@ -46,6 +46,12 @@ def test_top_level_help_offers_completion_and_short_help(capsys) -> None:
     assert "-h, --help" in text and "--install-completion" in text and "--version" in text
 
 
+def test_top_level_help_names_both_settings(capsys) -> None:
+    """The suite is not CLIP-only: the first help line names the LLaVA setting beside CLIP."""
+    text = " ".join(_help(capsys).split())
+    assert "CLIP on MTIL / X-TAIL" in text and "LLaVA on UCIT / MLLM-DCL" in text
+
+
 @pytest.mark.parametrize("command", ALL_COMMANDS, ids=" ".join)
 def test_every_help_is_plain_with_bare_flags(capsys, command: tuple[str, ...]) -> None:
     text = _help(capsys, *command)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.cli import main
-from clbench.config import PRESET_DIR, TrainConfig, build_config, method_run_config, run_id
+from clbench.config import PRESET_DIR, TrainConfig, build_config, method_run_config, recipe_rows, run_id
 from clbench.methods import get_method, list_methods
 from clbench.methods.recipes import (
     SOURCES,
@@ -22,7 +22,6 @@ from clbench.methods.recipes import (
     RecipeCard,
     Source,
     card_for,
-    recipe_rows,
 )
 
 BUILT_IN = ("finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "zeroshot", "zscl")

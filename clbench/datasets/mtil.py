@@ -37,6 +37,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -44,7 +45,6 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
-from clbench.config import DataConfig, RunConfig
 from clbench.datasets.base import Benchmark, ImageSpec, Task
 from clbench.datasets.datacheck import DATA_ROOT_ENV, DatasetStatus, LayoutCheck
 from clbench.datasets.mtil_names import (
@@ -69,6 +69,9 @@ from clbench.datasets.selection import (
     select_task,
 )
 from clbench.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the data layer never imports the configuration layer at run time
+    from clbench.config import DataConfig, RunConfig
 
 SPLIT_SEED = 42
 TRAIN_FRACTION = 0.8

@@ -17,14 +17,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from clbench.config import DataConfig
 from clbench.datasets.base import Task
 from clbench.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the data layer never imports the configuration layer at run time
+    from clbench.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ import json
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from clbench.config import DataConfig, RunConfig
 from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
 from clbench.datasets.datacheck import DatasetStatus, LayoutCheck
 from clbench.datasets.mtil import clip_transform, resolve_data_root, task_from_selection
@@ -61,6 +61,9 @@ from clbench.datasets.xtail_names import (
     prompt_name,
 )
 from clbench.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the data layer never imports the configuration layer at run time
+    from clbench.config import DataConfig, RunConfig
 
 __all__ = ["build_xtail", "preflight", "duplicate_classnames", "inspect_xtail", "shot_positions", "read_xtail_source"]
 

@@ -24,11 +24,9 @@ PROJECTOR = re.compile(r"(^|\.)(multi_modal_projector|mm_projector)(\.|$)")
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("the MCIT setting (LLaVA) needs Hugging Face transformers: pip install 'clbench[mcit]'") \
-            from None
+    from clbench.extras import require
+
+    transformers = require("transformers", "the MCIT setting (LLaVA)")
     transformers.utils.logging.disable_progress_bar()  # clbench shows its own progress
     return transformers
 

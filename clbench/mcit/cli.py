@@ -76,6 +76,9 @@ def print_mcit_card(console: Console, name: str, preset: str) -> None:
 def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,
                 data_root: str, device: str, sets: list[str], quiet: bool, other: dict, resume: bool = False) -> None:
     """``clbench run`` on an MCIT benchmark: refuse options of the CLIP setting, run, print the metric table."""
+    from clbench.extras import require_extra
+
+    require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
     from clbench.interrupt import handling_signals
     from clbench.mcit.metrics import LABELS, ORDER
     from clbench.mcit.runner import run_mcit
@@ -114,6 +117,10 @@ def profile_command(backbone: str, methods: list[str], sets: list[str], seed: in
     """``clbench profile --backbone llava-...``: keeplora's gradient pass and SVD sections at the real shapes,
     measured on ``layers`` built layers and extrapolated to the whole model (the output says which is which)."""
     import torch
+
+    from clbench.extras import require_extra
+
+    require_extra("mcit", f"--backbone {backbone} (the LLaVA setting)")
 
     from clbench.mcit.costs import SHAPES, TEXT_TOKENS, profile_llava
     from clbench.mcit.methods import get_mcit_method

@@ -19,6 +19,10 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 
 def tiny_processor(words: list[str]):
     """A ``LlavaProcessor`` over a word-level vocabulary (specials first, ``<image>`` last), fully offline."""
+    from clbench.extras import require
+
+    require("tokenizers", "the MCIT setting (LLaVA)")
+    require("transformers", "the MCIT setting (LLaVA)")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 

@@ -29,39 +29,14 @@ from clbench.reports.loading import (
     ReportInput,
     _optional_csv,
     _read_json,
+    register_setting_report,
 )
 from clbench.reports.names import method_display
 from clbench.reports.tables import BEST, SECOND, booktabs_rules, displayed, latex_escape
 from clbench.results import read_accuracy_csv, safe_component
-from clbench.safeio import check_path
 
 MCIT = "mcit"
 COLUMNS = ["method", "seeds", "column", "kind", "mean", "std", "emphasis"]
-
-
-def input_setting(paths: list[Path]) -> str | None:
-    """``"mcit"`` when every run below ``paths`` is an MCIT run, ``None`` when none is; a mix (or MCIT runs with
-    accuracy CSVs, which are read as CLIP matrices) is a one-line error."""
-    mcit, clip, csvs = [], [], []
-    for path in paths:
-        path = check_path(path, "report input")
-        if path.is_file():
-            csvs.append(path)
-            continue
-        if not path.is_dir():
-            continue  # the CLIP reader words the error for a missing path
-        for manifest in sorted(path.rglob("manifest.json")):
-            data = _read_json(manifest)
-            (mcit if data.get("setting") == MCIT else clip).append(manifest.parent)
-    if not mcit:
-        return None
-    if clip:
-        raise UserError(f"the inputs mix MCIT (LLaVA) runs, e.g. {mcit[0]}, and CLIP runs, e.g. {clip[0]}; their "
-                        "metrics differ, so report each setting apart")
-    if csvs:
-        raise UserError(f"{csvs[0]}: accuracy CSVs are read as CLIP (MTIL) matrices and cannot join MCIT runs; "
-                        "report them apart, or score a matrix with clbench metrics --setting mcit")
-    return MCIT
 
 
 def read_mcit_run(folder: Path, manifest: dict) -> Matrix:
@@ -246,3 +221,6 @@ def build_mcit_report(paths: list[Path], fmt: str, figures: bool, costs: bool, l
             for ext, blob in render(fig).items():
                 report.files[f"figures/{stem}_matrix_{slug(m.method)}_seed{m.seed}.{ext}"] = blob
     return report
+
+
+register_setting_report(MCIT, "MCIT (LLaVA)", build_mcit_report)  # clbench report on MCIT runs

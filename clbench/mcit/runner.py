@@ -99,9 +99,9 @@ def _backbone(backbone: str, steps: int, notify: Callable[[str], None]):
 
 
 def _transformers_version() -> str:
-    import transformers
+    from clbench.mcit.backbone import _transformers
 
-    return transformers.__version__
+    return _transformers().__version__
 
 
 def data_identity(benchmark: str, sizes: dict, data_root: str) -> tuple[list[str], dict]:

@@ -112,7 +112,7 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
                        ("device", device), ("order", 1), ("seed", seed))
             folder = run_dir(out, benchmark, 1, folder_name(method, point), seed)
             specs.append(RunSpec(rid, method, 1, seed, point, preset, options, run_sets, benchmark, str(out),
-                                 str(folder), threads, setting="mcit"))
+                                 str(folder), threads, setting="mcit", runner=run_spec))
     _check_distinct(specs)
     return specs
 
@@ -154,7 +154,8 @@ def prepare_backbone(backbone: str, preset: str, quiet: bool) -> None:
 
     steps = PRESETS[preset]["pretrain_steps"]
     if not tiny_llava_path(steps).exists() and not quiet:
-        from clbench.sweep_cli import console
+        from clbench.consoles import make_console
 
-        console.print(f"note: pre-training the tiny LLaVA ({steps} steps, cached afterwards)", highlight=False)
+        make_console(stderr=True).print(f"note: pre-training the tiny LLaVA ({steps} steps, cached afterwards)",
+                                        highlight=False)
     ensure_tiny_llava(steps=steps)

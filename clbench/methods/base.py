@@ -23,7 +23,9 @@ the model, its own typed hyperparameters and the current task, and supplies:
                                   default: the keys, shapes and dtypes of the method's own state after ``setup``);
 - ``state_bytes()``               what it holds between tasks, for the cost profile.
 
-A method never reads files or writes results; its costly steps go in ``self.profiler.section(name)``.
+A method writes no results and no files (the harness stores its ``state_dict`` and rows). It may read the
+inputs its own hyperparameters name, and only those: ZSCL reads its reference images and captions
+(``zscl.ref_images``, ``zscl.ref_captions``) in ``setup``. Its costly steps go in ``self.profiler.section(name)``.
 """
 
 from __future__ import annotations

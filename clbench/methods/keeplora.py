@@ -72,7 +72,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clbench.config import check_range
 from clbench.datasets.base import ClassSpan, Task
 from clbench.errors import UserError
 from clbench.linalg import (
@@ -100,6 +99,7 @@ from clbench.methods.state_checks import (
 )
 from clbench.models.attention import PROJECTIONS, LowRankDelta
 from clbench.models.clip import AttentionSite
+from clbench.ranges import check_range
 
 ADAPTER = "keeplora"
 HEAD_SCALE = 30.0

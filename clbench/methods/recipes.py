@@ -7,10 +7,10 @@ the reason), an assumption where the sources are silent, or a harness setting th
 chunk sizes). A card never holds a value: values are read from the resolved preset configuration, so each
 number is written once (in a preset JSON file or as a hyperparameter default).
 
-:func:`recipe_rows` resolves a run's settings against its method's card. A value equal to the authors' preset
-keeps the card's provenance; a value that differs says where it came from instead (the run's preset, or
-``--set``) and what the authors' preset has. ``config.json`` records these rows (:func:`recipe_record`),
-``clbench methods NAME`` prints them.
+:func:`clbench.config.recipe_rows` resolves a run's settings against its method's card (the configuration layer
+does it: methods never import it). A value equal to the authors' preset keeps the card's provenance; a value that
+differs says where it came from instead (the run's preset, or ``--set``) and what the authors' preset has.
+``config.json`` records these rows (:func:`clbench.config.recipe_record`), ``clbench methods NAME`` prints them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any
-
-from clbench.config import RunConfig, build_config, train_config_for
 
 SOURCES = ("paper", "official code", "adapted", "assumption", "harness")
 # Training settings every training method's card must declare.
@@ -87,54 +85,10 @@ class RecipeRow:
 
 def card_for(method: str) -> RecipeCard | None:
     """The card declared in the file of ``method``'s class (its ``RECIPES``), or None."""
-    from clbench.methods import get_method
+    from clbench.methods.registry import get_method
 
     cls = get_method(method)
     return getattr(importlib.import_module(cls.__module__), "RECIPES", {}).get(method)
-
-
-def setting_value(cfg: RunConfig, method: str, key: str) -> Any:
-    """The resolved value of ``train.<key>`` or of hyperparameter ``key`` for ``method`` in ``cfg`` (a hyperparameter
-    that ``cfg`` leaves out has its default)."""
-    from clbench.methods import get_method
-
-    if key.startswith("train."):
-        name = key.removeprefix("train.")
-        return getattr(train_config_for(cfg, method), name, TRAIN_FALLBACK.get(name))
-    hparams = cfg.methods.get(method, {})
-    return hparams[key] if key in hparams else getattr(get_method(method).Hparams(), key)
-
-
-def recipe_rows(cfg: RunConfig, method: str) -> list[RecipeRow]:
-    """Every setting the card of ``method`` declares, with its value in ``cfg`` and its provenance."""
-    card = card_for(method)
-    if card is None:
-        return []
-    options = {"order": cfg.order, "benchmark": cfg.benchmark}
-    authors = build_config(card.preset, options, [], [method])
-    preset = authors if cfg.preset == card.preset else build_config(cfg.preset, options, [], [method])
-    rows = []
-    for key, source in card.settings.items():
-        value = setting_value(cfg, method, key)
-        theirs = setting_value(authors, method, key)
-        if value == theirs:
-            rows.append(RecipeRow(key, value, source.kind, source.note))
-        elif value == setting_value(preset, method, key):
-            rows.append(RecipeRow(key, value, f"preset {cfg.preset}", f"the {card.preset} preset has {theirs}"))
-        else:
-            rows.append(RecipeRow(key, value, "--set", f"the {card.preset} preset has {theirs}"))
-    return rows
-
-
-def recipe_record(cfg: RunConfig, method: str) -> dict:
-    """What ``config.json`` records about the recipe a run used: its preset, the card it follows and each
-    declared setting's value and provenance."""
-    card = card_for(method)
-    if card is None:
-        return {"preset": cfg.preset, "card": None}
-    return {"preset": cfg.preset, "card": card.reference, "authors_preset": card.preset,
-            "settings": {row.key: {"value": row.value, "source": row.source, "note": row.note}
-                         for row in recipe_rows(cfg, method)}}
 
 
 def describe_range(meta: dict) -> str:
@@ -157,7 +111,7 @@ def describe_range(meta: dict) -> str:
 
 def hparam_rows(method: str) -> list[tuple[str, str, str, str]]:
     """``(name, type, default, range)`` of every hyperparameter of ``method``."""
-    from clbench.methods import get_method
+    from clbench.methods.registry import get_method
 
     cls = get_method(method)
     defaults = cls.Hparams()

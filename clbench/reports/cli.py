@@ -46,7 +46,9 @@ def report(
         "(clbench sweep --grid)")] = "",
 ) -> None:
     """MTIL comparison table (Transfer / Average / Last per dataset, best bold) from runs and matrices."""
+    import clbench.mcit.report  # noqa: F401  (registers the MCIT (LLaVA) table: the command line knows the settings)
     from clbench.reports.latex import LatexLayout
+    from clbench.reports.loading import input_setting
     from clbench.reports.report import build_report, write_report
 
     if sensitivity:
@@ -54,9 +56,7 @@ def report(
 
         if with_literature or costs or label:
             raise UserError("--sensitivity makes its own table; drop --with-literature, --costs and --label")
-        from clbench.mcit.report import input_setting
-
-        if input_setting(list(inputs or [])) == "mcit":
+        if input_setting(list(inputs or [])) is not None:
             raise UserError("--sensitivity reads CLIP sweeps; MCIT (LLaVA) runs are reported without it")
         result = build_sensitivity_report(list(inputs or []), sensitivity, format_, figures)
     else:

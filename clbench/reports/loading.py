@@ -13,8 +13,10 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -232,6 +234,59 @@ def _optional_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame | None:
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rerun the run or remove the file")
     return frame
+
+
+@dataclass(frozen=True)
+class SettingReport:
+    """How ``clbench report`` tables the runs of a setting other than CLIP's: its name in messages, and
+    ``build(paths, fmt, figures, costs, layout) -> Report``."""
+
+    title: str
+    build: Callable[..., Any]
+
+
+# Filled by each setting's report module when it is imported (clbench.mcit.report registers "mcit"; the report
+# command imports it), so that reports never import a setting.
+SETTING_REPORTS: dict[str, SettingReport] = {}
+
+
+def register_setting_report(setting: str, title: str, build: Callable[..., Any]) -> None:
+    """Declare the report of runs whose ``manifest.json`` says ``"setting": setting``."""
+    SETTING_REPORTS[setting] = SettingReport(title, build)
+
+
+def input_setting(paths: list[Path]) -> str | None:
+    """The setting of every run below ``paths`` (a manifest's ``setting``), ``None`` when all are CLIP runs; a mix
+    (or runs of another setting beside accuracy CSVs, which are read as CLIP matrices) is a one-line error."""
+    other: dict[str, list[Path]] = {}
+    clip, csvs = [], []
+    for path in paths:
+        path = check_path(path, "report input")
+        if path.is_file():
+            csvs.append(path)
+            continue
+        if not path.is_dir():
+            continue  # the CLIP reader words the error for a missing path
+        for manifest in sorted(path.rglob("manifest.json")):
+            setting = _read_json(manifest).get("setting")
+            if isinstance(setting, str) and setting != "clip":
+                other.setdefault(setting, []).append(manifest.parent)
+            else:
+                clip.append(manifest.parent)
+    if not other:
+        return None
+    (setting, runs), *rest = other.items()
+    title = SETTING_REPORTS[setting].title if setting in SETTING_REPORTS else setting
+    if rest:
+        raise UserError(f"the inputs mix {title} runs, e.g. {runs[0]}, and {rest[0][0]} runs, e.g. {rest[0][1][0]}; "
+                        "report each setting apart")
+    if clip:
+        raise UserError(f"the inputs mix {title} runs, e.g. {runs[0]}, and CLIP runs, e.g. {clip[0]}; their "
+                        "metrics differ, so report each setting apart")
+    if csvs:
+        raise UserError(f"{csvs[0]}: accuracy CSVs are read as CLIP (MTIL) matrices and cannot join {title} runs; "
+                        f"report them apart, or score a matrix with clbench metrics --setting {setting}")
+    return setting
 
 
 def _read_json(path: Path) -> dict:

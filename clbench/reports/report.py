@@ -16,7 +16,7 @@ from pathlib import Path
 from clbench.errors import UserError
 from clbench.reports import costs as cost_table
 from clbench.reports.latex import LatexLayout
-from clbench.reports.loading import RUN, ReportInput, collect
+from clbench.reports.loading import RUN, SETTING_REPORTS, ReportInput, collect, input_setting
 from clbench.reports.names import benchmark_display
 from clbench.reports.tables import (
     comparison_frame,
@@ -47,12 +47,16 @@ def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None
     layout = layout or LatexLayout()
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    from clbench.mcit.report import build_mcit_report, input_setting
-
-    if input_setting(paths) == "mcit":  # LLaVA runs: MCITlib's columns (their own module)
+    setting = input_setting(paths)
+    if setting is not None:  # e.g. LLaVA runs: MCITlib's columns, from the setting's own module
+        if setting not in SETTING_REPORTS:
+            raise UserError(f"runs of setting {setting!r} have no report table here; report them with the clbench "
+                            "command that wrote them")
+        entry = SETTING_REPORTS[setting]
         if with_literature or labels:
-            raise UserError("--with-literature and --label apply to CLIP (MTIL) tables; drop them for MCIT runs")
-        return build_mcit_report(paths, fmt, figures, costs, layout)
+            raise UserError(f"--with-literature and --label apply to CLIP (MTIL) tables; drop them for {entry.title} "
+                            "runs")
+        return entry.build(paths, fmt, figures, costs, layout)
     inp = collect(paths, labels)
     report = Report(warnings=list(inp.warnings))
     stem = table_stem(inp)
