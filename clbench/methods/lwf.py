@@ -183,24 +183,37 @@ class LwF(Method):
     def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
         hp = self.hparams
         text = self.model.encode_text(self.model.tokenize(task.prompts))
-        logits = self.model.logit_scale() * self.model.encode_image(images) @ text.T
+        distill = hp.image_loss > 0 or hp.text_loss > 0
+        if not distill:
+            logits = self.model.logit_scale() * self.model.encode_image(images) @ text.T
+            return F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
+        # the task batch and the reference batch in one pass of the student's image encoder (the same features as
+        # two passes; one call is cheaper on small batches)
+        ref = self.reference_batch(len(images))
+        features = self.model.encode_image(torch.cat([images, ref]))
+        logits = self.model.logit_scale() * features[: len(images)] @ text.T
         total = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
-        if hp.image_loss > 0 or hp.text_loss > 0:
-            img_loss, txt_loss = self.distillation_losses(len(images))
-            total = total + hp.image_loss * img_loss + hp.text_loss * txt_loss
-        return total
+        img_loss, txt_loss = self.distillation_terms(ref, features[len(images) :])
+        return total + hp.image_loss * img_loss + hp.text_loss * txt_loss
 
-    def distillation_losses(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``(D(S_t, S_s), D(S_tᵀ, S_sᵀ))`` on the next reference batch (see the module docstring)."""
+    def reference_batch(self, batch_size: int) -> Tensor:
+        """The next batch of the reference stream, on the model's device."""
         if self.teacher is None or self.ref_images is None or self.ref_text is None:
             raise RuntimeError(f"{self.name}: before_task() must run before training (it builds the teacher)")
         if not self.ref_images.batch_size:
             self.ref_images.batch_size = batch_size
-        images = self.ref_images.next().to(self.model.device, non_blocking=True)
+        return self.ref_images.next().to(self.model.device, non_blocking=True)
+
+    def distillation_losses(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(D(S_t, S_s), D(S_tᵀ, S_sᵀ))`` on the next reference batch (see the module docstring)."""
+        images = self.reference_batch(batch_size)
+        return self.distillation_terms(images, self.model.encode_image(images))
+
+    def distillation_terms(self, images: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
+        """The two terms on reference ``images``, whose student image features are ``f_s``."""
         scale = self.teacher.logit_scale()
         with torch.no_grad(), self.profiler.section("reference_forward"):
             f_t = self.teacher.encode_image(images)
-        f_s = self.model.encode_image(images)
         s_t, s_s = scale * f_t @ self.ref_text.T, scale * f_s @ self.ref_text.T
         T = self.hparams.temperature
         return distillation(s_t, s_s, T), distillation(s_t.T, s_s.T, T)
