@@ -448,3 +448,55 @@ def test_booktabs_rules_replaces_clines():
 
     tex = "a \\\\\n\\cline{1-5} \\cline{2-5}\nb \\\\\n\\cline{2-5}\nc \\\\\n\\cline{1-5}\n\\bottomrule\n"
     assert booktabs_rules(tex) == "a \\\\\n\\midrule\nb \\\\\n\\cmidrule(l){2-5}\nc \\\\\n\\bottomrule\n"
+
+
+# the standard MTIL rows: the display name of each registered method is its name in literature.csv
+MTIL_BASELINES = {"lwf": "LwF", "lwf-vr": "LwF-VR", "icarl": "iCaRL", "wise-ft": "WiSE-FT",
+                  "moe-adapters": "MoE-Adapters", "diki": "DIKI"}
+ORDER_II = ["StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397", "Aircraft", "Caltech101", "DTD",
+            "EuroSAT", "CIFAR100"]
+
+
+def markdown_rows(text: str) -> list[tuple[str, str]]:
+    """(block, method label) of every body row of a Markdown report table, blocks carried down."""
+    out, block = [], ""
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")][2:]  # header and alignment rows
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        block = cells[0] or block
+        label = cells[2] if cells[1] in ("", "run here", "reported (not re-run)", "reference") else cells[1]
+        out.append((block, label))
+    return out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_literature_row_sits_right_below_the_run_of_the_same_name(tmp_path, capsys, monkeypatch, order):
+    from clbench.methods import Method
+    from clbench.methods.registry import _METHODS
+    from clbench.reports.names import method_display
+
+    for name in MTIL_BASELINES:  # methods of other branches: a placeholder class where one is not registered yet
+        if name not in _METHODS:
+            monkeypatch.setitem(_METHODS, name, type(name, (Method,), {"__doc__": "placeholder"}))
+    assert {n: method_display(n) for n in MTIL_BASELINES} == MTIL_BASELINES
+    res = tmp_path / "results"
+    for name in ["lora", *MTIL_BASELINES]:
+        write_fake_run(res, name, 0, datasets=ORDER_I if order == 1 else ORDER_II, benchmark="mtil", order=order,
+                       sections=("train",))
+    code, _, err = run(["report", res, "--with-literature", "--format", "markdown", "--out", tmp_path / "rep"],
+                       capsys)
+    assert code == 0, err
+    rows = markdown_rows((tmp_path / "rep" / f"mtil-order{order}.md").read_text())
+    lit = pd.read_csv(LITERATURE, keep_default_na=False)
+    published = set(lit[(lit["benchmark"] == "mtil") & (lit["order"] == order)]["method"])
+    paired = [d for d in MTIL_BASELINES.values() if d in published]
+    assert len(paired) == (6 if order == 1 else 4)
+    for block in BLOCKS:
+        labels = [label for b, label in rows if b == block]
+        for display in paired:
+            at = labels.index(f"{display} (1 seed)")
+            assert labels[at + 1].removesuffix(" (secondary)") == display, (block, labels)
+        # published rows without a run here stay after every measured row
+        unpaired = [m for m in labels if m.removesuffix(" (secondary)") in published - set(paired)]
+        last_run = max(i for i, m in enumerate(labels) if m.endswith("(1 seed)"))
+        assert unpaired and all(labels.index(m) > last_run for m in unpaired)

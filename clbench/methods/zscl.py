@@ -135,8 +135,9 @@ def running_average(avg: list[Tensor], new: list[Tensor], count: int) -> None:
             a.mul_(count / (count + 1)).add_(p.detach(), alpha=1 / (count + 1))
 
 
-def parse_lr_overrides(spec: str) -> dict[str, float]:
-    """``"Aircraft:5e-5,MNIST:5e-5"`` → ``{"Aircraft": 5e-5, "MNIST": 5e-5}`` (``=`` also accepted)."""
+def parse_lr_overrides(spec: str, owner: str = "zscl") -> dict[str, float]:
+    """``"Aircraft:5e-5,MNIST:5e-5"`` → ``{"Aircraft": 5e-5, "MNIST": 5e-5}`` (``=`` also accepted); ``owner`` is
+    the method whose option it is (named in the error)."""
     out: dict[str, float] = {}
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -147,8 +148,8 @@ def parse_lr_overrides(spec: str) -> dict[str, float]:
         except ValueError:
             lr = -1.0
         if not sep or not name.strip() or not lr > 0:
-            raise UserError(f"zscl.lr_overrides: {item!r} is not DATASET:LR with LR > 0, "
-                            "e.g. --set zscl.lr_overrides=Aircraft:5e-5,MNIST:5e-5")
+            raise UserError(f"{owner}.lr_overrides: {item!r} is not DATASET:LR with LR > 0, "
+                            f"e.g. --set {owner}.lr_overrides=Aircraft:5e-5,MNIST:5e-5")
         out[name.strip()] = lr
     return out
 

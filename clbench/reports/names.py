@@ -47,12 +47,21 @@ METHOD_NAMES: dict[str, str] = {
     "loda": "LoDA",
     "zeroshot": "Zero-shot",
     "finetune": "Fine-tune",
+    # the standard rows of the MTIL tables, spelled as clbench/data/literature.csv (so a run row and the published
+    # row of the same method share a name and sit side by side under --with-literature)
+    "lwf": "LwF",
+    "lwf-vr": "LwF-VR",
+    "icarl": "iCaRL",
+    "wise-ft": "WiSE-FT",
+    "moe-adapters": "MoE-Adapters",
+    "diki": "DIKI",
 }
 
-# The fixed order of rows in every table and legend: the zero-shot reference, the baselines, then the methods
-# roughly by publication (ZSCL 2023, InfLoRA 2024, LoDA and KeepLoRA 2026); unknown names follow alphabetically.
-METHOD_ORDER: tuple[str, ...] = ("zeroshot", "finetune", "lora", "zscl", "inflora", "loda", "keeplora", "keeplora+",
-                                 "keeplora++")
+# The fixed order of rows in every table and legend: the zero-shot reference, the baselines in the MTIL tables'
+# order (fine-tuning, LwF, iCaRL, LwF-VR, WiSE-FT), LoRA, then the methods roughly by publication (ZSCL 2023,
+# MoE-Adapters, DIKI and InfLoRA 2024, LoDA and KeepLoRA 2026); unknown names follow alphabetically.
+METHOD_ORDER: tuple[str, ...] = ("zeroshot", "finetune", "lwf", "icarl", "lwf-vr", "wise-ft", "lora", "zscl",
+                                 "moe-adapters", "diki", "inflora", "loda", "keeplora", "keeplora+", "keeplora++")
 
 
 def method_order_key(name: str) -> tuple[int, str]:

@@ -135,11 +135,39 @@ def wide(frame: pd.DataFrame, cell: str = "mean") -> pd.DataFrame:
     rows = list(dict.fromkeys(zip(frame["block"], frame["section"], frame["label"], strict=True)))
     sections = list(dict.fromkeys(frame["section"]))
     rows.sort(key=lambda r: (list(BLOCKS.values()).index(r[0]), sections.index(r[1])))
+    methods = dict(zip(zip(frame["block"], frame["section"], frame["label"], strict=True), frame["method"],
+                       strict=True))
+    rows = pair_reported(rows, methods)
     table = frame.pivot(index=["block", "section", "label"], columns="column", values=cell)
     table = table.reindex(index=pd.MultiIndex.from_tuples(rows, names=["block", "section", "label"]),
                           columns=columns)
     table.columns.name = None
     return table
+
+
+def pair_reported(rows: list[tuple], methods: dict[tuple, str]) -> list[tuple]:
+    """Move each reported row right below the row run here of the same method name (``LwF`` below
+    ``LwF (1 seed)``; a ``(secondary)`` mark is ignored), block by block; reported rows without a run of their
+    name keep their place after the measured rows. ``rows`` are ``(block, section, label)`` in table order,
+    ``methods`` gives each row's method name."""
+    out: list[tuple] = []
+    for block in dict.fromkeys(r[0] for r in rows):
+        in_block = [r for r in rows if r[0] == block]
+        reported = {}
+        for r in in_block:
+            if r[1] == REPORTED:
+                reported.setdefault(methods[r].removesuffix(" (secondary)"), r)
+        paired = set()
+        for r in in_block:
+            if r[1] == REPORTED:
+                continue
+            out.append(r)
+            match = reported.get(methods[r]) if r[1] == RUN else None
+            if match is not None and match not in paired:
+                out.append(match)
+                paired.add(match)
+        out += [r for r in in_block if r[1] == REPORTED and r not in paired]
+    return out
 
 
 def _cell_text(mean: float, std: float, pm: str, na: str, close: str = "") -> str:
