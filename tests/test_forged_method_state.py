@@ -3,7 +3,8 @@ method (the registry is iterated, so a new method is covered the moment it exist
 
 Each method runs its first of two smoke tasks and is stopped right after that task's checkpoint. Every kind of
 tensor the method stored (bases, memories, histories, heads, exemplars...) is then forged in turn: a row too many,
-more columns than rows, a NaN (a negative entry in an integer tensor), an integer dtype, the entry removed; so are an unexpected tensor, an unexpected JSON
+more columns than rows, a NaN (a negative entry in an integer tensor), an integer dtype, the entry removed; so are
+an unexpected tensor, an unexpected JSON
 entry, and each JSON entry of the wrong type or length. The file is re-saved with a correct digest
 (:func:`~clbench.checkpoint.save_checkpoint`), so only the method's own check can catch it. Each resume must end
 in one line naming the checkpoint, the entry and the fix, exit status 2, nothing written, and the folder must
