@@ -2,8 +2,9 @@
 method (the registry is iterated, so a new method is covered the moment it exists).
 
 Each method runs its first of two smoke tasks and is stopped right after that task's checkpoint. Every kind of
-tensor the method stored (bases, memories, histories, heads...) is then forged in turn: a row too many, more
-columns than rows, a NaN, an integer dtype, the entry removed; so are an unexpected tensor, an unexpected JSON
+tensor the method stored (bases, memories, histories, heads, exemplars...) is then forged in turn: a row too many,
+more columns than rows, a NaN (a negative entry in an integer tensor), an integer dtype, the entry removed; so are
+an unexpected tensor, an unexpected JSON
 entry, and each JSON entry of the wrong type or length. The file is re-saved with a correct digest
 (:func:`~clbench.checkpoint.save_checkpoint`), so only the method's own check can catch it. Each resume must end
 in one line naming the checkpoint, the entry and the fix, exit status 2, nothing written, and the folder must
@@ -75,9 +76,9 @@ def tensor_forgeries(ckpt: Checkpoint) -> list[Forgery]:
                                                                      dtype=value.dtype))))
         out.append((f"{key}: more columns than rows", entry, put(torch.zeros(value.shape[0], value.shape[0] + 1,
                                                                              dtype=value.dtype))))
-        nan = value.clone()
-        nan.view(-1)[0] = float("nan")
-        out.append((f"{key}: a NaN", entry, put(nan)))
+        bad = value.clone()  # a NaN in a floating-point tensor, a negative entry in an integer one (labels, ids)
+        bad.view(-1)[0] = float("nan") if value.dtype.is_floating_point else -1
+        out.append((f"{key}: a {'NaN' if value.dtype.is_floating_point else 'negative entry'}", entry, put(bad)))
         out.append((f"{key}: integer dtype", entry, put(value.to(torch.int32))))
         out.append((f"{key}: missing", entry, lambda c, key=key: c.method.pop(key)))
     return out
@@ -113,7 +114,7 @@ def test_forged_method_state_is_one_line_and_changes_nothing(interrupted, tmp_pa
     source = interrupted(method)
     ckpt = load_checkpoint(run_folder(source, method) / CHECKPOINT_NAME)
     forgeries = tensor_forgeries(ckpt) + other_forgeries(ckpt)
-    if method in ("keeplora", "keeplora+", "keeplora++", "inflora", "loda"):  # the methods that keep state
+    if method in ("keeplora", "keeplora+", "keeplora++", "inflora", "loda", "icarl"):  # the methods that keep state
         assert ckpt.method, f"{method}'s checkpoint should hold method tensors"
     failures = []
     for i, (what, entry, edit) in enumerate(forgeries):
