@@ -3,6 +3,7 @@
 import clbench.methods.inflora  # noqa: F401  (registration)
 import clbench.methods.keeplora  # noqa: F401  (registration)
 import clbench.methods.loda  # noqa: F401  (registration)
+import clbench.methods.moe_adapters  # noqa: F401  (registration)
 import clbench.methods.zscl  # noqa: F401  (registration)
 from clbench.methods import baselines, lora  # noqa: F401  (registration side effects)
 from clbench.methods.base import Method, TaskContext
