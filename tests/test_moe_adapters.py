@@ -362,3 +362,27 @@ def test_state_round_trip_restores_routing(tiny_model) -> None:
         assert torch.equal(fresh.routes_for(x), method.routes_for(x))
         assert torch.allclose(fresh.eval_image_features(x, "A"), method.eval_image_features(x, "A"), atol=1e-6)
     assert fresh.state_bytes() == method.state_bytes() and fresh.state_bytes()["experts"] > 0
+
+
+@pytest.mark.parametrize("rule", ["task", "union"])
+def test_harness_rows_under_both_rules_start_at_zero_shot(tiny_model, rule: str) -> None:
+    """Through the harness: before any task DDAS has nothing to route to, so the zero-shot row is exactly the
+    zeroshot method's; after training each row is defined for every dataset (recall too, under union)."""
+    import copy
+
+    from clbench.datasets.synthetic import build_synthetic
+    from clbench.harness import run_sequence
+
+    bench = build_synthetic(1, tiny_model.image_spec, train_per_class=2, test_per_class=2, num_tasks=2)
+    train = TrainConfig(epochs=[1], batch_size=8, lr=1e-2, max_steps=2, eval_batch_size=16)
+    zs_cls = get_method("zeroshot")
+    reference = run_sequence(zs_cls(copy.deepcopy(tiny_model), zs_cls.Hparams(), Profiler()), bench, train,
+                             Profiler(), torch.device("cpu"), seed=0, eval_rule=rule)
+    method = build(copy.deepcopy(tiny_model), ddas_iterations=5)
+    result = run_sequence(method, bench, train, method.profiler, torch.device("cpu"), seed=0, eval_rule=rule)
+    assert result.zeroshot == reference.zeroshot
+    assert len(result.rows) == 2 and all(len(r) == 2 for r in result.rows)
+    if rule == "union":
+        assert result.zeroshot_recall == reference.zeroshot_recall and len(result.recall_rows) == 2
+    sections = {r.section for r in method.profiler.records}
+    assert {"ddas", "router", "ddas_train"} <= sections

@@ -25,7 +25,8 @@ from clbench.methods.recipes import (
     recipe_rows,
 )
 
-BUILT_IN = ("finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "zeroshot", "zscl")
+BUILT_IN = ("finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "moe-adapters", "zeroshot",
+            "zscl")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} | set(TRAIN_FALLBACK)
 
 
@@ -66,7 +67,7 @@ def test_sources_are_checked() -> None:
 
 
 @pytest.mark.parametrize("order", [1, 2])
-@pytest.mark.parametrize("name", ["keeplora", "keeplora+", "lora", "zscl", "finetune"])
+@pytest.mark.parametrize("name", ["keeplora", "keeplora+", "lora", "zscl", "finetune", "moe-adapters"])
 def test_values_come_from_the_preset(name: str, order: int) -> None:
     """Under the authors' preset every row keeps the card's provenance and shows the preset file's value."""
     cfg = build_config("paper", {"order": order}, [], [name])
