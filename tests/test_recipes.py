@@ -25,7 +25,7 @@ from clbench.methods.recipes import (
 )
 
 BUILT_IN = ("finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "zeroshot", "zscl", "lwf",
-            "lwf-vr", "wise-ft", "icarl")
+            "lwf-vr", "wise-ft", "icarl", "moe-adapters")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} | set(TRAIN_FALLBACK)
 
 
@@ -66,7 +66,8 @@ def test_sources_are_checked() -> None:
 
 
 @pytest.mark.parametrize("order", [1, 2])
-@pytest.mark.parametrize("name", ["keeplora", "keeplora+", "lora", "zscl", "finetune", "lwf", "lwf-vr", "wise-ft"])
+@pytest.mark.parametrize("name", ["keeplora", "keeplora+", "lora", "zscl", "finetune", "lwf", "lwf-vr", "wise-ft",
+                                  "moe-adapters"])
 def test_values_come_from_the_preset(name: str, order: int) -> None:
     """Under the authors' preset every row keeps the card's provenance and shows the preset file's value."""
     cfg = build_config("paper", {"order": order}, [], [name])

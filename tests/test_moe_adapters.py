@@ -1,0 +1,388 @@
+"""MoE-Adapters: hand-derived router, load-balancing, activate-freeze, DDAS and evaluation checks, through the hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clbench.config import TrainConfig
+from clbench.datasets.base import ClassSpan, Task
+from clbench.harness import Hooks as HarnessHooks
+from clbench.harness import make_loader_factory, train_task
+from clbench.methods import get_method
+from clbench.methods.base import TaskContext
+from clbench.methods.moe_adapters import ZERO_SHOT, AutoEncoder, cv_squared, noisy_top_k_gating, prob_in_top_k
+from clbench.profiling import Profiler
+
+E = math.e
+
+
+def build(model, **overrides):
+    cls = get_method("moe-adapters")
+    method = cls(model, cls.Hparams(**overrides), Profiler())
+    method.setup()
+    return method
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def plain_image(model, x):
+    """The frozen CLIP, with no hook involved: open_clip's own encoder, normalised."""
+    return F.normalize(model.clip.encode_image(x), dim=-1)
+
+
+def plain_text(model, prompts):
+    """The frozen text tower (ClipModel's context-cut encoder; no route is set, so no hook adds anything)."""
+    return model.encode_text(model.tokenize(prompts))
+
+
+def give_experts_outputs(method, seed: int = 1) -> None:
+    """Non-zero experts (random up-projections), so the MoE path differs from zero-shot."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pool in method.pools.values():
+            for p in pool.up_w:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            for p in pool.up_b:
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+
+# ---- router ---------------------------------------------------------------------------------------------
+C = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+W_GATE = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 1.0, 2.0]])  # logits rows: [3,1,2,0], [0,0,1,2]
+
+
+def test_top1_gating_puts_all_weight_on_the_largest_logit() -> None:
+    g = noisy_top_k_gating(C, W_GATE, torch.zeros(2, 4), k=1, train=False)
+    assert torch.equal(g.gates, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+    assert g.indices.tolist() == [[0], [3]]
+
+
+def test_top2_gating_renormalises_over_the_two_selected_logits() -> None:
+    g = noisy_top_k_gating(C, W_GATE, torch.zeros(2, 4), k=2, train=False)
+    big, small = E / (E + 1), 1 / (E + 1)  # softmax([a, a-1])
+    expected = torch.tensor([[big, 0, small, 0], [0, 0, small, big]])
+    assert torch.allclose(g.gates, expected, atol=1e-6)
+    assert torch.allclose(g.gates.sum(1), torch.ones(2))
+    assert g.load.tolist() == [1, 0, 2, 1]  # without noise: how many samples picked each expert
+
+
+def test_noise_only_in_training() -> None:
+    torch.manual_seed(0)
+    w_noise = torch.zeros(2, 4)
+    for _ in range(5):  # evaluation: the clean logits, whatever the generator draws
+        assert noisy_top_k_gating(C, W_GATE, w_noise, k=1, train=False).indices.tolist() == [[0], [3]]
+    picks = {int(noisy_top_k_gating(C, torch.zeros(2, 4), w_noise, k=1, train=True).indices[0, 0])
+             for _ in range(40)}
+    assert len(picks) > 1  # std softplus(0) + 0.01 = 0.70 spreads the picks
+
+
+def test_prob_in_top_k_by_hand() -> None:
+    clean = torch.tensor([[1.0, 0.0, -1.0]])
+    noisy = torch.tensor([[1.5, 0.2, -2.0]])
+    top, _ = noisy.topk(2, dim=1)  # k + 1 = 2 values: 1.5, 0.2
+    prob = prob_in_top_k(clean, noisy, torch.ones(1, 3), top, k=1)
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    # expert 0 is in: compared with the (k+1)-th value 0.2; the others are out: with the k-th value 1.5
+    assert torch.allclose(prob, torch.tensor([[phi(0.8), phi(-1.5), phi(-2.5)]]), atol=1e-6)
+
+
+def test_cv_squared_and_balance_term_by_hand() -> None:
+    g = noisy_top_k_gating(C, W_GATE, torch.zeros(2, 4), k=2, train=False)
+    big, small = E / (E + 1), 1 / (E + 1)
+    importance = [big, 0.0, 2 * small, big]
+    mean = sum(importance) / 4
+    cv_imp = sum((v - mean) ** 2 for v in importance) / 3 / mean**2
+    cv_load = (0 + 1 + 1 + 0) / 3 / 1.0  # load [1, 0, 2, 1]: mean 1
+    assert float(cv_squared(g.gates.sum(0))) == pytest.approx(cv_imp, rel=1e-5)
+    assert float(cv_squared(g.load)) == pytest.approx(cv_load, rel=1e-6)
+    assert float(cv_squared(torch.tensor([5.0]))) == 0.0
+
+
+def test_loss_adds_the_weighted_balance_term_of_every_block(tiny_model) -> None:
+    """Through ``loss``: spy on each block's gating, re-derive CV²(importance)+CV²(load) by hand."""
+    method = build(tiny_model, balance_weight=0.5, noisy_gating=False, dropout=0.0)
+    ctx = _context(_task("A", 3), 0)
+    method.before_task(ctx)
+    give_experts_outputs(method)
+    seen = []
+    for pool in method.pools.values():
+        original = pool.route
+
+        def spy(c, task, train, original=original):
+            out = original(c, task, train)
+            seen.append(out)
+            return out
+        pool.route = spy
+    with torch.no_grad():
+        for pool in method.pools.values():
+            for t in list(pool.gate):
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(3)))
+    x, y = images(4), torch.tensor([0, 1, 2, 0])
+    tiny_model.train()
+    weighted = float(method.loss(x, y, ctx).detach())
+
+    def term(g):
+        imp, load = g.gates.sum(0), g.load
+        return float(imp.var() / imp.mean() ** 2 + load.var() / load.mean() ** 2)
+    assert len(seen) == 8  # one gating per block: 4 vision + 4 text
+    extra = 0.5 * sum(term(g) for g in seen)
+    assert extra > 0
+    method.hparams.balance_weight = 0.0
+    plain = float(method.loss(x, y, ctx))  # no noise, no dropout: the same forward without the term
+    assert weighted - plain == pytest.approx(extra, rel=1e-4)
+
+
+# ---- the adapted model ------------------------------------------------------------------------------------
+def test_zero_initialised_experts_leave_clip_unchanged(tiny_model) -> None:
+    method = build(tiny_model)
+    method.before_task(_context(_task("A", 3), 0))
+    x = images(3)
+    prompts = ["a photo of a red circle.", "a photo of a blue square."]
+    for mode in (True, False):  # dropout active in training mode still multiplies a zero up-projection
+        tiny_model.train(mode)
+        with torch.no_grad():
+            assert torch.equal(method.encode_image(x, 0), plain_image(tiny_model, x))
+            assert torch.equal(method.encode_text(tiny_model.tokenize(prompts), 0), plain_text(tiny_model, prompts))
+    give_experts_outputs(method)
+    tiny_model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(method.encode_image(x, 0), plain_image(tiny_model, x), atol=1e-4)
+        assert torch.equal(method.encode_image(x, ZERO_SHOT), plain_image(tiny_model, x))  # zero-shot route
+
+
+def test_block_adds_scaled_gated_experts_to_its_output(tiny_model) -> None:
+    """One block by hand: output = CLIP block output + 0.1·Σ_j w_j E_j(x), with x the residual stream after
+    attention, the top-2 weights a softmax over the two largest router logits of the first token."""
+    method = build(tiny_model, encoders="vision")
+    method.before_task(_context(_task("A", 3), 0))
+    give_experts_outputs(method)
+    pool = method.pools["vision_0"]
+    with torch.no_grad():
+        pool.gate[0].copy_(torch.randn(pool.gate[0].shape, generator=torch.Generator().manual_seed(5)))
+    block = tiny_model.clip.visual.transformer.resblocks[0]
+    tokens = torch.randn(2, 17, 128, generator=torch.Generator().manual_seed(6))
+    tiny_model.eval()
+    with torch.no_grad():
+        plain = block(tokens)
+        x_mid = tokens + block.attention(block.ln_1(tokens))
+        method.route = 0
+        adapted = block(tokens)
+        method.route = ZERO_SHOT
+        expected = plain.clone()
+        for b in range(2):
+            logits = x_mid[b, 0] @ pool.gate[0]
+            top = torch.topk(logits, 2)
+            w = torch.exp(top.values) / torch.exp(top.values).sum()
+            for weight, i in zip(w, top.indices.tolist(), strict=True):
+                hidden = torch.relu(x_mid[b] @ pool.down_w[i].T + pool.down_b[i])
+                expected[b] += 0.1 * weight * (hidden @ pool.up_w[i].T + pool.up_b[i])
+    assert torch.allclose(adapted, expected, atol=1e-4)
+
+
+# ---- activate-freeze ----------------------------------------------------------------------------------
+def _task(name: str, classes: int, n: int = 24, seed: int = 0) -> Task:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=gen)
+    y = torch.arange(n) % classes
+    data = torch.utils.data.TensorDataset(x, y)
+    return Task(name, [f"thing{i}" for i in range(classes)], ["a photo of a {}."], data, data)
+
+
+TRAIN = TrainConfig(epochs=[1], batch_size=8, lr=5e-2, weight_decay=0.0, max_steps=3, eval_batch_size=64)
+
+
+def _context(task: Task, index: int) -> TaskContext:
+    factory = make_loader_factory(TRAIN, torch.device("cpu"), seed=0)
+    factory.start_task(index)
+    return TaskContext(index, task, 2, torch.device("cpu"), factory, 3,
+                       prompts=[task.templates[0].format(c) for c in task.classnames])
+
+
+def test_most_activated_experts_are_frozen_and_stay_frozen(tiny_model) -> None:
+    method = build(tiny_model, experts=5, ddas_iterations=2)
+    first = _context(_task("A", 3), 0)
+    method.before_task(first)
+    train_task(method, first, TRAIN, HarnessHooks(), "fp32")
+    pool = method.pools["vision_1"]
+    with torch.no_grad():  # hand-set activation counts of task 0: experts 3 and 1 are the two most used
+        pool.counts[0] = torch.tensor([4.0, 9.0, 0.0, 12.0, 5.0])
+    method.after_task(first)
+    assert pool.frozen.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    before = {i: [p.detach().clone() for p in pool.expert_parameters(i)] for i in range(5)}
+    second = _context(_task("B", 3, seed=1), 1)
+    method.before_task(second)
+    trainable = {id(p) for p in method.trainable_parameters()}
+    assert all(id(p) not in trainable for i in (1, 3) for p in pool.expert_parameters(i))
+    assert id(pool.gate[1]) in trainable and id(pool.gate[0]) not in trainable
+    train_task(method, second, TRAIN, HarnessHooks(), "fp32")
+    for i in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(before[i], pool.expert_parameters(i), strict=True))
+    moved = [i for i in (0, 2, 4) if not all(torch.equal(a, b) for a, b in
+                                             zip(before[i], pool.expert_parameters(i), strict=True))]
+    assert moved, "no unfrozen expert trained: the check above would pass vacuously"
+    assert float(pool.counts[1].sum()) > 0  # task 1's activations are counted in its own row
+
+
+# ---- DDAS -----------------------------------------------------------------------------------------------
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+def _constant_autoencoder(output: torch.Tensor) -> AutoEncoder:
+    """An autoencoder whose reconstruction is ``output`` whatever its input (zero weights, decoder bias logit)."""
+    ae = AutoEncoder(output.numel(), 100)
+    with torch.no_grad():
+        for layer in (ae.encoder, ae.decoder):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        ae.decoder.bias.copy_(_logit(output))
+    return ae.eval().requires_grad_(False)
+
+
+def _two_task_method(tiny_model, thresholds):
+    method = build(tiny_model)
+    for pool in method.pools.values():
+        pool.add_router()
+        pool.add_router()
+    method.tasks = ["A", "B"]
+    give_experts_outputs(method)
+    x = images(3)
+    d = tiny_model.clip.visual.output_dim
+    target = torch.sigmoid(plain_image(tiny_model, x).detach() * math.sqrt(d))  # σ(√D f), by hand
+    method.autoencoders.append(_constant_autoencoder(torch.full((d,), 0.5)))  # task A: reconstructs 0.5
+    method.autoencoders.append(_constant_autoencoder(target[0]))               # task B: image 0 exactly
+    method.thresholds = list(thresholds)
+    return method, x, target
+
+
+def test_ddas_routes_to_the_best_autoencoder_or_to_zero_shot(tiny_model) -> None:
+    tiny_model.eval()
+    probe, _, target = _two_task_method(tiny_model, [1.0, 1.0])
+    e_a = (target - 0.5).square().mean(-1)
+    e_b = (target - target[0]).square().mean(-1)
+    best = torch.where(e_b < e_a, 1, 0)
+    assert best[0] == 1  # e_B(image 0) = 0
+    with torch.no_grad():
+        assert probe.routes_for(images(3)).tolist() == best.tolist()  # loose thresholds: the argmin
+    # thresholds between the errors: image 0 (error 0) stays on B; the others exceed their task's threshold
+    worst_kept = float(torch.stack([e_a, e_b], -1).min(-1).values[1:].min())
+    method, x, _ = _two_task_method(tiny_model, [worst_kept / 2, worst_kept / 2])
+    with torch.no_grad():
+        routes = method.routes_for(x)
+        assert routes.tolist() == [1, ZERO_SHOT, ZERO_SHOT]
+        feats = method.eval_image_features(x, "A")
+        assert torch.equal(feats[1:], plain_image(tiny_model, x[1:]))           # zero-shot CLIP
+        assert torch.allclose(feats[:1], method.encode_image(x[:1], 1), atol=1e-6)  # router of task B
+        assert not torch.allclose(feats[:1], plain_image(tiny_model, x[:1]), atol=1e-4)
+
+
+def test_ddas_training_learns_the_task_and_sets_a_quantile_threshold(tiny_model) -> None:
+    method = build(tiny_model, ddas_iterations=60, threshold_quantile=0.5)
+    ctx = _context(_task("A", 3), 0)
+    method.before_task(ctx)
+    method.after_task(ctx)
+    ae = method.autoencoders[0]
+    data = ctx.task.train.tensors[0]
+    with torch.no_grad():
+        x = torch.sigmoid(plain_image(tiny_model, data) * math.sqrt(tiny_model.clip.visual.output_dim))
+        errors = (ae(x) - x).square().mean(-1)
+        untrained = AutoEncoder(x.shape[1], 100, torch.Generator().manual_seed(7_919))
+        assert float(errors.mean()) < float((untrained(x) - x).square().mean())
+    ranked = sorted(errors.double().tolist())  # 24 errors: the 0.5 quantile lies halfway between ranks 11 and 12
+    assert method.thresholds[0] == pytest.approx((ranked[11] + ranked[12]) / 2, rel=1e-4)
+    fixed = build(tiny_model, ddas_iterations=2, threshold=0.25)
+    fixed.before_task(ctx)
+    fixed.after_task(ctx)
+    assert fixed.thresholds == [0.25]
+
+
+# ---- evaluation under both rules -------------------------------------------------------------------------
+def test_logits_use_the_text_of_each_images_route_under_both_rules(tiny_model) -> None:
+    tiny_model.eval()
+    method, x, _ = _two_task_method(tiny_model, [0.0, 1e-12])  # image 0 → task B, images 1, 2 → zero-shot
+    prompts_a = [["a photo of a red circle."], ["a photo of a blue square."]]
+    prompts_b = [["a photo of a green star."], ["a photo of a big dot."], ["a photo of a line."]]
+    with torch.no_grad():
+        text_a = method.eval_text_features(prompts_a, "A")
+        text_b = method.eval_text_features(prompts_b, "B")
+        assert text_a.shape == (3, 2, tiny_model.clip.visual.output_dim)  # zero-shot, router A, router B
+        flat_a = [p[0] for p in prompts_a]
+        assert torch.allclose(text_a[0], plain_text(tiny_model, flat_a), atol=1e-6)
+        assert torch.allclose(text_a[2], method.encode_text(tiny_model.tokenize(flat_a), 1), atol=1e-6)
+        feats = method.eval_image_features(x, "A")
+        scale = tiny_model.logit_scale()
+        task_logits = method.logits(feats, text_a, "A", trained=True)
+        zs = scale * plain_image(tiny_model, x) @ plain_text(tiny_model, flat_a).T
+        routed = scale * method.encode_image(x[:1], 1) @ method.encode_text(tiny_model.tokenize(flat_a), 1).T
+        assert torch.allclose(task_logits[1:], zs[1:], atol=1e-4)
+        assert torch.allclose(task_logits[:1], routed, atol=1e-4)
+        # union: both datasets' classes, concatenated along the class axis as the harness does
+        union_text = torch.cat([text_a, text_b], dim=-2)
+        method.eval_image_features(x, None)
+        union = method.logits_union(feats, union_text, [ClassSpan("A", 0, 2), ClassSpan("B", 2, 5)], trained=2)
+        flat_b = [p[0] for p in prompts_b]
+        zs_all = scale * plain_image(tiny_model, x) @ plain_text(tiny_model, flat_a + flat_b).T
+        routed_all = scale * method.encode_image(x[:1], 1) @ method.encode_text(
+            tiny_model.tokenize(flat_a + flat_b), 1).T
+        assert union.shape == (3, 5)
+        assert torch.allclose(union[1:], zs_all[1:], atol=1e-4)
+        assert torch.allclose(union[:1], routed_all, atol=1e-4)
+
+
+def test_before_any_task_everything_is_zero_shot(tiny_model) -> None:
+    tiny_model.eval()
+    method = build(tiny_model)
+    x = images(2)
+    with torch.no_grad():
+        text = method.eval_text_features([["a photo of a red circle."], ["a photo of a dot."]], "A")
+        assert text.shape[0] == 1
+        logits = method.logits(method.eval_image_features(x, "A"), text, "A", trained=False)
+        expected = tiny_model.logit_scale() * plain_image(tiny_model, x) @ text[0].T
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_state_round_trip_restores_routing(tiny_model) -> None:
+    import copy
+
+    tiny_model.eval()
+    method, x, _ = _two_task_method(tiny_model, [0.0, 1e-12])
+    state, extra = method.state_dict(), method.extra_state()
+    fresh = build(copy.deepcopy(tiny_model))
+    fresh.model.eval()
+    fresh.check_state(state, extra, [_task("A", 2), _task("B", 2)])
+    fresh.load_state_dict(state)
+    fresh.load_extra_state(extra)
+    with torch.no_grad():
+        assert torch.equal(fresh.routes_for(x), method.routes_for(x))
+        assert torch.allclose(fresh.eval_image_features(x, "A"), method.eval_image_features(x, "A"), atol=1e-6)
+    assert fresh.state_bytes() == method.state_bytes() and fresh.state_bytes()["experts"] > 0
+
+
+@pytest.mark.parametrize("rule", ["task", "union"])
+def test_harness_rows_under_both_rules_start_at_zero_shot(tiny_model, rule: str) -> None:
+    """Through the harness: before any task DDAS has nothing to route to, so the zero-shot row is exactly the
+    zeroshot method's; after training each row is defined for every dataset (recall too, under union)."""
+    import copy
+
+    from clbench.datasets.synthetic import build_synthetic
+    from clbench.harness import run_sequence
+
+    bench = build_synthetic(1, tiny_model.image_spec, train_per_class=2, test_per_class=2, num_tasks=2)
+    train = TrainConfig(epochs=[1], batch_size=8, lr=1e-2, max_steps=2, eval_batch_size=16)
+    zs_cls = get_method("zeroshot")
+    reference = run_sequence(zs_cls(copy.deepcopy(tiny_model), zs_cls.Hparams(), Profiler()), bench, train,
+                             Profiler(), torch.device("cpu"), seed=0, eval_rule=rule)
+    method = build(copy.deepcopy(tiny_model), ddas_iterations=5)
+    result = run_sequence(method, bench, train, method.profiler, torch.device("cpu"), seed=0, eval_rule=rule)
+    assert result.zeroshot == reference.zeroshot
+    assert len(result.rows) == 2 and all(len(r) == 2 for r in result.rows)
+    if rule == "union":
+        assert result.zeroshot_recall == reference.zeroshot_recall and len(result.recall_rows) == 2
+    sections = {r.section for r in method.profiler.records}
+    assert {"ddas", "router", "ddas_train"} <= sections
