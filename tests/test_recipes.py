@@ -25,7 +25,7 @@ from clbench.methods.recipes import (
     recipe_rows,
 )
 
-BUILT_IN = ("finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "zeroshot", "zscl")
+BUILT_IN = ("diki", "finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "zeroshot", "zscl")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} | set(TRAIN_FALLBACK)
 
 

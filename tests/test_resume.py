@@ -152,7 +152,7 @@ def test_resume_starts_the_methods_that_never_started(tmp_path: Path, monkeypatc
     assert any("lora: no run to resume" in n for n in notes)
 
 
-RESUMABLE = ["finetune", "lora", "keeplora", "keeplora+", "keeplora++", "inflora", "loda", "zscl"]
+RESUMABLE = ["finetune", "lora", "keeplora", "keeplora+", "keeplora++", "inflora", "loda", "zscl", "diki"]
 SMALLER = {"zscl": ["zscl.ref_image_count=48", "zscl.ref_caption_count=48", "zscl.ref_batch_size=8",
                     "zscl.text_distill=paper", "zscl.ref_text_batch=8",  # caption samples that differ per task
                     "zscl.avg_freq=2"]}
