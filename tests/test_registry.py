@@ -25,7 +25,8 @@ def bench_and_model():
 
 
 def test_registry_has_the_suite() -> None:
-    expected = {"zeroshot", "finetune", "lora", "keeplora", "keeplora+", "keeplora++", "inflora", "zscl", "loda", "diki"}
+    expected = {"zeroshot", "finetune", "lora", "keeplora", "keeplora+", "keeplora++", "inflora", "zscl", "loda",
+                "diki"}
     assert expected <= set(list_methods())
 
 

@@ -278,10 +278,13 @@ class DIKI(Method):
         return features
 
     def eval_text_features(self, prompts: list[list[str]], dataset: str) -> Tensor:
-        """Zero-shot class features; the prompts are kept, since once a task is learned the class texts are
-        encoded per test batch with its prompt and weight (:meth:`routed_text`)."""
+        """Zero-shot class features before any task. Once a task is learned the class texts are encoded per test
+        batch with its prompt and weight (:meth:`routed_text`), so the prompts are kept and zeros of the same
+        shape stand in (they are never scored)."""
         self._route_all(None)
         self._eval_prompts[dataset] = prompts
+        if self.learned:
+            return torch.zeros(len(prompts), self._embed_dim(), device=self.model.device)
         return self.model.class_text_features(prompts)
 
     def routed_text(self, prompts: list[list[str]]) -> Tensor:
