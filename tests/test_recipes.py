@@ -25,7 +25,7 @@ from clbench.methods.recipes import (
 )
 
 BUILT_IN = ("finetune", "inflora", "keeplora", "keeplora+", "keeplora++", "loda", "lora", "zeroshot", "zscl", "lwf",
-            "lwf-vr", "wise-ft", "icarl", "moe-adapters")
+            "lwf-vr", "wise-ft", "icarl", "moe-adapters", "diki")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} | set(TRAIN_FALLBACK)
 
 

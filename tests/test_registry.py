@@ -26,7 +26,7 @@ def bench_and_model():
 
 def test_registry_has_the_suite() -> None:
     expected = {"zeroshot", "finetune", "lora", "keeplora", "keeplora+", "keeplora++", "inflora", "zscl", "loda",
-                "lwf", "lwf-vr", "wise-ft", "icarl", "moe-adapters"}
+                "lwf", "lwf-vr", "wise-ft", "icarl", "moe-adapters", "diki"}
     assert expected <= set(list_methods())
 
 

@@ -153,7 +153,7 @@ def test_resume_starts_the_methods_that_never_started(tmp_path: Path, monkeypatc
 
 
 RESUMABLE = ["finetune", "lora", "keeplora", "keeplora+", "keeplora++", "inflora", "loda", "zscl", "lwf", "lwf-vr",
-             "wise-ft", "icarl", "moe-adapters"]
+             "wise-ft", "icarl", "moe-adapters", "diki"]
 SMALLER = {"zscl": ["zscl.ref_image_count=48", "zscl.ref_caption_count=48", "zscl.ref_batch_size=8",
                     "zscl.text_distill=paper", "zscl.ref_text_batch=8",  # caption samples that differ per task
                     "zscl.avg_freq=2"],

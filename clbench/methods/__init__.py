@@ -1,5 +1,6 @@
 """Continual-learning methods, one file per family, registered by name."""
 
+import clbench.methods.diki  # noqa: F401  (registration)
 import clbench.methods.icarl  # noqa: F401  (registration)
 import clbench.methods.inflora  # noqa: F401  (registration)
 import clbench.methods.keeplora  # noqa: F401  (registration)

@@ -10,6 +10,10 @@ Each projection (``q``, ``k``, ``v``, ``o``) can carry any number of named :clas
 whose factors are trainable parameters or frozen buffers. Observers registered with
 :meth:`LoRAAttention.add_observer` receive the inputs of the q/k/v projections (``"qkv"``) and of the
 output projection (``"o"``) on every forward, which is how feature statistics are collected.
+
+A *residual key/value branch* (:meth:`LoRAAttention.set_residual_kv`, DIKI's fully residual attention) adds
+``w · softmax(q K_pᵀ/√d_h) V_p`` to the attended values before the output projection: the queries attend to
+extra key/value tokens in a separate softmax, so the pretrained branch ``softmax(q Kᵀ/√d_h) V`` is untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from clbench.linalg import full_precision
 
 PROJECTIONS = ("q", "k", "v", "o")
 Observer = Callable[[str, Tensor], None]
+# (keys [N or 1, P, d], values [N or 1, P, d], weight [N] or None) of a residual key/value branch, or None (off)
+ResidualKV = tuple[Tensor, Tensor, "Tensor | None"]
+ResidualKVProvider = Callable[[int], "ResidualKV | None"]
 
 
 class LowRankDelta(nn.Module):
@@ -76,6 +83,7 @@ class LoRAAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.adapters = nn.ModuleDict({p: nn.ModuleDict() for p in PROJECTIONS})
         self._observers: list[Observer] = []
+        self._residual_kv: ResidualKVProvider | None = None
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     @classmethod
@@ -140,6 +148,29 @@ class LoRAAttention(nn.Module):
         for fn in self._observers:
             fn(kind, x)
 
+    # ---- residual key/value branch ---------------------------------------------------------------------
+    def set_residual_kv(self, provider: ResidualKVProvider | None) -> None:
+        """Install (or, with None, remove) a residual key/value branch. ``provider(n)`` is called on every forward
+        of a batch of ``n`` sequences and returns ``(keys, values, weight)`` or None (branch off for this call):
+        keys/values ``[n or 1, P, d]`` in the projected key/value space (not passed through ``in_proj``), split
+        into heads like k and v; ``weight`` ``[n]`` scales the branch per sequence (None: 1). No attention mask
+        applies to the branch (every position sees every extra token, as in DIKI's code)."""
+        self._residual_kv = provider
+
+    def _residual(self, q: Tensor, n: int) -> Tensor | None:
+        """``w · softmax(q K_pᵀ/√d_h) V_p`` for head-split queries ``q`` ``[n, h, L, d_h]``, or None."""
+        extra = self._residual_kv(n) if self._residual_kv is not None else None
+        if extra is None:
+            return None
+        keys, values, weight = extra
+        h, dh = self.num_heads, self.embed_dim // self.num_heads
+
+        def heads(t: Tensor) -> Tensor:
+            return t.expand(n, -1, -1).reshape(n, t.shape[-2], h, dh).transpose(1, 2).to(q.dtype)
+
+        out = F.scaled_dot_product_attention(q, heads(keys), heads(values))
+        return out if weight is None else out * weight.to(out.dtype).view(n, 1, 1, 1)
+
     def _project(self, proj: str, x: Tensor, base: Tensor) -> Tensor:
         for adapter in self.adapters[proj].values():
             base = base + adapter(x)
@@ -170,7 +201,11 @@ class LoRAAttention(nn.Module):
             return t.view(n, length, h, d // h).transpose(1, 2)
 
         mask = _merge_masks(attn_mask, key_padding_mask, x.dtype)
-        attended = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        q = heads(q)
+        attended = F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=mask)
+        residual = self._residual(q, n)
+        if residual is not None:
+            attended = attended + residual
         attended = attended.transpose(1, 2).reshape(n, length, d)
         self._observe("o", attended)
         out = self._project("o", attended, F.linear(attended, self.out_proj.weight, self.out_proj.bias))
