@@ -148,6 +148,10 @@ def sweep(
         return
     axes = parse_grid(list(grid or []), names)
     check_real_data_options(benchmark, shots, skip_bad_images)
+    if datasets.strip():  # the same for every run: an unknown name is one line, not a sweep of invalid runs
+        from clbench.datasets.sequence import canonical_selection
+
+        canonical_selection(benchmark, datasets)
     sets = [*data_assignments(shots, skip_bad_images, datasets, allow_incomplete), *(set_ or [])]
     check_sets(sets, names, axes)
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,

@@ -58,8 +58,9 @@ def preprocess_config(name: str, pretrained: str | None) -> tuple[dict, str]:
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     base = asdict(PreprocessCfg())
-    if name == TINY or pretrained in (None, "", "none", "embedded"):
-        return base, "open_clip defaults (OpenAI mean/std, bicubic, shortest side)"
+    defaults = "open_clip defaults (OpenAI mean/std, bicubic, shortest side)"
+    if pretrained in (None, "", "none", "embedded"):
+        return base, defaults
     if _is_weight_file(pretrained):
         beside = Path(pretrained).expanduser().parent / OPEN_CLIP_CONFIG
         if not beside.is_file():
@@ -72,6 +73,8 @@ def preprocess_config(name: str, pretrained: str | None) -> tuple[dict, str]:
         if not isinstance(overlay, dict):
             raise UserError(f"{beside}: preprocess_cfg is not an object; fix it or remove it")
         return merge_preprocess_dict(base, overlay), str(beside)
+    if name == TINY:
+        return base, defaults
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not tag_cfg:
         return base, "open_clip defaults (unknown tag)"
