@@ -320,6 +320,9 @@ def test_reference_stream_reads_a_small_set_once(tmp_path: Path, workers: int) -
     streamed.reseed(3)
     cached.reseed(3)
     assert torch.equal(streamed.next(), cached.next())
+    streamed.close()  # ZSCL's after_task: the workers stop, the stream goes on with a new loader
+    assert streamed._loader is None and streamed.next().shape == (4, 3, 8, 8)
+    streamed.close()
 
 
 def test_reference_workers_are_bounded_by_threads() -> None:

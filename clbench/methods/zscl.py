@@ -223,9 +223,9 @@ class ReferenceImages:
     Each pass is ``torch.randperm`` of the set drawn from the stream's generator, cut into batches (for an image
     folder the last, partial batch is dropped when the set holds at least one batch, as ZSCL's loader). An image
     folder whose decoded images fit in ``memory_bytes`` is read once, with ``workers`` processes, and then served
-    from memory; a larger one is read by one loader with ``workers`` persistent processes, kept for every pass
-    (ZSCL's code and clbench before started new workers each pass: with a small set, every step). Both give the
-    same batches."""
+    from memory; a larger one is read by one loader with ``workers`` persistent processes, kept for every pass of
+    a task (:meth:`close` stops them; ZSCL's code and clbench before started new workers each pass: with a small
+    set, every step). Both give the same batches."""
 
     def __init__(self, data: Tensor | torch.utils.data.Dataset, batch_size: int, seed: int, workers: int = 0,
                  memory_bytes: int = REF_MEMORY_BYTES):
@@ -252,6 +252,14 @@ class ReferenceImages:
         self.gen.manual_seed(seed)
         self._it = None
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (a later pass starts new ones); the stream stays usable."""
+        self._it = None
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()  # idempotent; torch has no public call for a persistent loader
+        self._loader = None
+
     def _plan(self) -> list[list[int]]:
         n = len(self.data)
         order = torch.randperm(n, generator=self.gen).tolist()
@@ -260,18 +268,17 @@ class ReferenceImages:
         return [order[i : min(i + size, stop)] for i in range(0, stop, size)]
 
     def _epoch(self) -> Iterator[Tensor]:
+        """One pass. The iterator holds no reference to ``self``: dropping the stream frees its loader (and stops
+        its workers) at once, never later in a process forked meanwhile."""
         batches = self._plan()
         if isinstance(self.data, Tensor):
-            for batch in batches:
-                yield self.data[batch]
-            return
+            return _rows(self.data, batches)
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(self.data, batch_sampler=self._sampler,
                                                        num_workers=self.workers,
                                                        persistent_workers=self.workers > 0)
         self._sampler.batches = batches
-        for images, _ in self._loader:
-            yield images
+        return (images for images, _ in self._loader)
 
     def next(self) -> Tensor:
         for _ in range(2):
@@ -282,6 +289,11 @@ class ReferenceImages:
                 return batch
             self._it = None
         raise RuntimeError("the reference image set is empty")
+
+
+def _rows(data: Tensor, batches: list[list[int]]) -> Iterator[Tensor]:
+    for batch in batches:
+        yield data[batch]
 
 
 def _decoded_bytes(data: torch.utils.data.Dataset) -> int:
@@ -462,7 +474,10 @@ class ZSCL(Method):
             self.snapshots += 1
 
     def after_task(self, task: TaskContext) -> None:
-        """Load the ensemble into the model: it is evaluated and the next task starts from it."""
+        """Load the ensemble into the model: it is evaluated and the next task starts from it. The reference
+        loader's workers stop here (they serve every pass of one task), so none outlives the run."""
+        if self.ref_images is not None:
+            self.ref_images.close()
         if self.hparams.avg_freq and self.ensemble:
             with torch.no_grad():
                 for p, avg in zip(self.params(), self.ensemble, strict=True):
