@@ -288,6 +288,9 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
 def check_selection(cfg: RunConfig) -> None:
     """Resolve ``data.datasets`` to the protocol's names (unknown names are one line); it and ``data.num_tasks``
     both choose the tasks, so only one may be given."""
+    if cfg.benchmark == "synthetic" and cfg.data.allow_incomplete:
+        raise UserError("--allow-incomplete is for real datasets; the synthetic benchmark has no class count to "
+                        "check (drop it, or pass --benchmark mtil)")
     if not cfg.data.datasets.strip():
         cfg.data.datasets = ""
         return

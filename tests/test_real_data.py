@@ -151,6 +151,8 @@ def test_bad_selections_are_one_line(sets: tuple[str, ...], needles: tuple[str, 
 def test_selection_on_the_synthetic_benchmark_is_refused() -> None:
     with pytest.raises(UserError, match="--datasets chooses among a real benchmark's datasets"):
         _cfg("data.datasets=mnist", benchmark="synthetic")
+    with pytest.raises(UserError, match="--allow-incomplete is for real datasets"):
+        _cfg("data.allow_incomplete=true", benchmark="synthetic")
 
 
 def test_run_ids_change_only_when_the_new_settings_are_set() -> None:

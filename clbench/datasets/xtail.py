@@ -270,7 +270,7 @@ def shot_draw(shots: int, seed: int, dataset: str) -> Draw | None:
 
 
 def task_names(cfg: RunConfig) -> list[str]:
-    """The domains of ``cfg.order``, cut to ``data.num_tasks`` if set."""
+    """The domains of ``cfg.order``, cut to ``data.num_tasks`` if set, or the ``data.datasets`` selection."""
     return task_sequence(ORDERS[cfg.order], cfg.data.datasets, cfg.data.num_tasks, "xtail")
 
 
