@@ -16,8 +16,10 @@ import typer
 from rich.table import Table
 
 from clbench.cli_options import (
+    AllowIncomplete,
     Backbone,
     DataRoot,
+    Datasets,
     Device,
     EvalRule,
     Methods,
@@ -81,6 +83,8 @@ def run(
     eval_: EvalRule = None,
     shots: Shots = None,
     skip_bad_images: SkipBadImages = False,
+    datasets: Datasets = "",
+    allow_incomplete: AllowIncomplete = False,
     set_: Sets = None,
     threads: Threads = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
@@ -111,7 +115,8 @@ def run(
         # LLaVA setting loads local llava-hf folders (no download, no TorchScript) and has no tracker yet.
         clip_only = {"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
                      "--skip-bad-images": skip_bad_images, "--order": order != 1, "--track": track.strip(),
-                     "--allow-download": allow_download, "--trust-torchscript": trust_torchscript}
+                     "--allow-download": allow_download, "--trust-torchscript": trust_torchscript,
+                     "--datasets": datasets, "--allow-incomplete": allow_incomplete}
         if threads is not None and not any(clip_only.values()):
             import torch
 
@@ -122,7 +127,8 @@ def run(
     options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
                "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
                "precision": precision or None, "eval": eval_ or None}
-    data_options = {"shots": shots, "skip_bad_images": True if skip_bad_images else None}
+    data_options = {"shots": shots, "skip_bad_images": True if skip_bad_images else None,
+                    "datasets": datasets or None, "allow_incomplete": True if allow_incomplete else None}
     cfg = build_config(preset, options, set_ or [], names, data_options)
     if threads is not None:
         import torch
@@ -161,7 +167,8 @@ def _tracker(track: str, cfg, out: Path):
 
     backends = parse_backends(track)
     config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    return Tracker(backends, out, lambda m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval),
+    return Tracker(backends, out, lambda m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval,
+                                                      datasets=cfg.data.datasets),
                    config)
 
 
@@ -177,6 +184,8 @@ def _print_costs(outcomes) -> None:
 
 
 def _print_summary(outcomes) -> None:
+    from clbench.metrics import undefined_text
+
     union = any((o.metrics or {}).get("eval") == "union" for o in outcomes)
     rule = "union label space" if union else "per-task label space"
     table = Table(title=f"Transfer / Average / Last (percent, {rule})")
@@ -184,14 +193,23 @@ def _print_summary(outcomes) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col in ("method", "results") else "right",
                          overflow="fold" if col == "results" else "ellipsis")  # a path is never cut to "…"
+    reasons: dict[str, str] = {}
     for o in outcomes:
         m = o.metrics or {}
-        cells = [f"{m[k]:.1f}" if k in m else "-" for k in ("transfer", "average", "last", "bwt")]
+        cells = []
+        for k in ("transfer", "average", "last", "bwt"):
+            reason = undefined_text(m, k) if k in m else None
+            if reason:
+                reasons.setdefault(k, reason)
+            cells.append("-" if k not in m else "undefined" if reason else f"{m[k]:.1f}")
         if union:
             recall = m.get("selection_recall", {}).get("last")
             cells.append("-" if recall is None else f"{recall:.1f}")
         table.add_row(o.method, *cells, str(o.path))
     out_console.print(table)
+    for key, reason in reasons.items():
+        out_console.print(f"{key.capitalize() if key != 'bwt' else 'BWT'} undefined: {reason}", highlight=False,
+                          soft_wrap=True)
 
 
 @app.command()
@@ -317,7 +335,7 @@ def metrics(
                                          "MFT / MFN / MAA / BWT and Transfer)")] = "mtil",
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
-    from clbench.metrics import json_safe, matrix_from_frame, mtil_metrics
+    from clbench.metrics import json_safe, matrix_from_frame, mtil_metrics, undefined_text
     from clbench.results import read_accuracy_csv
 
     if setting not in ("mtil", "mcit"):
@@ -347,7 +365,9 @@ def metrics(
         return
     for key in ("transfer", "average", "last", "bwt"):
         value = result[key]
-        out_console.print(f"{key:9s} {value:6.2f}" if value == value else f"{key:9s}      - (needs 2+ tasks)")
+        reason = undefined_text(result, key)
+        out_console.print(f"{key:9s} {value:6.2f}" if reason is None else f"{key:9s} undefined ({reason})",
+                          highlight=False, soft_wrap=True)
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.

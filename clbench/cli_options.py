@@ -40,8 +40,20 @@ Threads = Annotated[int | None, typer.Option(
 SkipBadImages = Annotated[bool, typer.Option("--skip-bad-images", help="count and report unreadable images instead "
                                              "of stopping at the first")]
 
+Datasets = Annotated[str, typer.Option(
+    "--datasets", metavar="<name,...>",
+    help="mtil/xtail: learn only these datasets, in this order (names as the protocol spells them, any case, e.g. "
+    "mnist,eurosat); metrics are those of the chosen sequence")]
+AllowIncomplete = Annotated[bool, typer.Option(
+    "--allow-incomplete", help="mtil: accept a dataset whose class count differs from the protocol's (both counts "
+    "go into the manifest)")]
 
-def data_assignments(shots: int | None, skip_bad_images: bool) -> list[str]:
-    """``--shots`` and ``--skip-bad-images`` as the ``data.*`` settings they stand for (``--set`` form)."""
+
+def data_assignments(shots: int | None, skip_bad_images: bool, datasets: str = "",
+                     allow_incomplete: bool = False) -> list[str]:
+    """``--shots``, ``--skip-bad-images``, ``--datasets`` and ``--allow-incomplete`` as the ``data.*`` settings
+    they stand for (``--set`` form)."""
     return ([f"data.shots={shots}"] if shots is not None else []) + (
-        ["data.skip_bad_images=true"] if skip_bad_images else [])
+        ["data.skip_bad_images=true"] if skip_bad_images else []) + (
+        [f"data.datasets={datasets}"] if datasets.strip() else []) + (
+        ["data.allow_incomplete=true"] if allow_incomplete else [])

@@ -71,6 +71,11 @@ class DataConfig:
     # MTIL only: ZSCL's RandomResizedCrop(scale 0.9-1) on training images, and skipping unreadable images.
     train_augment: bool = False
     skip_bad_images: bool = False
+    # MTIL / X-TAIL: the datasets to learn, comma-separated in their run order (``--datasets mnist,eurosat``; the
+    # protocol's names, any case; stored canonical); "" = the order's sequence (:mod:`clbench.datasets.sequence`)
+    datasets: str = ""
+    # accept a dataset whose class count differs from the protocol's (``--allow-incomplete``); both are recorded
+    allow_incomplete: bool = False
 
 
 @dataclass
@@ -259,7 +264,25 @@ def build_config(preset: str, options: dict[str, Any], assignments: list[str], m
     if not cfg.eval:
         cfg.eval = DEFAULT_EVAL[cfg.benchmark]
     check_real_data_options(cfg.benchmark, cfg.data.shots, cfg.data.skip_bad_images, cfg.data_root or "")
+    check_selection(cfg)
     return cfg
+
+
+def check_selection(cfg: RunConfig) -> None:
+    """Resolve ``data.datasets`` to the protocol's names (unknown names are one line); it and ``data.num_tasks``
+    both choose the tasks, so only one may be given."""
+    if cfg.benchmark == "synthetic" and cfg.data.allow_incomplete:
+        raise UserError("--allow-incomplete is for real datasets; the synthetic benchmark has no class count to "
+                        "check (drop it, or pass --benchmark mtil)")
+    if not cfg.data.datasets.strip():
+        cfg.data.datasets = ""
+        return
+    from clbench.datasets.sequence import canonical_selection
+
+    cfg.data.datasets = canonical_selection(cfg.benchmark, cfg.data.datasets)
+    if cfg.data.num_tasks:
+        raise UserError(f"--datasets and data.num_tasks={cfg.data.num_tasks} both choose the tasks; keep one "
+                        f"(e.g. --datasets {cfg.data.datasets})")
 
 
 def check_real_data_options(benchmark: str, shots: int | None, skip_bad_images: bool, data_root: str = "") -> None:
@@ -308,10 +331,19 @@ def method_run_config(cfg: RunConfig, method: str) -> dict:
     return data
 
 
+# Data settings added after runs were made: left out of the id at their default, so those runs keep their ids.
+OPTIONAL_DATA_KEYS = {"datasets": "", "allow_incomplete": False}
+
+
 def run_id(run_config: dict) -> str:
     """A deterministic id from the resolved config (sweeps skip finished ids, resume checks them); the recipe
-    record is left out: it restates the settings with their provenance."""
-    blob = json.dumps({k: v for k, v in run_config.items() if k not in ("device", "recipe")}, sort_keys=True)
+    record is left out: it restates the settings with their provenance. The settings of
+    :data:`OPTIONAL_DATA_KEYS` count only when set."""
+    config = {k: v for k, v in run_config.items() if k not in ("device", "recipe")}
+    if isinstance(config.get("data"), dict):
+        config["data"] = {k: v for k, v in config["data"].items()
+                          if not (k in OPTIONAL_DATA_KEYS and v == OPTIONAL_DATA_KEYS[k])}
+    blob = json.dumps(config, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -8,6 +8,9 @@ in training order and the zero-shot row is not part of ``A``.
 - Average_d = mean_t A[t, d]; Average = mean over all datasets.
 - Last_d = A[T-1, d]; Last = mean over all datasets.
 - BWT = mean_{d<T} (A[T-1, d] - A[d, d]) (backward transfer; negative = forgetting).
+
+A one-task matrix has no Transfer: it is NaN in memory, ``null`` in ``metrics.json`` with the reason under
+``undefined.transfer`` (:data:`TRANSFER_UNDEFINED`), and printed as undefined with that reason.
 """
 
 from __future__ import annotations
@@ -28,13 +31,44 @@ def mtil_metrics(matrix: np.ndarray, datasets: list[str]) -> dict:
     average = {datasets[d]: float(a[:, d].mean()) for d in range(t)}
     last = {datasets[d]: float(a[-1, d]) for d in range(t)}
     bwt = float(np.mean([a[-1, d] - a[d, d] for d in range(t - 1)])) if t > 1 else 0.0
-    return {
+    out = {
         "transfer": float(np.mean(list(transfer.values()))) if transfer else float("nan"),
         "average": float(np.mean(list(average.values()))),
         "last": float(np.mean(list(last.values()))),
         "bwt": bwt,
         "per_dataset": {"transfer": transfer, "average": average, "last": last},
     }
+    if not transfer:
+        out["undefined"] = {"transfer": TRANSFER_UNDEFINED}
+    return out
+
+
+# Why a one-task sequence has no Transfer (stored as ``undefined.transfer`` beside a null ``transfer``).
+TRANSFER_UNDEFINED = ("needs 2+ tasks: Transfer averages the accuracy on each dataset before it is trained, and "
+                      "the only dataset of a one-task sequence is trained first")
+
+
+def undefined_text(metrics: dict, key: str) -> str | None:
+    """The reason ``metrics[key]`` has no value (e.g. a one-task run's Transfer), or None when it has one."""
+    reasons = metrics.get("undefined")
+    reason = reasons.get(key) if isinstance(reasons, dict) else None
+    value = metrics.get(key)
+    if reason is None and (value is None or (isinstance(value, float) and value != value)):
+        reason = TRANSFER_UNDEFINED if key == "transfer" else "undefined"
+    return reason if reason is not None and not _finite(value) else None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def metrics_from_json(data: dict) -> dict:
+    """``metrics.json`` as read back: a null (undefined) headline metric becomes NaN, as :func:`mtil_metrics` gives."""
+    out = dict(data)
+    for key in ("transfer", "average", "last", "bwt"):
+        if key in out and out[key] is None:
+            out[key] = float("nan")
+    return out
 
 
 def matrix_from_frame(frame: pd.DataFrame, source: str = "matrix") -> tuple[np.ndarray, list[str]]:

@@ -45,11 +45,14 @@ def group_label(benchmark: str, eval_rule: str | None) -> str:
     return benchmark if own else f"{benchmark}-{eval_rule}"
 
 
-def run_dir(out: Path, benchmark: str, order: int, method: str, seed: int, eval_rule: str = "") -> Path:
+def run_dir(out: Path, benchmark: str, order: int, method: str, seed: int, eval_rule: str = "",
+            datasets: str = "") -> Path:
     """``out/<benchmark>-order<k>/<method>/seed<s>``; an evaluation rule other than the benchmark's own
     (``--eval union`` on mtil, ``--eval task`` on xtail) is part of the first folder
-    (``mtil-union-order1``), so runs under both rules never share a folder."""
-    parts = [safe_component(f"{group_label(benchmark, eval_rule)}-order{order}", "benchmark"),
+    (``mtil-union-order1``), so runs under both rules never share a folder. A dataset selection (``datasets``,
+    comma-separated) replaces the order: ``mtil-mnist+eurosat``."""
+    sequence = "+".join(d.strip().lower() for d in datasets.split(",")) if datasets.strip() else f"order{order}"
+    parts = [safe_component(f"{group_label(benchmark, eval_rule)}-{sequence}", "benchmark"),
              safe_component(method, "method name"),
              f"seed{int(seed)}"]
     path = Path(out).joinpath(*parts)

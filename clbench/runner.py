@@ -42,7 +42,7 @@ from clbench.interrupt import RunInterrupted, critical, handling_signals, mark_i
 from clbench.lock import LOCK_NAME, RunLock
 from clbench.methods import get_method
 from clbench.methods.state_checks import StateMismatch
-from clbench.metrics import mtil_metrics
+from clbench.metrics import json_safe, metrics_from_json, mtil_metrics
 from clbench.models.backbones import load_backbone
 from clbench.models.clip import ClipModel
 from clbench.profiling import Profiler, SectionRecord
@@ -114,7 +114,7 @@ def write_results(path: Path, result: SequenceResult, profiler: Profiler) -> dic
     if result.zeroshot_recall is not None:
         last_recall = dict(zip(names, result.recall_rows[-1], strict=True))
         metrics["selection_recall"] = {"last": float(np.mean(result.recall_rows[-1])), "per_dataset": last_recall}
-    atomic_write_json(path / "metrics.json", metrics)
+    atomic_write_json(path / "metrics.json", json_safe(metrics))  # strict JSON: an undefined Transfer is null
     return metrics
 
 
@@ -142,7 +142,8 @@ def run_methods(
     check_method_names(methods)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
-    paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval) for m in methods}
+    paths = {m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval, datasets=cfg.data.datasets)
+             for m in methods}
     _check_writable(Path(out))
     check_adapter_widths(cfg, methods)
     if resume:
@@ -414,7 +415,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
         if (path / LOCK_NAME).exists():  # locked by us (to tidy): a kill's leftovers are not results
             (path / CHECKPOINT_NAME).unlink(missing_ok=True)
             remove_temporaries(path)
-        metrics = _read_json(path / "metrics.json") if (path / "metrics.json").exists() else None
+        metrics = metrics_from_json(_read_json(path / "metrics.json")) if (path / "metrics.json").exists() else None
         return MethodOutcome(name, path, "complete", metrics)
     remove_temporaries(path)  # under the lock: temporaries of writes a kill interrupted
     method_cls = get_method(name)
@@ -432,7 +433,12 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
                 "benchmark": cfg.benchmark, "order": cfg.order, "started": started, "environment": env,
                 "weights": getattr(base_model, "weights", cfg.pretrained or "embedded"),
                 "evaluation": evaluation_info(cfg.eval, benchmark), "benchmark_info": benchmark.info,
-                "classes": {t.name: len(t.classnames) for t in benchmark.tasks}}
+                "classes": {t.name: len(t.classnames) for t in benchmark.tasks},
+                "preprocess": dataclasses.asdict(base_model.image_spec),
+                "datasets": benchmark.task_names, "selection": cfg.data.datasets}
+    expected = {t.name: t.info["expected_classes"] for t in benchmark.tasks if "expected_classes" in t.info}
+    if expected:  # real data: the protocol's class count beside the one found (they differ only when allowed)
+        manifest["expected_classes"] = expected
     if plan.mode == "resume":
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_id != plan.run_id or ckpt.completed != plan.completed:

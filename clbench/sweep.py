@@ -118,6 +118,7 @@ class RunSpec:
     # How a worker runs this spec under its staging folder (``runner(spec, out)``; pickled by reference to the
     # worker): set by the setting that planned it, so this engine never imports a setting. None: the CLIP runner.
     runner: Callable[[RunSpec, Path], Any] | None = None
+    datasets: str = ""  # the resolved dataset selection (--datasets; part of the folder name when set)
 
     @property
     def name(self) -> str:
@@ -292,17 +293,18 @@ def expand(request: SweepRequest) -> list[RunSpec]:
             point = tuple((a.label, v) for a, v in zip(axes, values, strict=True))
             run_options = (*request.options, ("order", order), ("seed", seed))
             sets = (*sets_for(method, request.sets), *(f"{a.key}={v}" for a, v in zip(axes, values, strict=True)))
-            error, eval_rule = None, ""
+            error, eval_rule, selection = None, "", ""
             try:
                 cfg = build_config(request.preset, dict(run_options), list(sets), [method])
-                rid, eval_rule = run_id(method_run_config(cfg, method)), cfg.eval
+                rid, eval_rule, selection = run_id(method_run_config(cfg, method)), cfg.eval, cfg.data.datasets
             except UserError as exc:
                 error = str(exc)
                 rid = run_id({"invalid": True, "method": method, "preset": request.preset,
                               "options": [list(o) for o in run_options], "sets": list(sets)})
-            folder = run_dir(Path(request.out), benchmark, order, folder_name(method, point), seed, eval_rule)
+            folder = run_dir(Path(request.out), benchmark, order, folder_name(method, point), seed, eval_rule,
+                             datasets=selection)
             specs.append(RunSpec(rid, method, order, seed, point, request.preset, run_options, sets, benchmark,
-                                 request.out, str(folder), request.threads, error, eval_rule))
+                                 request.out, str(folder), request.threads, error, eval_rule, datasets=selection))
     _check_distinct(specs)
     return specs
 
@@ -422,7 +424,8 @@ def staged_folder(spec: RunSpec) -> Path:
     """Where the runner writes ``spec`` while it runs (inside the staging folder)."""
     from clbench.results import run_dir
 
-    return run_dir(spec.staging / "out", spec.benchmark, spec.order, spec.method, spec.seed, spec.eval_rule)
+    return run_dir(spec.staging / "out", spec.benchmark, spec.order, spec.method, spec.seed, spec.eval_rule,
+                   datasets=spec.datasets)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,10 @@ from rich.table import Table
 from rich.text import Text
 
 from clbench.cli_options import (
+    AllowIncomplete,
     Backbone,
     DataRoot,
+    Datasets,
     Device,
     EvalRule,
     Methods,
@@ -96,6 +98,8 @@ def sweep(
     precision: Precision = None,
     shots: Shots = None,
     skip_bad_images: SkipBadImages = False,
+    datasets: Datasets = "",
+    allow_incomplete: AllowIncomplete = False,
     set_: Sets = None,
     launcher: Annotated[str, typer.Option(help="local (process pool), ray, slurm, or inline (this process)")]
     = "local",
@@ -133,7 +137,8 @@ def sweep(
         require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
         mcit_sweep.check_options(benchmark, {
             "--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
-            "--shots": shots, "--skip-bad-images": skip_bad_images})
+            "--shots": shots, "--skip-bad-images": skip_bad_images, "--datasets": datasets,
+            "--allow-incomplete": allow_incomplete})
         for name in names:
             get_mcit_method(name)  # a method without an LLaVA form: one line
         axes = mcit_sweep.parse_grid(list(grid or []), names)
@@ -145,7 +150,11 @@ def sweep(
         return
     axes = parse_grid(list(grid or []), names)
     check_real_data_options(benchmark, shots, skip_bad_images, data_root)
-    sets = [*data_assignments(shots, skip_bad_images), *(set_ or [])]
+    if datasets.strip():  # the same for every run: an unknown name is one line, not a sweep of invalid runs
+        from clbench.datasets.sequence import canonical_selection
+
+        canonical_selection(benchmark, datasets)
+    sets = [*data_assignments(shots, skip_bad_images, datasets, allow_incomplete), *(set_ or [])]
     check_sets(sets, names, axes)
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
                "data_root": data_root or None, "device": device, "precision": precision or None,

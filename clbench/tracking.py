@@ -178,7 +178,8 @@ def run_summary(path: Path) -> dict:
     metrics = {}
     if (path / "metrics.json").is_file():
         data = json.loads((path / "metrics.json").read_text())
-        metrics = {f"metrics/{k}": float(data[k]) for k in ("transfer", "average", "last", "bwt") if k in data}
+        metrics = {f"metrics/{k}": float(data[k]) for k in ("transfer", "average", "last", "bwt")
+                   if data.get(k) is not None}  # a one-task run's Transfer is null (undefined)
     matrix = pd.read_csv(path / "accuracy.csv") if (path / "accuracy.csv").is_file() else None
     costs = None
     if (path / "profile.csv").is_file():

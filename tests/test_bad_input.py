@@ -198,6 +198,6 @@ def test_unreadable_image_in_the_first_task_leaves_no_files(fake_mtil_tree: Path
     bad.write_bytes(b"not an image")
     out = tmp_path / "out"
     code = main(["run", "--methods", "lora", "--benchmark", "mtil", "--data-root", str(root), "--out", str(out),
-                 *SMOKE, "--device", "cpu", "--set", "data.num_tasks=1"])
+                 *SMOKE, "--device", "cpu", "--set", "data.num_tasks=1", "--allow-incomplete"])
     assert_one_line_error(capsys, code, bad.name, "--skip-bad-images")
     assert not out.exists()

@@ -114,7 +114,8 @@ def test_forged_method_state_is_one_line_and_changes_nothing(interrupted, tmp_pa
     source = interrupted(method)
     ckpt = load_checkpoint(run_folder(source, method) / CHECKPOINT_NAME)
     forgeries = tensor_forgeries(ckpt) + other_forgeries(ckpt)
-    if method in ("keeplora", "keeplora+", "keeplora++", "inflora", "loda", "icarl", "diki"):  # the methods that keep state
+    stateful = ("keeplora", "keeplora+", "keeplora++", "inflora", "loda", "icarl", "diki")  # methods that keep state
+    if method in stateful:
         assert ckpt.method, f"{method}'s checkpoint should hold method tensors"
     failures = []
     for i, (what, entry, edit) in enumerate(forgeries):

@@ -9,11 +9,20 @@ from torch.utils.data import Dataset
 
 @dataclass
 class ImageSpec:
-    """How the backbone wants its images: side length and normalisation."""
+    """How the backbone wants its images: side length, normalisation and resizing, as open_clip's
+    ``PreprocessCfg`` gives them for the backbone's pretrained tag (``clbench.models.backbones.preprocess_config``).
+
+    ``interpolation`` is ``bicubic`` or ``bilinear``; ``resize_mode`` is ``shortest`` (shorter side to ``size``,
+    then centre crop), ``squash`` (both sides to ``size``, aspect ratio not kept) or ``longest`` (longer side to
+    ``size``, then centre pad with ``fill_color``); ``source`` says where the values came from."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+    source: str = ""
 
 
 @dataclass

@@ -14,10 +14,14 @@ def _check(
     data_root: Annotated[str, typer.Option(help="folder holding the datasets (default: $CLBENCH_DATA_ROOT)")] = "",
     benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil, xtail, "
                                                     "ucit or mllm-dcl")] = "mtil",
+    allow_incomplete: Annotated[bool, typer.Option(
+        "--allow-incomplete", help="mtil: accept datasets with fewer (or more) classes than the protocol's, as "
+        "'clbench run --allow-incomplete' does")] = False,
 ) -> None:
     """Table of the benchmark's datasets: found or missing (exact path), train/test images, classes.
 
-    Exits 0 only if every dataset is usable; otherwise exits 2 with one line naming what is missing.
+    Exits 0 only if every dataset is usable; otherwise exits 2 with one line naming what is missing. An MTIL
+    dataset whose class count differs from the protocol's is not usable unless --allow-incomplete.
     Images are checked for existence, not decoded (a run with --skip-bad-images decodes them).
     """
     from rich.table import Table
@@ -30,8 +34,10 @@ def _check(
         data_check(resolve_data_root(data_root, benchmark), benchmark)
         return
     if benchmark == "mtil":
-        from clbench.datasets.mtil import inspect_mtil as inspect
-        from clbench.datasets.mtil import unusable_line
+        from clbench.datasets.mtil import inspect_mtil, unusable_line
+
+        def inspect(root):
+            return inspect_mtil(root, allow_incomplete=allow_incomplete)
     elif benchmark == "xtail":
         from clbench.datasets.xtail import inspect_xtail as inspect
         from clbench.datasets.xtail import unusable_line
@@ -47,8 +53,9 @@ def _check(
         if s.usable:
             status, where = "[green]ok[/green]", s.path.name
         else:
-            status = "[red]missing[/red]" if s.missing == s.path else "[red]incomplete[/red]" if s.missing \
-                else "[red]unreadable[/red]"
+            short = s.n_classes is not None and s.n_classes != s.expected_classes
+            status = "[red]missing[/red]" if s.missing == s.path else "[red]incomplete[/red]" \
+                if s.missing or short else "[red]unreadable[/red]"
             where = str(s.missing or s.path)
         classes = "-" if s.n_classes is None else str(s.n_classes)
         if s.n_classes is not None and s.n_classes != s.expected_classes:

@@ -14,7 +14,9 @@ before the split, so the split is the same on every machine. torchvision's md5 c
 Flowers102 meta files are replaced by existence checks (the files are otherwise read by torchvision's code).
 
 Images stay on disk until a sample is read (MNIST and CIFAR100 are arrays that torchvision loads whole).
-Each sample is preprocessed as CLIP does: Resize(bicubic) → CenterCrop → RGB → ToTensor → Normalize; with
+Each sample is preprocessed as open_clip does for the backbone's pretrained tag (:func:`clip_transform`: mean/std,
+interpolation and resize mode from the tag's config; OpenAI's Resize(bicubic) → CenterCrop → RGB → ToTensor →
+Normalize by default); with
 ``data.train_augment`` training images use ZSCL's RandomResizedCrop(scale 0.9–1, bicubic) instead.
 
 Few-shot (``data.shots`` = K > 0, as in MoE-Adapters4CL, JiazuoYu/MoE-Adapters4CL): the first K training images of
@@ -26,7 +28,10 @@ Unreadable images stop the run with the file named, unless ``data.skip_bad_image
 will be used is decoded once up front (in threads), and the unreadable or missing ones are dropped after the
 split (so the other images keep their split) and counted in ``Benchmark.info["bad_images"]``.
 
-``data.num_tasks`` cuts the sequence to its first tasks; ``data.train_per_class``/``test_per_class`` are for the
+``data.num_tasks`` cuts the sequence to its first tasks, or ``data.datasets`` (``--datasets mnist,eurosat``) picks
+datasets in an order of the user's (:mod:`clbench.datasets.sequence`). A dataset whose class count differs from
+the protocol's (:data:`EXPECTED_CLASSES`) is refused unless ``data.allow_incomplete`` (``--allow-incomplete``);
+``Benchmark.info["splits"]`` records both counts. ``data.train_per_class``/``test_per_class`` are for the
 synthetic benchmark only (MTIL uses the full splits).
 """
 
@@ -64,10 +69,10 @@ from clbench.datasets.selection import (
     bad_images_summary,
     dataset_files,
     dataset_labels,
-    first_tasks,
     read_error_reason,
     select_task,
 )
+from clbench.datasets.sequence import task_sequence
 from clbench.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: the data layer never imports the configuration layer at run time
@@ -390,10 +395,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def clip_transform(spec: ImageSpec, augment: bool = False) -> T.Compose:
-    """CLIP's preprocessing for ``spec``; ``augment`` = ZSCL's training crop (scale 0.9–1, no flip)."""
-    bicubic = T.InterpolationMode.BICUBIC
-    crop = ([T.RandomResizedCrop(spec.size, scale=(0.9, 1.0), interpolation=bicubic)] if augment
-            else [T.Resize(spec.size, interpolation=bicubic), T.CenterCrop(spec.size)])
+    """The backbone's preprocessing for ``spec``, as open_clip's evaluation transform (``image_transform`` with
+    ``is_train=False``): resize by ``spec.resize_mode`` with ``spec.interpolation``, RGB, tensor, normalise.
+
+    ``augment`` = ZSCL's training crop (``RandomResizedCrop`` scale 0.9–1, bicubic, no flip), in place of the
+    resize; bicubic whatever the tag says, as open_clip's own training transform."""
+    size = spec.size
+    interpolation = T.InterpolationMode.BILINEAR if spec.interpolation == "bilinear" else T.InterpolationMode.BICUBIC
+    if augment:
+        crop = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    elif spec.resize_mode == "squash":
+        crop = [T.Resize((size, size), interpolation=interpolation)]
+    elif spec.resize_mode == "longest":
+        from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+
+        crop = [ResizeKeepRatio(size, interpolation=interpolation, longest=1),
+                CenterCropOrPad(size, fill=spec.fill_color)]
+    elif spec.resize_mode == "shortest":
+        crop = [T.Resize(size, interpolation=interpolation), T.CenterCrop(size)]
+    else:
+        raise UserError(f"resize mode {spec.resize_mode!r} is not one of shortest, squash, longest; fix the "
+                        "preprocess_cfg of the backbone's open_clip config")
     return T.Compose([*crop, _to_rgb, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
@@ -469,7 +491,19 @@ def few_shot_draw(shots: int) -> Draw | None:
 
 
 def _task_names(cfg: RunConfig) -> list[str]:
-    return first_tasks(ORDERS[cfg.order], cfg.data.num_tasks, "MTIL")
+    return task_sequence(ORDERS[cfg.order], cfg.data.datasets, cfg.data.num_tasks, "mtil")
+
+
+ALLOW_INCOMPLETE_FLAG = "--allow-incomplete"
+
+
+def class_count_problem(name: str, found: int, expected: int) -> str | None:
+    """One line when dataset ``name`` has another number of classes than the protocol's (a partial copy): its
+    numbers would not be MTIL's, so it is refused unless the user accepts it; None when the counts agree."""
+    if found == expected:
+        return None
+    return (f"{name}: {found} classes found, the protocol has {expected}; complete the dataset, or pass "
+            f"{ALLOW_INCOMPLETE_FLAG} to use it as it is (both counts are recorded in the run's manifest)")
 
 
 def unusable_line(root: Path, bad: Sequence[tuple[str, Path | None, str]], total: int) -> str:
@@ -480,6 +514,9 @@ def unusable_line(root: Path, bad: Sequence[tuple[str, Path | None, str]], total
 def load_task(root: Path, name: str, data: DataConfig, train_transform: Callable, test_transform: Callable) -> Task:
     """One MTIL task: its splits (few-shot, bad images skipped if asked), class names and templates."""
     source, layout = read_source(root, name), LAYOUTS[name]
+    problem = class_count_problem(name, len(source.classnames), EXPECTED_CLASSES[name])
+    if problem and not data.allow_incomplete:
+        raise UserError(problem)
     sel = select_task(source, layout.path(root), data, few_shot_draw(data.shots))
     info = {"source": "mtil", "path": str(layout.path(root)), "train_split": layout.train_split,
             "test_split": layout.test_split, "n_train": len(sel.train), "n_test": len(sel.test),
@@ -512,7 +549,10 @@ def build_mtil(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
         "split_seed": SPLIT_SEED,
         "splits": {t.name: {"train": t.info["train_split"], "test": t.info["test_split"],
                             "n_train": t.info["n_train"], "n_test": t.info["n_test"],
-                            "n_classes": t.info["n_classes"]} for t in tasks},
+                            "n_classes": t.info["n_classes"], "expected_classes": t.info["expected_classes"]}
+                   for t in tasks},
+        "selection": cfg.data.datasets.split(",") if cfg.data.datasets else "the order's sequence",
+        "allow_incomplete": cfg.data.allow_incomplete,
         "sun397_order": SUN397_ORDER_NOTE,
         "integrity": "CIFAR100/Flowers102 md5 checks replaced by existence checks",
         "train_augment": "ZSCL RandomResizedCrop(scale=(0.9, 1.0), bicubic)" if cfg.data.train_augment else "none",
@@ -528,6 +568,14 @@ def build_mtil(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
 # ``clbench data check``.
 
 
-def inspect_mtil(root: Path, names: Sequence[str] = tuple(ORDERS[1])) -> list[DatasetStatus]:
-    """The status of every MTIL dataset under ``root`` (indexes only; images are checked for existence)."""
-    return CHECK.inspect_all(root, names)
+def inspect_mtil(root: Path, names: Sequence[str] = tuple(ORDERS[1]),
+                 allow_incomplete: bool = False) -> list[DatasetStatus]:
+    """The status of every MTIL dataset under ``root`` (indexes only; images are checked for existence). A
+    dataset with another class count than the protocol's is not usable unless ``allow_incomplete``."""
+    statuses = CHECK.inspect_all(root, names)
+    for status in statuses:
+        if status.usable and status.n_classes is not None and not allow_incomplete:
+            problem = class_count_problem(status.name, status.n_classes, status.expected_classes)
+            if problem:
+                status.usable, status.problem = False, problem
+    return statuses

@@ -47,9 +47,9 @@ from clbench.datasets.selection import (
     Source,
     bad_images_summary,
     dataset_labels,
-    first_tasks,
     select_task,
 )
+from clbench.datasets.sequence import task_sequence
 from clbench.datasets.xtail_names import (
     EXPECTED_CLASSES,
     ORDER_I,
@@ -273,8 +273,8 @@ def shot_draw(shots: int, seed: int, dataset: str) -> Draw | None:
 
 
 def task_names(cfg: RunConfig) -> list[str]:
-    """The domains of ``cfg.order``, cut to ``data.num_tasks`` if set."""
-    return first_tasks(ORDERS[cfg.order], cfg.data.num_tasks, "X-TAIL")
+    """The domains of ``cfg.order``, cut to ``data.num_tasks`` if set, or the ``data.datasets`` selection."""
+    return task_sequence(ORDERS[cfg.order], cfg.data.datasets, cfg.data.num_tasks, "xtail")
 
 
 def unusable_line(root: Path, bad: Sequence[tuple[str, Path | None, str]], total: int) -> str:

@@ -202,32 +202,84 @@ def embedded_reference(model: ClipModel, images: int, captions: int, seed: int) 
     return (pixels - mean) / std, list(dict.fromkeys(texts))
 
 
-class ReferenceImages:
-    """An endless, seeded, shuffled stream of reference-image batches (independent of the task loader)."""
+REF_MEMORY_BYTES = 256 * 2**20  # a reference image set up to this size (as float32 tensors) is read once into memory
 
-    def __init__(self, data: Tensor | torch.utils.data.Dataset, batch_size: int, seed: int, workers: int = 0):
-        self.data, self.batch_size, self.workers = data, batch_size, workers
+
+class _PlannedBatches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are set before each pass (so a persistent loader can serve every pass)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ReferenceImages:
+    """An endless, seeded, shuffled stream of reference-image batches (independent of the task loader).
+
+    Each pass is ``torch.randperm`` of the set drawn from the stream's generator, cut into batches (for an image
+    folder the last, partial batch is dropped when the set holds at least one batch, as ZSCL's loader). An image
+    folder whose decoded images fit in ``memory_bytes`` is read once, with ``workers`` processes, and then served
+    from memory; a larger one is read by one loader with ``workers`` persistent processes, kept for every pass of
+    a task (:meth:`close` stops them; ZSCL's code and clbench before started new workers each pass: with a small
+    set, every step). Both give the same batches."""
+
+    def __init__(self, data: Tensor | torch.utils.data.Dataset, batch_size: int, seed: int, workers: int = 0,
+                 memory_bytes: int = REF_MEMORY_BYTES):
+        self.batch_size, self.workers = batch_size, workers
+        self.drop_last = not isinstance(data, Tensor)
         self.gen = torch.Generator().manual_seed(seed)
         self._it: Iterator | None = None
+        self._sampler = _PlannedBatches()
+        self._loader: torch.utils.data.DataLoader | None = None
+        self.data: Tensor | torch.utils.data.Dataset = data
+        if not isinstance(data, Tensor) and len(data) and _decoded_bytes(data) * len(data) <= memory_bytes:
+            self.data = self._read_all(data)
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def _read_all(self, data: torch.utils.data.Dataset) -> Tensor:
+        """Every image of ``data``, decoded once (in order, ``workers`` processes), as one tensor."""
+        loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=False, num_workers=self.workers)
+        return torch.cat([images for images, _ in loader])
 
     def reseed(self, seed: int) -> None:
         """Start a fresh shuffled pass drawn from ``seed``."""
         self.gen.manual_seed(seed)
         self._it = None
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (a later pass starts new ones); the stream stays usable."""
+        self._it = None
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()  # idempotent; torch has no public call for a persistent loader
+        self._loader = None
+
+    def _plan(self) -> list[list[int]]:
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.gen).tolist()
+        size = self.batch_size
+        stop = n - n % size if self.drop_last and n >= size else n
+        return [order[i : min(i + size, stop)] for i in range(0, stop, size)]
+
     def _epoch(self) -> Iterator[Tensor]:
+        """One pass. The iterator holds no reference to ``self``: dropping the stream frees its loader (and stops
+        its workers) at once, never later in a process forked meanwhile."""
+        batches = self._plan()
         if isinstance(self.data, Tensor):
-            order = torch.randperm(len(self.data), generator=self.gen)
-            for i in range(0, len(order), self.batch_size):
-                yield self.data[order[i : i + self.batch_size]]
-            return
-        loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch_size, shuffle=True, generator=self.gen,
-                                             num_workers=self.workers, drop_last=len(self.data) >= self.batch_size)
-        for images, _ in loader:
-            yield images
+            return _rows(self.data, batches)
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(self.data, batch_sampler=self._sampler,
+                                                       num_workers=self.workers,
+                                                       persistent_workers=self.workers > 0)
+        self._sampler.batches = batches
+        return (images for images, _ in self._loader)
 
     def next(self) -> Tensor:
         for _ in range(2):
@@ -240,21 +292,32 @@ class ReferenceImages:
         raise RuntimeError("the reference image set is empty")
 
 
+def _rows(data: Tensor, batches: list[list[int]]) -> Iterator[Tensor]:
+    for batch in batches:
+        yield data[batch]
+
+
+def _decoded_bytes(data: torch.utils.data.Dataset) -> int:
+    """Bytes of one decoded image of ``data`` (its first), as the loader hands it over."""
+    image, _ = data[0]
+    return image.numel() * image.element_size()
+
+
+def reference_workers(requested: int) -> int:
+    """Loader processes for the reference images: ``zscl.ref_workers``, at most torch's thread count (``--threads``)."""
+    return max(0, min(requested, torch.get_num_threads()))
+
+
 def image_folder(root: Path, model: ClipModel) -> torch.utils.data.Dataset:
-    """An ImageFolder read with CLIP's test transform (resize bicubic, centre crop, normalise)."""
-    from torchvision import datasets, transforms
+    """An ImageFolder read with the backbone's test transform (:func:`clbench.datasets.mtil.clip_transform`)."""
+    from torchvision import datasets
 
     if not root.is_dir():
         raise UserError(f"zscl.ref_images={root} is not a folder; pass an ImageFolder root such as ImageNet "
                         "train (--set zscl.ref_images=/data/ImageNet/train)")
-    spec = model.image_spec
-    transform = transforms.Compose([
-        transforms.Resize(spec.size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(spec.size),
-        transforms.ToTensor(),  # ImageFolder's loader already converts to RGB
-        transforms.Normalize(spec.mean, spec.std),
-    ])
-    from clbench.datasets.mtil import ImageView
+    from clbench.datasets.mtil import ImageView, clip_transform
+
+    transform = clip_transform(model.image_spec)  # the backbone's test transform (its tag's preprocessing)
 
     try:
         folder = datasets.ImageFolder(str(root))  # PIL images, decoded one by one by the view below
@@ -323,7 +386,7 @@ class ZSCL(Method):
             self.captions = read_captions(Path(hp.ref_captions), hp.ref_caption_column)
         else:
             images, self.captions = embedded_reference(model, hp.ref_image_count, hp.ref_caption_count, seed)
-        self.ref_images = ReferenceImages(images, hp.ref_batch_size or 64, seed, hp.ref_workers)
+        self.ref_images = ReferenceImages(images, hp.ref_batch_size or 64, seed, reference_workers(hp.ref_workers))
         self.caption_tokens = model.tokenize(self.captions)
         self.ref_text = None
         self.encode_reference_text()
@@ -412,7 +475,10 @@ class ZSCL(Method):
             self.snapshots += 1
 
     def after_task(self, task: TaskContext) -> None:
-        """Load the ensemble into the model: it is evaluated and the next task starts from it."""
+        """Load the ensemble into the model: it is evaluated and the next task starts from it. The reference
+        loader's workers stop here (they serve every pass of one task), so none outlives the run."""
+        if self.ref_images is not None:
+            self.ref_images.close()
         if self.hparams.avg_freq and self.ensemble:
             with torch.no_grad():
                 for p, avg in zip(self.params(), self.ensemble, strict=True):
@@ -462,5 +528,6 @@ RECIPES = {
          "ref_image_count": harness("size of the embedded benchmark's reference image set"),
          "ref_caption_count": harness("size of the embedded benchmark's reference caption set"),
          "ref_seed": harness("seed of the reference draws"),
-         "ref_workers": harness("data-loader workers for the reference images")}),
+         "ref_workers": harness("data-loader workers for the reference images, at most --threads; kept for every "
+                                "pass (a small set is read once into memory)")}),
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from clbench.datasets.base import ImageSpec
 from clbench.errors import UserError
@@ -42,10 +42,57 @@ def _register_tiny() -> None:
         open_clip.add_model_config(TINY_CONFIG)
 
 
-def _image_spec(clip: torch.nn.Module) -> ImageSpec:
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # the file beside exported weights (open_clip's hf-hub / local-dir form)
+
+
+def preprocess_config(name: str, pretrained: str | None) -> tuple[dict, str]:
+    """open_clip's preprocessing fields (``PreprocessCfg``: mean, std, interpolation, resize_mode, fill_color) for
+    backbone ``name`` with weights ``pretrained``, and where they came from; read from configs only (no weights).
+
+    As ``open_clip.create_model_and_transforms`` resolves them: ``PreprocessCfg``'s defaults (OpenAI's mean/std,
+    bicubic, shortest side), overlaid by the tag's pretrained config (``open_clip.get_pretrained_cfg``); for a weight
+    file, by the ``preprocess_cfg`` of an ``open_clip_config.json`` beside it (the form open_clip exports and reads
+    for ``local-dir:``), else the defaults. The image size is the model's (see :func:`_image_spec`)."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    base = asdict(PreprocessCfg())
+    defaults = "open_clip defaults (OpenAI mean/std, bicubic, shortest side)"
+    if pretrained in (None, "", "none", "embedded"):
+        return base, defaults
+    if _is_weight_file(pretrained):
+        beside = Path(pretrained).expanduser().parent / OPEN_CLIP_CONFIG
+        if not beside.is_file():
+            return base, f"open_clip defaults (no {OPEN_CLIP_CONFIG} beside {pretrained})"
+        try:
+            overlay = json.loads(beside.read_text()).get("preprocess_cfg", {})
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"cannot read {beside} ({type(exc).__name__}); fix it or remove it to use open_clip's "
+                            "default preprocessing") from None
+        if not isinstance(overlay, dict):
+            raise UserError(f"{beside}: preprocess_cfg is not an object; fix it or remove it")
+        return merge_preprocess_dict(base, overlay), str(beside)
+    if name == TINY:
+        return base, defaults
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        return base, "open_clip defaults (unknown tag)"
+    return merge_preprocess_dict(base, tag_cfg), f"open_clip pretrained config {name}/{pretrained}"
+
+
+def _is_weight_file(pretrained: str) -> bool:
+    return Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained
+
+
+def _image_spec(clip: torch.nn.Module, name: str = TINY, pretrained: str | None = None) -> ImageSpec:
+    """The backbone's preprocessing: :func:`preprocess_config`, at the model's own image size."""
     size = clip.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
-    return ImageSpec(int(size), tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD))
+    cfg, source = preprocess_config(name, pretrained)
+    return ImageSpec(int(size), tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]),
+                     interpolation=str(cfg["interpolation"]), resize_mode=str(cfg["resize_mode"]),
+                     fill_color=int(cfg.get("fill_color", 0)), source=source)
 
 
 def _normaliser(spec: ImageSpec) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -206,7 +253,7 @@ def load_backbone(
         with _hub_offline(not downloads_allowed(allow_download)):  # e.g. a Hugging Face tokenizer stays local
             if pretrained in (None, "none"):
                 clip = _create_without_weights(name)
-            elif Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
+            elif _is_weight_file(pretrained):
                 clip = _create_without_weights(name)
                 clip.load_state_dict(_checked_state(load_state_file(Path(pretrained), allow_torchscript), clip,
                                                     name))
@@ -214,7 +261,7 @@ def load_backbone(
                 clip = _from_tag(name, pretrained, allow_download)
             tokenizer = open_clip.get_tokenizer(name)
     clip.eval()
-    model = ClipModel(clip, tokenizer, _image_spec(clip), name)
+    model = ClipModel(clip, tokenizer, _image_spec(clip, name, pretrained), name)
     model.weights = weights  # recorded in each run's manifest: which file the run started from
     return model.to(device)
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from clbench.config import DEFAULT_EVAL
 from clbench.errors import UserError
-from clbench.metrics import matrix_from_frame, mtil_metrics
+from clbench.metrics import matrix_from_frame, metrics_from_json, mtil_metrics
 from clbench.reports.names import method_display, method_order_key
 from clbench.results import group_label, read_accuracy_csv, safe_component
 from clbench.safeio import check_path, json_object, read_json, text_stream
@@ -35,7 +35,9 @@ REFERENCE = "zero-shot reference"  # the zero-shot run: shown on its own line, n
 
 # Config keys that do not change a run's numbers (or are the seed itself): seeds differing only here pool.
 IGNORED_CONFIG_KEYS = frozenset({"seed", "device", "data_root", "preset", "datasets", "_doc",
-                                 "train.num_workers", "train.eval_batch_size"})
+                                 "train.num_workers", "train.eval_batch_size",
+                                 # the task list is compared on its own; accepting a partial dataset changes no number
+                                 "data.datasets", "data.allow_incomplete"})
 # ``recipe`` restates the settings with their provenance (the method's card), so it never tells runs apart.
 IGNORED_CONFIG_PREFIXES = ("recipe.",)
 METRIC_TOLERANCE = 0.01  # percent; accuracy.csv keeps 4 decimals, so a sound pair agrees far closer
@@ -158,6 +160,7 @@ def read_run(folder: Path, manifest: dict) -> Matrix:
         raise UserError(f"{folder}: complete run without metrics.json; rerun it or remove the folder")
     metrics = _read_json(metrics_path)
     _check_metrics(metrics, accuracy, metrics_path)
+    metrics = metrics_from_json(metrics)
     zeroshot = None
     if (folder / "zeroshot.csv").exists():
         frame = read_accuracy_csv(folder / "zeroshot.csv")
@@ -320,7 +323,7 @@ def _check_metrics(metrics, accuracy: pd.DataFrame, path: Path) -> None:
                 raise KeyError(f"per_dataset.{block}")
             pairs += [(f"{block} on {d}", got[d], v) for d, v in expected["per_dataset"][block].items()]
         for key, got, want in pairs:
-            got = float(got)
+            got = float("nan") if got is None else float(got)  # null: an undefined metric (a one-task Transfer)
             if not (math.isnan(got) and math.isnan(want)) and not abs(got - want) <= METRIC_TOLERANCE:
                 raise UserError(f"{path} disagrees with its accuracy.csv ({key}: {got:.2f} vs {want:.2f}); "
                                 "the run's files are inconsistent, rerun it or remove its folder")

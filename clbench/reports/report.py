@@ -58,6 +58,12 @@ def build_report(paths: list[Path], fmt: str = "latex", labels: list[str] | None
                             "runs")
         return entry.build(paths, fmt, figures, costs, layout)
     inp = collect(paths, labels)
+    partial = coverage(inp)
+    if with_literature and partial is not None:
+        raise UserError(f"--with-literature: {partial[0]} of the {partial[1]} tasks of {partial[2]} ran; the published "
+                        f"numbers are over all {partial[1]} in the paper's order (Average and Last depend on the whole "
+                        "sequence), so they do not compare; drop --with-literature, or report runs of the full "
+                        "sequence")
     report = Report(warnings=list(inp.warnings))
     stem = table_stem(inp)
     frame = comparison_frame(inp, with_literature)
@@ -158,12 +164,44 @@ def table_stem(inp: ReportInput) -> str:
 RULES = {"task": "per-task label space", "union": "union label space"}
 
 
+def coverage(inp: ReportInput) -> tuple[int, int, str] | None:
+    """``(tasks run, the protocol's tasks, the protocol's order as named)`` when the runs of a real benchmark
+    trained another sequence than one of its orders in full (``--datasets``, ``data.num_tasks``); else None."""
+    from clbench.datasets.sequence import DISPLAY, protocol_names
+
+    if inp.benchmark not in DISPLAY:
+        return None
+    orders = _protocol_orders(inp.benchmark)
+    full = orders.get(inp.order or 1, [])
+    if [d.lower() for d in inp.datasets] == [d.lower() for d in full]:
+        return None
+    return len(inp.datasets), len(protocol_names(inp.benchmark)), benchmark_display(inp.benchmark, inp.order)
+
+
+def _protocol_orders(benchmark: str) -> dict[int, list[str]]:
+    if benchmark == "mtil":
+        from clbench.datasets.mtil_names import ORDERS
+    else:
+        from clbench.datasets.xtail_names import ORDERS
+    return {k: list(v) for k, v in ORDERS.items()}
+
+
+def _is_prefix(inp: ReportInput) -> bool:
+    """Whether the runs' tasks are the first tasks of their order (``data.num_tasks``), not a selection."""
+    full = [d.lower() for d in _protocol_orders(inp.benchmark).get(inp.order or 1, [])]
+    return [d.lower() for d in inp.datasets] == full[: len(inp.datasets)]
+
+
 def describe(inp: ReportInput) -> str:
     """``MTIL Order I, preset default, per-task label space``; the task list when the input names no benchmark.
     The preset and the evaluation rule are named whenever the rows include runs made here."""
     if inp.benchmark is None:
         return f"{len(inp.datasets)} tasks ({', '.join(inp.datasets)})"
-    text = benchmark_display(inp.benchmark, inp.order)
+    partial = coverage(inp)
+    if partial is not None and not _is_prefix(inp):  # a --datasets selection: no order of the protocol
+        text = f"{benchmark_display(inp.benchmark, None)} selection ({', '.join(inp.datasets)})"
+    else:
+        text = benchmark_display(inp.benchmark, inp.order)
     if inp.preset:
         text += f", preset {inp.preset}"
     if inp.eval_rule:
@@ -179,6 +217,13 @@ def _caption(inp: ReportInput, with_reported: str | bool, fmt: str) -> str:
             f"their mean. Rows with several seeds show mean {pm} sample std (seeds in the row label). "
             "Best per column in bold, second underlined, among the rows run here and external matrices"
             + ("; the zero-shot row is a reference, not ranked." if _has_reference(inp) else "."))
+    partial = coverage(inp)
+    if partial is not None:
+        text += (f" {partial[0]} of the protocol's {partial[1]} tasks ran ({esc(', '.join(inp.datasets))}): the "
+                 f"means are over this sequence, not the {partial[1]}-task protocol's.")
+    if len(inp.datasets) == 1:
+        text += (" Transfer is undefined for a one-task sequence: it averages the accuracy on each dataset before "
+                 "it is trained, and the only dataset is trained first.")
     if with_reported:
         text += " Reported rows are copied from their sources, not re-run, and not ranked"
         text += ("; (secondary): cited by a later paper, not checked against the authors' files."
