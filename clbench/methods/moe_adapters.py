@@ -83,6 +83,7 @@ from clbench.methods.base import Method, TaskContext
 from clbench.methods.recipes import RecipeCard, adapted, assumption, code
 from clbench.methods.registry import register_method
 from clbench.methods.state_checks import StateMismatch, expect_keys, expect_tensor, extra_entry, tensor_entry
+from clbench.methods.zscl import parse_lr_overrides
 from clbench.models.clip import ClipModel
 
 ZERO_SHOT = -1  # route of an image sent to the frozen CLIP
@@ -250,24 +251,6 @@ def ddas_select(errors: Tensor, thresholds: Tensor) -> Tensor:
     return torch.where(best > thresholds[task], torch.full_like(task, ZERO_SHOT), task)
 
 
-def parse_lr_overrides(spec: str) -> dict[str, float]:
-    """``"Aircraft:5e-3,EuroSAT:1e-4"`` → ``{"Aircraft": 5e-3, "EuroSAT": 1e-4}``."""
-    out: dict[str, float] = {}
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        name, sep, value = item.replace("=", ":").rpartition(":")
-        try:
-            lr = float(value)
-        except ValueError:
-            lr = -1.0
-        if not sep or not name.strip() or not lr > 0:
-            raise UserError(f"moe-adapters.lr_overrides: {item!r} is not DATASET:LR with LR > 0, "
-                            "e.g. --set moe-adapters.lr_overrides=Aircraft:5e-3,EuroSAT:1e-4")
-        out[name.strip()] = lr
-    return out
-
-
 # ---- the method ----------------------------------------------------------------------------------------
 @register_method("moe-adapters")
 class MoEAdapters(Method):
@@ -383,7 +366,7 @@ class MoEAdapters(Method):
             for i in range(self.hparams.experts):
                 if not pool.frozen[i]:
                     params += pool.expert_parameters(i)
-        lr = parse_lr_overrides(self.hparams.lr_overrides).get(self._task_name)
+        lr = parse_lr_overrides(self.hparams.lr_overrides, self.name).get(self._task_name)
         return [{"params": params, "lr": lr}] if lr is not None else params
 
     def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
