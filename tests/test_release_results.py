@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import clbench
-from clbench.cli import main
+from clbench.cli.app import main
 
 DATA = Path(__file__).resolve().parent / "data"
 RELEASES = sorted(DATA.glob("release-*/commands.json"))
