@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
+from clbench.engine.harness import make_loader_factory
 from clbench.errors import UserError
-from clbench.harness import make_loader_factory
 from clbench.methods.base import TaskContext
 from clbench.methods.icarl import ICaRL, ICaRLHparams, exemplar_counts, herding_order, next_chunk
 from clbench.methods.state_checks import StateMismatch
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 # Four 2-D features, mean μ = (0.5, 0.75). Herding by hand (pick k minimises ‖μ − (S + f_i)/k‖², S the sum so far):
 #   k=1: ‖μ − f_i‖² = 2.8125, 1.8125, 0.3125, 2.8125          → f2, S = (1, 1)

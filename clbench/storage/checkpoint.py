@@ -9,7 +9,7 @@ task-selection recall rows), the profiler's records, the
 method's ``extra_state()`` and Python's and NumPy's global generator states. Nothing in it is a pickle:
 reading it cannot run code, and a file that is not a clbench checkpoint is refused with one line.
 
-The harness reseeds every task from the seed and the task index (:func:`clbench.harness.run_sequence`), so
+The harness reseeds every task from the seed and the task index (:func:`clbench.engine.harness.run_sequence`), so
 the stored generator states are restored for completeness, not because the next task depends on them.
 """
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from clbench.errors import UserError
-from clbench.results import atomic_write_safetensors
+from clbench.storage.results import atomic_write_safetensors
 
 CHECKPOINT_NAME = "resume.safetensors"
 FORMAT = "clbench-resume/1"
@@ -124,7 +124,7 @@ def read_info(path: Path) -> dict:
     """The JSON part of the checkpoint at ``path``, read from the header only (no tensor data)."""
     from safetensors import safe_open
 
-    from clbench.safeio import check_regular
+    from clbench.storage.safeio import check_regular
 
     check_regular(path, "resume checkpoint", "delete it and rerun without --resume to start over")
     try:

@@ -2,7 +2,7 @@
 accuracy on every dataset, at the end Transfer / Average / Last / BWT, the accuracy matrix and the cost of each
 profiled section. Off by default; Weights & Biases runs offline unless ``WANDB_MODE`` says otherwise.
 
-Everything is read from what the run itself records (the per-task rows through :class:`~clbench.harness.Hooks`,
+Everything is read from what the run itself records (the per-task rows through :class:`~clbench.engine.harness.Hooks`,
 then ``metrics.json``, ``accuracy.csv`` and ``profile.csv``), so a tracker never changes a result. Logs go under
 ``<out>/tracking/``: TensorBoard event files in ``tensorboard/<run folder>``, W&B's offline runs in ``wandb/``.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from clbench.engine.harness import Hooks
 from clbench.errors import UserError
 from clbench.extras import missing, require
-from clbench.harness import Hooks
 
 BACKENDS = ("tensorboard", "wandb")
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}

@@ -27,7 +27,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from clbench.cli_options import (
+from clbench.cli.consoles import make_console
+from clbench.cli.options import (
     AllowIncomplete,
     Backbone,
     DataRoot,
@@ -46,9 +47,8 @@ from clbench.cli_options import (
     data_assignments,
 )
 from clbench.config import check_real_data_options
-from clbench.consoles import make_console
 from clbench.errors import UserError
-from clbench.sweep import (
+from clbench.sweeps.plan import (
     DONE,
     INVALID,
     RunReport,
@@ -132,7 +132,7 @@ def sweep(
         from clbench.mcit import sweep as mcit_sweep
         from clbench.mcit.methods import get_mcit_method
         from clbench.mcit.metrics import LABELS, ORDER
-        from clbench.safeio import check_path
+        from clbench.storage.safeio import check_path
 
         require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
         mcit_sweep.check_options(benchmark, {
@@ -159,7 +159,7 @@ def sweep(
     options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
                "data_root": data_root or None, "device": device, "precision": precision or None,
                "eval": eval_ or None}
-    from clbench.safeio import check_path
+    from clbench.storage.safeio import check_path
 
     request = SweepRequest(tuple(names), int_list(orders, "--orders"), int_list(seeds, "--seeds"), axes, preset,
                            tuple(options.items()), tuple(sets), str(check_path(out, "--out").resolve()), cpus_per_job)
@@ -174,7 +174,7 @@ def _launch(specs: list[RunSpec], out: Path, dry_run: bool, quiet: bool, launch:
             columns: list[tuple[str, str]]) -> None:
     """The planned runs of a sweep (CLIP or MCIT): list them (``--dry-run``), or run what is not done through the
     chosen launcher under the live view, then print the summary (exit 1 when a run failed)."""
-    from clbench.launchers import make_launcher
+    from clbench.sweeps.launchers import make_launcher
 
     statuses = {s.id: run_status(s) for s in specs}
     if dry_run:
@@ -216,8 +216,8 @@ def _prepare_backbone(backbone: str, pretrained: str, quiet: bool) -> None:
     """Pretrain the embedded tiny backbone once here, so parallel runs do not each pretrain it."""
     if backbone != "tiny" or pretrained not in ("", "embedded"):
         return
+    from clbench.engine.progress import RunProgress
     from clbench.models.backbones import ensure_tiny_weights, tiny_weights_ready
-    from clbench.progress import RunProgress
 
     if not tiny_weights_ready():
         with RunProgress(quiet=quiet, console=console) as progress:

@@ -40,7 +40,7 @@ def pid_alive(pid: int) -> bool:
 
 def read_lock(path: Path) -> dict:
     """The holder recorded in a lock file; ``{}`` when it cannot be read or parsed."""
-    from clbench.safeio import read_json
+    from clbench.storage.safeio import read_json
 
     try:
         data = read_json(path, "lock file", "", limit=1 << 16)  # a regular file of a few bytes, never a FIFO

@@ -24,10 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, Task, union_spans
+from clbench.engine.schedules import build_scheduler
 from clbench.methods.base import Method, TaskContext
-from clbench.profiling import Profiler
-from clbench.schedules import build_scheduler
 
 
 class DivergenceError(RuntimeError):

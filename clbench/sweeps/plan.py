@@ -1,6 +1,6 @@
 """Sweeps: the cross product of methods, orders, seeds and grid values as runs with deterministic ids.
 
-A sweep is planned here and executed by a launcher (:mod:`clbench.launchers`); the launcher only decides
+A sweep is planned here and executed by a launcher (:mod:`clbench.sweeps.launchers`); the launcher only decides
 *where* :func:`execute_run` is called, so the results do not depend on it. An MCIT (LLaVA) sweep is planned by
 :mod:`clbench.mcit.sweep` into the same :class:`RunSpec` (``setting="mcit"``, its ``runner``) and shares everything
 below the plan: ids checked in the worker, folders, skipping, staging, failures and resume. This module never
@@ -14,7 +14,7 @@ imports a setting: a spec carries the function that runs it.
 - **Folders.** The results contract ``<out>/<benchmark>-order<k>/<method>/seed<s>/`` with the grid point
   in the method folder's name: ``keeplora,rank=8,eps_f=0.9`` (method, then ``key=value`` of every grid
   axis that applies to the run, comma-separated; ``@`` is not allowed by
-  :func:`clbench.results.safe_component`, a comma is, and no method name or key contains one). A point
+  :func:`clbench.storage.results.safe_component`, a comma is, and no method name or key contains one). A point
   that is not a safe name, or is too long, is named by a hash: ``keeplora,grid-<8 hex>``. A run without
   grid axes uses the plain method name, the folder ``clbench run`` writes.
 - **Skipping.** A folder whose ``manifest.json`` says ``complete`` and whose ``config.json`` has this
@@ -27,7 +27,7 @@ imports a setting: a spec carries the function that runs it.
 - **Failures** never stop the sweep: the folder gets ``manifest.json`` with status ``failed`` and
   ``error.txt`` (message and traceback). A run that failed after completing a task (a crash, a kill, an
   interrupt) keeps its resume checkpoint in the staging folder, and the next sweep resumes it there
-  (``clbench run --resume`` semantics, :mod:`clbench.checkpoint`); its final folder holds the failure record.
+  (``clbench run --resume`` semantics, :mod:`clbench.storage.checkpoint`); its final folder holds the failure record.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ STARTED = "started.json"  # written by the worker when a run starts (the live vi
 ERROR_FILE = "error.txt"
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
-CHECKPOINT = "resume.safetensors"  # clbench.checkpoint.CHECKPOINT_NAME (not imported: it pulls in torch)
+CHECKPOINT = "resume.safetensors"  # clbench.storage.checkpoint.CHECKPOINT_NAME (not imported: it pulls in torch)
 MAX_FOLDER_NAME = 120
 RESERVED_KEYS = {"seed": "--seeds", "order": "--orders"}
 METRIC_KEYS = ("transfer", "average", "last", "bwt", "mft", "mfn", "maa")  # a report's metrics (CLIP and MCIT)
@@ -261,7 +261,7 @@ def sets_for(method: str, sets: tuple[str, ...]) -> list[str]:
 
 def folder_name(method: str, point: tuple[tuple[str, str], ...]) -> str:
     """The method folder of a grid point: ``keeplora,rank=8``; a hash where the text is not a safe name."""
-    from clbench.results import safe_component
+    from clbench.storage.results import safe_component
 
     if not point:
         return method
@@ -282,7 +282,7 @@ def expand(request: SweepRequest) -> list[RunSpec]:
     two runs with the same resolved configuration are a UserError.
     """
     from clbench.config import build_config, method_run_config, run_id
-    from clbench.results import run_dir
+    from clbench.storage.results import run_dir
 
     options = dict(request.options)
     benchmark = str(options.get("benchmark") or "synthetic")
@@ -321,7 +321,7 @@ def _check_distinct(specs: list[RunSpec]) -> None:
 # ---- status of existing results -------------------------------------------------------------------------
 def _read_json(path: Path) -> dict | None:
     """A run's JSON file as a dict, or None when it is absent, not a regular file, too big or not an object."""
-    from clbench.safeio import read_json
+    from clbench.storage.safeio import read_json
 
     try:
         data = read_json(path, "run file", "")
@@ -342,7 +342,7 @@ def folder_run_id(folder: Path) -> str | None:
 
 def run_status(spec: RunSpec) -> str:
     """What a sweep does with ``spec``: ``done`` (skipped), or why it runs (new, retry, replace, ...)."""
-    from clbench.results import missing_results
+    from clbench.storage.results import missing_results
 
     if spec.error is not None:
         return INVALID
@@ -403,7 +403,7 @@ def _describe(exc: BaseException) -> str:
 def _run(spec: RunSpec):
     """Rebuild the run's configuration, check its id, run it under the staging folder."""
     from clbench.config import build_config, method_run_config, run_id
-    from clbench.runner import run_methods
+    from clbench.engine.runner import run_methods
 
     if spec.error is not None:
         raise UserError(spec.error)
@@ -422,7 +422,7 @@ def _run(spec: RunSpec):
 
 def staged_folder(spec: RunSpec) -> Path:
     """Where the runner writes ``spec`` while it runs (inside the staging folder)."""
-    from clbench.results import run_dir
+    from clbench.storage.results import run_dir
 
     return run_dir(spec.staging / "out", spec.benchmark, spec.order, spec.method, spec.seed, spec.eval_rule,
                    datasets=spec.datasets)
@@ -457,7 +457,7 @@ def _publish(spec: RunSpec, error: str | None, trace: str | None, started: float
     got past a task) stays staged so the next sweep resumes it, and a copy without the checkpoint records
     the failure; any other failed run is moved.
     """
-    from clbench.results import atomic_write_json, atomic_write_text
+    from clbench.storage.results import atomic_write_json, atomic_write_text
 
     staged = staged_folder(spec)
     # A lock left in the staged folder belongs to another process (the runner releases its own): a live run of

@@ -15,7 +15,8 @@ import click
 import typer
 from rich.table import Table
 
-from clbench.cli_options import (
+from clbench.cli.consoles import make_console
+from clbench.cli.options import (
     AllowIncomplete,
     Backbone,
     DataRoot,
@@ -34,9 +35,8 @@ from clbench.cli_options import (
     SkipBadImages,
     Threads,
 )
-from clbench.consoles import make_console
+from clbench.engine.interrupt import RunInterrupted
 from clbench.errors import UserError
-from clbench.interrupt import RunInterrupted
 
 # Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -102,8 +102,8 @@ def run(
 ) -> None:
     """Run methods over a task sequence and write one results folder per method."""
     from clbench.config import build_config
-    from clbench.progress import RunProgress
-    from clbench.runner import run_methods
+    from clbench.engine.progress import RunProgress
+    from clbench.engine.runner import run_methods
 
     names = _split(methods)
     if not names:
@@ -162,8 +162,8 @@ def _tracker(track: str, cfg, out: Path):
         return None
     import dataclasses
 
-    from clbench.results import run_dir
-    from clbench.tracking import Tracker, parse_backends
+    from clbench.engine.tracking import Tracker, parse_backends
+    from clbench.storage.results import run_dir
 
     backends = parse_backends(track)
     config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
@@ -175,7 +175,7 @@ def _tracker(track: str, cfg, out: Path):
 def _print_costs(outcomes) -> None:
     import pandas as pd
 
-    from clbench.profiling import summarise_profile
+    from clbench.costs.profiler import summarise_profile
 
     for o in outcomes:
         profile = o.path / "profile.csv"
@@ -184,7 +184,7 @@ def _print_costs(outcomes) -> None:
 
 
 def _print_summary(outcomes) -> None:
-    from clbench.metrics import undefined_text
+    from clbench.engine.metrics import undefined_text
 
     union = any((o.metrics or {}).get("eval") == "union" for o in outcomes)
     rule = "union label space" if union else "per-task label space"
@@ -287,10 +287,10 @@ def pretrain(
                          "(float16 + recipe JSON under clbench/models/weights/)")] = False,
 ) -> None:
     """Pretrain the embedded tiny backbone (its recipe), or say which shipped or cached weights are used."""
+    from clbench.engine.progress import RunProgress
     from clbench.models.backbones import ensure_tiny_weights, tiny_key, tiny_recipe, tiny_weights_path
     from clbench.models.pretrain import PretrainConfig
     from clbench.models.shipped import compare_to_shipped, export_shipped, load_shipped, shipped_weights
-    from clbench.progress import RunProgress
 
     shipped = shipped_weights(tiny_key())
     if shipped is not None and not (verify or export):
@@ -335,8 +335,8 @@ def metrics(
                                          "MFT / MFN / MAA / BWT and Transfer)")] = "mtil",
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
-    from clbench.metrics import json_safe, matrix_from_frame, mtil_metrics, undefined_text
-    from clbench.results import read_accuracy_csv
+    from clbench.engine.metrics import json_safe, matrix_from_frame, mtil_metrics, undefined_text
+    from clbench.storage.results import read_accuracy_csv
 
     if setting not in ("mtil", "mcit"):
         raise UserError(f"--setting {setting!r} is unknown; use mtil or mcit")
@@ -371,7 +371,7 @@ def metrics(
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.
-COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli", "clbench.sweep_cli", "clbench.costs.cli")
+COMMAND_MODULES = ("clbench.datasets.cli", "clbench.reports.cli", "clbench.cli.sweep", "clbench.costs.cli")
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 

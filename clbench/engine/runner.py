@@ -1,9 +1,9 @@
 """One ``clbench run``: build the benchmark and backbone once, then run each method over the sequence and
-write its results directory (the results contract in :mod:`clbench.results`).
+write its results directory (the results contract in :mod:`clbench.storage.results`).
 
 Order of events: every input is validated (nothing written yet); each run folder is locked
-(:mod:`clbench.lock`); a run's first write happens when its first task ends (``config.json``, ``manifest.json``
-with status ``running``, the partial CSVs and the resume checkpoint of :mod:`clbench.checkpoint`), or when it
+(:mod:`clbench.storage.lock`); a run's first write happens when its first task ends (``config.json``, ``manifest.json``
+with status ``running``, the partial CSVs and the resume checkpoint of :mod:`clbench.storage.checkpoint`), or when it
 fails for a reason other than a user error; the manifest becomes ``complete`` (and the checkpoint is deleted)
 or ``failed``. A user error (e.g. an unreadable image) before the first task ends leaves the folder as it was.
 """
@@ -23,7 +23,18 @@ from pathlib import Path
 
 import torch
 
-from clbench.checkpoint import (
+from clbench.config import RunConfig, method_run_config, run_id, train_config_for
+from clbench.costs.profiler import Profiler, SectionRecord
+from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
+from clbench.engine.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
+from clbench.engine.interrupt import RunInterrupted, critical, handling_signals, mark_interrupted
+from clbench.engine.metrics import json_safe, metrics_from_json, mtil_metrics
+from clbench.errors import UserError
+from clbench.methods import get_method
+from clbench.methods.state_checks import StateMismatch
+from clbench.models.backbones import load_backbone
+from clbench.models.clip import ClipModel
+from clbench.storage.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     capture_rng,
@@ -34,19 +45,8 @@ from clbench.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from clbench.config import RunConfig, method_run_config, run_id, train_config_for
-from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
-from clbench.errors import UserError
-from clbench.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
-from clbench.interrupt import RunInterrupted, critical, handling_signals, mark_interrupted
-from clbench.lock import LOCK_NAME, RunLock
-from clbench.methods import get_method
-from clbench.methods.state_checks import StateMismatch
-from clbench.metrics import json_safe, metrics_from_json, mtil_metrics
-from clbench.models.backbones import load_backbone
-from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler, SectionRecord
-from clbench.results import (
+from clbench.storage.lock import LOCK_NAME, RunLock
+from clbench.storage.results import (
     accuracy_frame,
     atomic_write_csv,
     atomic_write_json,
@@ -134,8 +134,8 @@ def run_methods(
     Everything is checked before anything is written: method names, hyperparameter ranges (adapter ranks
     against the backbone's width), the output folder, the weights, the data, each method's own
     ``validate()``, and with ``resume`` the run found in each folder (same ``run_id``). Then every run
-    folder is locked (:class:`~clbench.lock.RunLock`) and the methods run one after the other, saving a
-    resume checkpoint after each task (:mod:`clbench.checkpoint`), deleted once the run is complete.
+    folder is locked (:class:`~clbench.storage.lock.RunLock`) and the methods run one after the other, saving a
+    resume checkpoint after each task (:mod:`clbench.storage.checkpoint`), deleted once the run is complete.
     """
     notify = notify or _print_notice
     check_path_options(cfg, Path(out))
@@ -195,7 +195,7 @@ def _leftovers(path: Path) -> bool:
 def check_path_options(cfg: RunConfig, out: Path) -> None:
     """``--out``, ``--data-root`` and a ``--pretrained`` file must be paths the OS can use (no over-long name,
     no symlink loop): a one-line error now rather than an OSError mid-run."""
-    from clbench.safeio import check_path
+    from clbench.storage.safeio import check_path
 
     check_path(out, "--out")
     if cfg.data_root:
@@ -351,7 +351,7 @@ def _flatten(data, prefix: str = "") -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    from clbench.safeio import json_object, read_json
+    from clbench.storage.safeio import json_object, read_json
 
     fix = "delete that run folder, or drop --resume"
     return json_object(read_json(path, "run file", fix), path, "run file", fix)
@@ -519,7 +519,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
 
 
 def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler: Profiler) -> Checkpoint:
-    """The state after ``len(result.rows)`` tasks, as a :class:`~clbench.checkpoint.Checkpoint`."""
+    """The state after ``len(result.rows)`` tasks, as a :class:`~clbench.storage.checkpoint.Checkpoint`."""
     rng, rng_extra = capture_rng()
     recall = ({"zeroshot": list(result.zeroshot_recall), "rows": [list(r) for r in result.recall_rows]}
               if result.zeroshot_recall is not None else {})

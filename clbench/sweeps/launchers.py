@@ -1,10 +1,11 @@
 """Where the runs of a sweep execute: this machine, a Ray cluster, or SLURM through submitit.
 
-Every launcher calls the same :func:`clbench.sweep.execute_run` on each :class:`~clbench.sweep.RunSpec`, in a
-process of the run's own (so a crash, a leak or global state of one run cannot touch another), and reports
-each :class:`~clbench.sweep.RunReport` to a monitor as the run ends. Ray and submitit are optional extras,
-imported only when their launcher is used. Workers write to the sweep's ``--out`` and import clbench, so a
-cluster needs the same clbench version on every node (a run checks its id) and a file system shared with
+Every launcher calls the same :func:`clbench.sweeps.plan.execute_run` on each
+:class:`~clbench.sweeps.plan.RunSpec`, in a process of the run's own (so a crash, a leak or global state of one
+run cannot touch another), and reports each :class:`~clbench.sweeps.plan.RunReport` to a monitor as the run
+ends. Ray and submitit are optional extras, imported only when their launcher is used. Workers write to the
+sweep's ``--out`` and import clbench, so a cluster needs the same clbench version on every node (a run checks
+its id) and a file system shared with
 the machine that launches the sweep.
 
 - ``local``: a bounded number of runs at a time (``--jobs``), each in a fresh ``spawn`` process through a
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 
 from clbench.errors import UserError
 from clbench.extras import missing
-from clbench.sweep import RunReport, RunSpec, execute_run, record_failure
+from clbench.sweeps.plan import RunReport, RunSpec, execute_run, record_failure
 
 POLL_SECONDS = 0.5
 EXTRAS = {"ray": ("ray", "clbench[ray]"), "slurm": ("submitit", "clbench[slurm]")}

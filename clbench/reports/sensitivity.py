@@ -20,7 +20,7 @@ import pandas as pd
 from clbench.errors import UserError
 from clbench.reports.loading import IGNORED_CONFIG_KEYS, IGNORED_CONFIG_PREFIXES, RUN, ReportInput, collect
 from clbench.reports.names import method_display
-from clbench.sweep import key_target
+from clbench.sweeps.plan import key_target
 
 METRICS = {"transfer": "Transfer", "average": "Average", "last": "Last"}
 COLUMNS = ["series", "method", "key", "value", "seeds"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]

@@ -80,7 +80,7 @@ def mark_interrupted(exc: RunInterrupted, manifest: dict, folder, name: str, tot
     ``exc`` where the run stopped, for the one-line resume message; shared by the CLIP and LLaVA runners."""
     import time
 
-    from clbench.results import atomic_write_json
+    from clbench.storage.results import atomic_write_json
 
     done = manifest.get("completed_tasks", default_done)
     with critical():

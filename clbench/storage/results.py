@@ -5,8 +5,8 @@ A (benchmark, order, method, seed) run lives in ``<out>/<benchmark>-order<k>/<me
 Every file is written to a temporary name in the same folder and renamed, so a reader never sees half a
 file; ``manifest.json``'s ``status`` says whether the run is ``running``, ``complete``, ``failed`` or ``interrupted``
 (SIGTERM/SIGINT), and ``complete`` is trusted only with its files (:func:`missing_results`). While a
-run is in progress its folder also holds ``run.lock`` (:mod:`clbench.lock`) and, after each completed task,
-``resume.safetensors`` (:mod:`clbench.checkpoint`, deleted once the run is complete). Everything here is
+run is in progress its folder also holds ``run.lock`` (:mod:`clbench.storage.lock`) and, after each completed task,
+``resume.safetensors`` (:mod:`clbench.storage.checkpoint`, deleted once the run is complete). Everything here is
 JSON, CSV or safetensors: nothing clbench writes is a pickle.
 """
 
@@ -134,12 +134,12 @@ def accuracy_frame(rows: list[list[float]], trained_on: list[str], datasets: lis
 def read_accuracy_csv(path: Path) -> pd.DataFrame:
     """Read a matrix in the ``accuracy.csv`` format: ``trained_on`` then one column per dataset.
 
-    Only a regular file of bounded size is read (:mod:`clbench.safeio`); duplicate column names are refused
+    Only a regular file of bounded size is read (:mod:`clbench.storage.safeio`); duplicate column names are refused
     (pandas would silently rename the second one)."""
     import csv
     import io
 
-    from clbench.safeio import read_text
+    from clbench.storage.safeio import read_text
 
     fix = "give a CSV with a trained_on column"
     text = read_text(path, "accuracy matrix", fix)
@@ -170,7 +170,7 @@ def missing_results(folder: Path, datasets: list[str] | None = None, setting: st
     """Why ``folder``'s files do not back a ``complete`` status (a file missing or unreadable, fewer accuracy rows
     than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``; ``setting``
     ``"mcit"`` checks an MCIT run folder's files (:mod:`clbench.mcit.runner`)."""
-    from clbench.safeio import is_regular, read_json
+    from clbench.storage.safeio import is_regular, read_json
 
     folder = Path(folder)
     mcit = setting == "mcit"
