@@ -3,7 +3,7 @@
     python -m benchmarks.method_times                                  # lora, icarl and the MTIL baselines
     python -m benchmarks.method_times --methods lora,icarl --threads 1
 
-Every method is run by its own ``clbench run`` call (``clbench.cli.main``, as :mod:`benchmarks.embedded`) into a
+Every method is run by its own ``clbench run`` call (``clbench.cli.app.main``, as :mod:`benchmarks.embedded`) into a
 fresh temporary folder (deleted afterwards, so no finished run is reused), on the same order, seed and preset;
 the table gives each run's wall time, the process's CPU time over it, and both as ratios to the reference
 method's (``--reference``, default ``lora``, always run first). Ratios are read, never asserted: the target of
@@ -27,7 +27,7 @@ TARGETS = {"icarl": 2.0}  # issue 25: wall time <= 2x LoRA's on the embedded def
 
 def time_run(method: str, order: int, seed: int, preset: str, threads: int | None) -> tuple[float, float]:
     """Wall and CPU seconds of one ``clbench run --methods METHOD`` into a temporary folder."""
-    from clbench.cli import main
+    from clbench.cli.app import main
 
     out = Path(tempfile.mkdtemp(prefix=f"clbench-times-{method}-"))
     argv = ["run", "--methods", method, "--order", str(order), "--seed", str(seed), "--out", str(out),
