@@ -397,3 +397,13 @@ def recipe_record(cfg: RunConfig, method: str) -> dict:
     return {"preset": cfg.preset, "card": card.reference, "authors_preset": card.preset,
             "settings": {row.key: {"value": row.value, "source": row.source, "note": row.note}
                          for row in recipe_rows(cfg, method)}}
+
+
+def data_assignments(shots: int | None, skip_bad_images: bool, datasets: str = "",
+                     allow_incomplete: bool = False) -> list[str]:
+    """``--shots``, ``--skip-bad-images``, ``--datasets`` and ``--allow-incomplete`` as the ``data.*`` settings
+    they stand for (``--set`` form)."""
+    return ([f"data.shots={shots}"] if shots is not None else []) + (
+        ["data.skip_bad_images=true"] if skip_bad_images else []) + (
+        [f"data.datasets={datasets}"] if datasets.strip() else []) + (
+        ["data.allow_incomplete=true"] if allow_incomplete else [])

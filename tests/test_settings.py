@@ -1,0 +1,97 @@
+"""The registry of settings (clbench.settings): every benchmark belongs to exactly one setting, lookups of unknown
+names are one line, and no module outside the settings spells a benchmark of the LLaVA setting (the command line
+asks the registry instead of testing names)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from clbench.cli.app import main
+from clbench.errors import UserError
+from clbench.settings import SETTINGS, all_benchmarks, get_setting, setting_for_benchmark
+from clbench.settings.base import Setting
+
+ROOT = Path(__file__).resolve().parents[1] / "clbench"
+# Where a setting's names may be spelled: its declaration and its implementation.
+ALLOWED = ("settings", "mcit")
+LLAVA_NAMES = ("synthetic-mcit", "ucit", "mllm-dcl")
+
+
+def test_every_benchmark_belongs_to_exactly_one_setting() -> None:
+    names = all_benchmarks()
+    assert len(names) == len(set(names)), "a benchmark is declared by two settings"
+    for benchmark in names:
+        owners = [s for s in SETTINGS if benchmark in s.benchmarks]
+        assert len(owners) == 1 and setting_for_benchmark(benchmark) is owners[0]
+    assert setting_for_benchmark("mtil").name == "clip" and setting_for_benchmark("ucit").name == "mcit"
+    assert set(LLAVA_NAMES) == set(get_setting("mcit").benchmarks)
+    for s in SETTINGS:
+        assert isinstance(s, Setting) and s.name and set(s.embedded) <= set(s.benchmarks)
+        assert get_setting(s.name) is s and all(get_setting(a) is s for a in s.aliases)
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_the_commands_offer_exactly_the_registered_benchmarks(command: str, capsys) -> None:
+    assert main([command, "--help"]) == 0
+    assert f"--benchmark <{'|'.join(all_benchmarks())}>" in " ".join(capsys.readouterr().out.split())
+
+
+def test_unknown_names_are_one_line() -> None:
+    with pytest.raises(UserError, match=r"--benchmark 'nope' is unknown; use one of synthetic, mtil"):
+        setting_for_benchmark("nope")
+    with pytest.raises(UserError, match=r"--setting 'nope' is unknown; use clip \(mtil\) or mcit"):
+        get_setting("nope")
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--methods", "lora", "--benchmark", "nope"],
+    ["sweep", "--methods", "lora", "--benchmark", "nope"],
+    ["metrics", "unused.csv", "--setting", "nope"],
+    ["methods", "lora", "--setting", "nope"],
+])
+def test_unknown_benchmark_or_setting_on_the_command_line(args: list[str], capsys, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "metrics":
+        (tmp_path / "unused.csv").write_text("trained_on,a\na,50\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0], err
+    assert not (tmp_path / "results").exists()
+
+
+def spelled_names(source: str, names: tuple[str, ...] = LLAVA_NAMES) -> list[tuple[int, str]]:
+    """``(line, text)`` of every string constant in ``source`` that names one of ``names`` as a word (docstrings
+    excluded: prose may name a benchmark; code that tests one must ask the registry)."""
+    tree = ast.parse(source)
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and pattern.search(node.value)]
+
+
+def test_the_detector_catches_a_name_test() -> None:
+    assert spelled_names('def run(benchmark):\n    if benchmark == "ucit":\n        pass\n') == [(2, "ucit")]
+    assert spelled_names('x = benchmark in ("synthetic-mcit", "mllm-dcl")\n') != []
+    assert spelled_names('help = "LLaVA: ucit, mllm-dcl"\n') != []
+    assert spelled_names('"""ucit in a docstring is prose."""\nx = "synthetic"\ny = "ucitx"\n') == []
+
+
+def test_no_module_outside_the_settings_spells_a_llava_benchmark() -> None:
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in ALLOWED:
+            continue
+        found += [f"{relative}:{line}: {text!r}" for line, text in spelled_names(path.read_text())]
+    assert not found, "ask clbench.settings instead of naming a setting's benchmark:\n" + "\n".join(found)
