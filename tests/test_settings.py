@@ -95,3 +95,40 @@ def test_no_module_outside_the_settings_spells_a_llava_benchmark() -> None:
             continue
         found += [f"{relative}:{line}: {text!r}" for line, text in spelled_names(path.read_text())]
     assert not found, "ask clbench.settings instead of naming a setting's benchmark:\n" + "\n".join(found)
+
+
+def test_llava_presets_are_json_read_by_the_shared_loader() -> None:
+    """The LLaVA presets moved from a Python dict to clbench/presets/mcit/*.json with the same values (so the same
+    run ids), read by the CLIP presets' loader; the tiny LLaVA's default pre-training length stays STEPS."""
+    pytest.importorskip("transformers", reason="the MCIT setting needs the mcit extra")
+    from clbench.config import list_presets, load_preset
+    from clbench.mcit.pretrain import STEPS
+    from clbench.mcit.runner import PRESETS
+
+    assert list_presets("mcit") == ["default", "smoke"] and "paper" in list_presets()
+    assert {k: v for k, v in load_preset("smoke", "mcit").items() if k != "_doc"} == {
+        "n_train": 32, "n_test": 8, "pretrain_steps": 20, "loop": {"epochs": [1], "batch_size": 16}}
+    assert {k: v for k, v in PRESETS["default"].items() if k != "_doc"} == {
+        "n_train": 192, "n_test": 48, "pretrain_steps": STEPS, "loop": {"epochs": [12], "batch_size": 16}}
+    with pytest.raises(UserError, match="--preset 'paper' is unknown for the MCIT setting; use default or smoke"):
+        load_preset("paper", "mcit", "MCIT setting")
+
+
+def test_llava_sets_go_through_the_shared_parser() -> None:
+    pytest.importorskip("transformers", reason="the MCIT setting needs the mcit extra")
+    from clbench.mcit.loop import LoopConfig
+    from clbench.mcit.methods import get_mcit_method
+    from clbench.mcit.runner import apply_sets
+
+    loop, hparams, sizes = LoopConfig(), {"keeplora": get_mcit_method("keeplora").Hparams()}, {"n_train": 4,
+                                                                                               "n_test": 2}
+    apply_sets(["loop.epochs=2,3", "loop.caption_max_chars=none", "keeplora.rank = 4", "data.n_test=5",
+                "keeplora.energy=1"], loop, hparams, sizes)
+    assert loop.epochs == [2, 3] and loop.caption_max_chars is None and hparams["keeplora"].rank == 4
+    assert hparams["keeplora"].energy == 1.0 and sizes == {"n_train": 4, "n_test": 5}
+    for bad, needle in [("loop.batch_size=0", "loop.batch_size=0 is out of range"),
+                        ("keeplora.eps_w=1.5", "keeplora.eps_w=1.5 is out of range"),
+                        ("keeplora.rank=2.5", "is not a valid int"), ("loop.nope=1", "<method>.<field>"),
+                        ("data.n_train=-1", "data.n_train=-1 is out of range")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            apply_sets([bad], loop, hparams, sizes)

@@ -38,12 +38,14 @@ class McitTask:
 class LoopConfig:
     """Training and evaluation settings shared by every method."""
 
-    epochs: list[int] = field(default_factory=lambda: [1])  # per task; the last value repeats
-    batch_size: int = 16
-    warmup: float = 0.03
-    max_new_tokens: int = 10
-    eval_batch: int = 64
-    caption_max_chars: int | None = 300  # KeepLoRA; None = MCITlib LoRA-FT (no truncation)
+    # ranges in the metadata, checked by every --set (clbench.config.set_field), as for the CLIP settings
+    epochs: list[int] = field(default_factory=lambda: [1], metadata={"min": 1})  # per task; the last value repeats
+    batch_size: int = field(default=16, metadata={"min": 1})
+    warmup: float = field(default=0.03, metadata={"min": 0.0, "max": 1.0})  # share of the steps
+    max_new_tokens: int = field(default=10, metadata={"min": 1})
+    eval_batch: int = field(default=64, metadata={"min": 1})
+    # KeepLoRA; None ("none") = MCITlib LoRA-FT (no truncation)
+    caption_max_chars: int | None = field(default=300, metadata={"min": 1, "nullable": True})
 
     def epochs_for(self, t: int) -> int:
         return self.epochs[min(t, len(self.epochs) - 1)]

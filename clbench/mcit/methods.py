@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -158,15 +158,23 @@ def get_mcit_method(name: str) -> type[McitMethod]:
     return MCIT_METHODS.get(name)
 
 
+# Ranges of the hyperparameters (checked by every --set, clbench.config.set_field; the CLIP forms' own ranges)
+RANK = {"min": 1}
+POSITIVE = {"min": 0.0, "exclusive_min": True}
+NON_NEGATIVE = {"min": 0.0}
+SHARE = {"min": 0.0, "max": 1.0}
+FRACTION = {"min": 0.0, "exclusive_min": True, "max": 1.0}
+
+
 @dataclass
 class LoraFTHparams:
     """MCITlib LoRA-FT: r (UCIT 16, DCL 32), alpha = 2r, dropout 0.05; lr 2e-4 and projector 2e-5 there."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 5e-3
-    projector_lr: float = 5e-4
+    rank: int = field(default=8, metadata=RANK)
+    alpha: float = field(default=16.0, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=SHARE)
+    lr: float = field(default=5e-3, metadata=POSITIVE)
+    projector_lr: float = field(default=5e-4, metadata=NON_NEGATIVE)
 
 
 @register_mcit("lora")
@@ -189,15 +197,15 @@ class LoraFT(McitMethod):
 class KeepLoraLlavaHparams:
     """KeepLoRA's LLaVA variant: r (UCIT 32, DCL 64), alpha = r/4, eps_w 0.6, memory energy 0.99, 20% of data."""
 
-    rank: int = 8
-    alpha: float = 2.0
-    dropout: float = 0.05
-    lr: float = 5e-3
-    projector_lr: float = 5e-4
-    eps_w: float = 0.6
-    energy: float = 0.99
-    grad_fraction: float = 0.2
-    svd_niter: int = 2
+    rank: int = field(default=8, metadata=RANK)
+    alpha: float = field(default=2.0, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=SHARE)
+    lr: float = field(default=5e-3, metadata=POSITIVE)
+    projector_lr: float = field(default=5e-4, metadata=NON_NEGATIVE)
+    eps_w: float = field(default=0.6, metadata=SHARE)
+    energy: float = field(default=0.99, metadata=FRACTION)
+    grad_fraction: float = field(default=0.2, metadata=FRACTION)
+    svd_niter: int = field(default=2, metadata={"min": 0})
 
 
 @register_mcit("keeplora")

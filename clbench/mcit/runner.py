@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clbench.config import run_id
+from clbench.config import list_presets, load_preset, run_id, set_field
 from clbench.costs.profiler import Profiler
 from clbench.engine.interrupt import RunInterrupted, critical, mark_interrupted
 from clbench.errors import UserError
@@ -28,7 +28,6 @@ from clbench.mcit.codec import VICUNA_SYSTEM, Codec
 from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
 from clbench.mcit.methods import get_mcit_method
 from clbench.mcit.metrics import mcit_metrics
-from clbench.mcit.pretrain import STEPS
 from clbench.mcit.resume import McitPlan, capture, has_run, plan_run, restore
 from clbench.storage.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from clbench.storage.lock import RunLock
@@ -41,10 +40,9 @@ from clbench.storage.results import (
     run_dir,
 )
 
-PRESETS = {
-    "smoke": {"n_train": 32, "n_test": 8, "pretrain_steps": 20, "loop": {"epochs": [1], "batch_size": 16}},
-    "default": {"n_train": 192, "n_test": 48, "pretrain_steps": STEPS, "loop": {"epochs": [12], "batch_size": 16}},
-}
+# The presets of this setting: clbench/presets/mcit/*.json, read by the loader of the CLIP presets.
+PRESETS = {name: load_preset(name, "mcit") for name in list_presets("mcit")}
+SETTING = "MCIT setting"  # how the one-line errors name it
 
 
 @dataclass
@@ -55,32 +53,29 @@ class McitOutcome:
     seconds: float = 0.0
 
 
-def _convert(raw: str, like):
-    if isinstance(like, bool):
-        return raw.lower() in ("1", "true", "yes")
-    if isinstance(like, list):
-        return [int(x) for x in raw.split(",")]
-    if like is None:
-        return None if raw.lower() == "none" else int(raw)
-    return type(like)(raw)
+@dataclass
+class DataSizes:
+    """The size of each synthetic-mcit task (``--set data.n_train=...``); the real benchmarks use their files."""
+
+    n_train: int = field(default=192, metadata={"min": 1})
+    n_test: int = field(default=48, metadata={"min": 1})
 
 
 def apply_sets(sets: list[str], loop: LoopConfig, hparams: dict[str, object], data_sizes: dict) -> None:
-    """``loop.<field>=v``, ``data.n_train=v`` / ``data.n_test=v`` and ``<method>.<field>=v`` overrides."""
+    """``loop.<field>=v``, ``data.n_train=v`` / ``data.n_test=v`` and ``<method>.<field>=v`` overrides, each typed
+    and range-checked by the configuration layer's parser (:func:`clbench.config.set_field`, the fields' metadata)."""
     for item in sets:
         key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
         scope, _, name = key.partition(".")
-        target = loop if scope == "loop" else hparams.get(scope)
-        if scope == "data" and name in data_sizes and sep:
-            data_sizes[name] = int(raw)
-            continue
-        if not sep or target is None or not hasattr(target, name):
+        data = DataSizes(**data_sizes) if scope == "data" else None
+        target = loop if scope == "loop" else data if scope == "data" else hparams.get(scope)
+        if not sep or target is None or name not in {f.name for f in dataclasses.fields(target)}:
             raise UserError(f"--set {item!r}: the MCIT setting knows loop.<field>, data.n_train, data.n_test and "
                             f"<method>.<field> for the methods run ({', '.join(hparams)})")
-        try:
-            setattr(target, name, _convert(raw, getattr(target, name)))
-        except ValueError:
-            raise UserError(f"--set {item!r}: {raw!r} is not a valid value for {key}") from None
+        set_field(target, [name], raw, key)
+        if data is not None:
+            data_sizes.update(dataclasses.asdict(data))
 
 
 def _backbone(backbone: str, steps: int, notify: Callable[[str], None]):
@@ -141,8 +136,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     grid point, ``keeplora,rank=4``)."""
     if benchmark not in MCIT_BENCHMARKS:
         raise UserError(f"--benchmark {benchmark!r} is not an MCIT benchmark ({', '.join(MCIT_BENCHMARKS)})")
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
         raise UserError(f"--methods lists {', '.join(twice)} more than once; name each method once")

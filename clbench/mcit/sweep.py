@@ -72,16 +72,15 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
            threads: int = 1) -> list[RunSpec]:
     """Every run, in order (seed, method, grid point), with its run id and final folder; every run's settings are
     checked before any runs (a bad value is a UserError)."""
-    from clbench.config import run_id
+    from clbench.config import load_preset, run_id
     from clbench.mcit import LAYOUT
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
-    from clbench.mcit.runner import PRESETS, apply_sets, data_identity, resolved_config
+    from clbench.mcit.runner import PRESETS, SETTING, apply_sets, data_identity, resolved_config
     from clbench.storage.results import run_dir
     from clbench.sweeps.plan import _check_distinct, folder_name
 
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
     swept = {a.key for a in axes}
     for item in sets:
         if item.partition("=")[0].strip() in swept:
