@@ -132,3 +132,21 @@ def test_llava_sets_go_through_the_shared_parser() -> None:
                         ("data.n_train=-1", "data.n_train=-1 is out of range")]:
         with pytest.raises(UserError, match=re.escape(needle)):
             apply_sets([bad], loop, hparams, sizes)
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(1, 0.03), (2, 0.5), (7, 0.03), (40, 0.03), (100, 0.1), (33, 1.0),
+                                               (5, 0.0)])
+def test_the_llava_loop_uses_the_shared_warmup_cosine_with_the_same_numbers(steps: int, warmup: float) -> None:
+    """The LLaVA loop's schedule (formerly its own lambda) is the shared warm-up cosine; at every step the loop
+    takes, the factor is bit-identical to the old one: (s+1)/W while s < W, then 0.5·(1 + cos(π(s−W)/max(1, T−W)))."""
+    pytest.importorskip("transformers", reason="the MCIT setting needs the mcit extra")
+    import math
+
+    from clbench.mcit.loop import lr_factor
+
+    warm = max(1, math.ceil(warmup * steps))
+    factor = lr_factor(steps, warmup)
+    for s in range(steps):
+        old = (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        assert factor(s) == old, s
+    assert factor(0) == 1 / warm and factor(min(warm, steps) - 1) == 1.0  # the peak ends the warm-up
