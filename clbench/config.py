@@ -101,14 +101,20 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+def list_presets(setting: str = "") -> list[str]:
+    """The presets of the CLIP setting (``clbench/presets/*.json``), or of another setting (its folder there:
+    ``clbench/presets/mcit/*.json``)."""
+    return sorted(p.stem for p in (PRESET_DIR / setting).glob("*.json"))
 
 
-def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise UserError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+def load_preset(name: str, setting: str = "", owner: str = "") -> dict:
+    """The preset ``name`` of ``setting`` (see :func:`list_presets`), as its JSON says; an unknown name is one line
+    (``owner`` names the setting in it)."""
+    path = PRESET_DIR / setting / f"{name}.json"
+    if name not in list_presets(setting):
+        if owner:
+            raise UserError(f"--preset {name!r} is unknown for the {owner}; use {' or '.join(list_presets(setting))}")
+        raise UserError(f"unknown preset {name!r}; available: {', '.join(list_presets(setting))}")
     return json.loads(path.read_text())
 
 
@@ -185,6 +191,9 @@ def set_field(obj: Any, keys: list[str], raw: Any, path: str) -> None:
         return
     if dataclasses.is_dataclass(getattr(obj, key)):
         raise UserError(f"--set {path}: {key!r} is a group; set one of its keys, e.g. {path}.<key>=...")
+    if f.metadata.get("nullable") and isinstance(raw, str) and raw.strip().lower() == "none":
+        setattr(obj, key, None)  # a field whose None means "off" (e.g. no caption truncation)
+        return
     value = parse_value(raw, hints[key], path)
     check_range(value, f.metadata, path)
     setattr(obj, key, value)
@@ -397,3 +406,13 @@ def recipe_record(cfg: RunConfig, method: str) -> dict:
     return {"preset": cfg.preset, "card": card.reference, "authors_preset": card.preset,
             "settings": {row.key: {"value": row.value, "source": row.source, "note": row.note}
                          for row in recipe_rows(cfg, method)}}
+
+
+def data_assignments(shots: int | None, skip_bad_images: bool, datasets: str = "",
+                     allow_incomplete: bool = False) -> list[str]:
+    """``--shots``, ``--skip-bad-images``, ``--datasets`` and ``--allow-incomplete`` as the ``data.*`` settings
+    they stand for (``--set`` form)."""
+    return ([f"data.shots={shots}"] if shots is not None else []) + (
+        ["data.skip_bad_images=true"] if skip_bad_images else []) + (
+        [f"data.datasets={datasets}"] if datasets.strip() else []) + (
+        ["data.allow_incomplete=true"] if allow_incomplete else [])

@@ -72,7 +72,8 @@ HURT = textwrap.dedent("""
             write(path, data)
             if hit and when == "after":
                 os.kill(os.getpid(), sig)
-        runner.atomic_write_json = spy
+        import clbench.engine.rundir as rundir  # the run folder's first and last records (both runners)
+        runner.atomic_write_json = rundir.atomic_write_json = spy
     from clbench.cli.app import main
     sys.exit(main(sys.argv[4:]))
 """)

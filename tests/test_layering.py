@@ -18,9 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "clbench"
 
-# The command line and the settings beside the CLIP one: what the library below them never imports.
+# The command line, and the settings (their registry and declarations, and the LLaVA setting's implementation): what
+# the library below them never imports. The command line asks clbench.settings for the setting of a benchmark.
 CLI = ("clbench.cli", "clbench.reports.cli", "clbench.costs.cli", "clbench.datasets.cli", "clbench.mcit.cli")
-SETTINGS = ("clbench.mcit",)
+SETTINGS = ("clbench.settings", "clbench.mcit")
 CONFIG = ("clbench.config",)
 ENGINE = ("clbench.engine", "clbench.sweeps")
 STORAGE = ("clbench.storage",)
@@ -28,11 +29,12 @@ STORAGE = ("clbench.storage",)
 # One rule a line: (modules under this prefix, never import these prefixes, except modules under these, why).
 # A prefix matches the module itself and everything under it.
 RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
-    ("clbench.methods", CONFIG + CLI + ENGINE + STORAGE, (),
-     "methods never import the configuration layer's registry, the engine or storage"),
-    ("clbench.datasets", ("clbench.methods", *CONFIG, *CLI, *ENGINE), ("clbench.datasets.cli",),
-     "data never imports methods or the configuration layer"),
-    ("clbench.models", ("clbench.methods", *CONFIG, *CLI, *ENGINE), (), "models are below methods and configuration"),
+    ("clbench.methods", CONFIG + CLI + ENGINE + STORAGE + SETTINGS, (),
+     "methods never import the configuration layer's registry, the engine, storage or a setting"),
+    ("clbench.datasets", ("clbench.methods", *CONFIG, *CLI, *ENGINE, *SETTINGS), ("clbench.datasets.cli",),
+     "data never imports methods, the configuration layer or a setting"),
+    ("clbench.models", ("clbench.methods", *CONFIG, *CLI, *ENGINE, *SETTINGS), (),
+     "models are below methods, configuration and the settings"),
     ("clbench.linalg", ("clbench.methods", "clbench.models", *CONFIG, *CLI), (), "pure linear algebra"),
     ("clbench.config", SETTINGS + CLI + ENGINE, (), "configuration never imports a setting, the engine or the CLI"),
     ("clbench.storage", SETTINGS + CLI + ENGINE + ("clbench.methods", "clbench.reports"), (),
@@ -40,6 +42,9 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
     ("clbench.engine", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
     ("clbench.sweeps", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
     ("clbench.reports", SETTINGS + CLI, ("clbench.reports.cli",), "reports never import a setting or the CLI"),
+    ("clbench.settings", ("clbench.cli",), (), "settings never import the command line; it imports them"),
+    ("clbench.settings", ("clbench.mcit",), ("clbench.settings.mcit",),
+     "only a setting's own declaration imports its implementation"),
 ]
 
 
@@ -204,9 +209,30 @@ def test_the_check_sees_function_level_relative_and_package_imports(tmp_path: Pa
     assert graph["clbench.datasets.b"] == {"clbench.methods"}  # the else branch runs
     assert find_cycles(graph) == [["clbench.config", "clbench.methods.lora"]]
     assert rule_violations(graph) == [
-        "clbench.datasets.b imports clbench.methods (data never imports methods or the configuration layer)",
+        "clbench.datasets.b imports clbench.methods (data never imports methods, the configuration layer or a "
+            "setting)",
         "clbench.methods.lora imports clbench.config (methods never import the configuration layer's registry, the "
-            "engine or storage)",
+            "engine, storage or a setting)",
+    ]
+
+
+def test_the_settings_rules_catch_a_setting_test_in_the_engine_and_a_setting_importing_the_cli(tmp_path) -> None:
+    root = _write(tmp_path, {
+        "__init__.py": "", "settings/__init__.py": "from clbench.settings import clip\n",
+        "settings/clip.py": "def run():\n    from clbench.cli.app import app\n",
+        "settings/mcit.py": "def run():\n    from clbench.mcit import runner\n",
+        "settings/other.py": "def run():\n    from clbench.mcit import runner\n",
+        "mcit/__init__.py": "", "mcit/runner.py": "",
+        "cli/__init__.py": "", "cli/app.py": "import clbench.settings\n",
+        "engine/__init__.py": "", "engine/runner.py": "def f():\n    from clbench.settings import mcit\n",
+        "sweeps/__init__.py": "", "sweeps/plan.py": "def f():\n    import clbench.mcit.runner\n",
+    })
+    bad = rule_violations(import_graph(root))
+    assert [line.split(" (")[0] for line in bad] == [
+        "clbench.engine.runner imports clbench.settings.mcit",
+        "clbench.settings.clip imports clbench.cli.app",
+        "clbench.settings.other imports clbench.mcit.runner",
+        "clbench.sweeps.plan imports clbench.mcit.runner",
     ]
 
 

@@ -106,8 +106,8 @@ def test_lora_ft_hooks(tiny):
     assert len(method.layers) == 14
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(".A" in n or ".B" in n or "projector" in n for n in trainable)
-    groups = method.param_groups()
-    assert groups[1]["lr"] == method.hp.projector_lr and groups[1]["params"]
+    groups = method.trainable_parameters()
+    assert groups[1]["lr"] == method.hparams.projector_lr and groups[1]["params"]
     assert method.layers[next(iter(method.layers))].scale == pytest.approx(2.0)  # alpha = 2r
     with torch.no_grad():
         for layer in method.layers.values():

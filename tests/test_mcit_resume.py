@@ -46,7 +46,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["completed_tasks"] == 2
     assert read_info(folder / CHECKPOINT_NAME)["completed"] == 2 and not (folder / "run.lock").exists()
-    with pytest.raises(UserError, match="other options"):  # another rank: another run
+    with pytest.raises(UserError, match="another configuration .*rank: 8 then, 4 now"):  # another rank: another run
         run_mcit("synthetic-mcit", ["keeplora"], cut, resume=True, **{**ARGS, "sets": [*SETS, "keeplora.rank=4"]})
     seen: list[int] = []
     run_mcit("synthetic-mcit", ["keeplora"], cut, resume=True, on_task=lambda m, t, n, r: seen.append(t), **ARGS)
@@ -93,3 +93,31 @@ def test_a_foreign_checkpoint_is_refused(tmp_path, capsys) -> None:
                "--preset", "smoke", "--resume"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "cannot resume from" in errors[0]
+
+
+@pytest.mark.parametrize(("forge", "needle"), [
+    (lambda state, name: state.update({name: state[name][:-1]}), "must be"),  # a basis of too few rows
+    (lambda state, name: state.update({name: state[name] * float("nan")}), "must hold finite"),
+    (lambda state, name: state.pop(name), "is missing"),
+    (lambda state, name: state.update({"basis/nowhere": state[name]}), "names no adapted layer"),
+    (lambda state, name: state.update({"generator": state["generator"][:8]}), "generator state"),
+])
+def test_forged_method_state_is_refused_by_check_state(tmp_path, capsys, forge, needle) -> None:
+    """The LLaVA methods' ``check_state`` (the CLIP contract's hook) runs before their state is loaded: a forged
+    but well-formed checkpoint (its digest recomputed) is one line naming the entry, and nothing is resumed."""
+    from clbench.storage.checkpoint import load_checkpoint, save_checkpoint
+
+    with pytest.raises(RunInterrupted):
+        run_mcit("synthetic-mcit", ["keeplora"], tmp_path, on_task=_stop_after(1), **ARGS)
+    path = _folder(tmp_path) / CHECKPOINT_NAME
+    ckpt = load_checkpoint(path)
+    name = sorted(k for k in ckpt.method if k.startswith("basis/"))[0]
+    forge(ckpt.method, name)
+    save_checkpoint(path, ckpt)
+    manifest = (_folder(tmp_path) / "manifest.json").read_text()
+    rc = main(["run", "--methods", "keeplora", "--benchmark", "synthetic-mcit", "--out", str(tmp_path), "--preset",
+               "smoke", "--resume", *[a for s in SETS for a in ("--set", s)]])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, errors
+    assert "keeplora state does not fit this run: method/" in errors[0] and needle in errors[0], errors[0]
+    assert (_folder(tmp_path) / "manifest.json").read_text() == manifest  # nothing written

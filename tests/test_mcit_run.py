@@ -46,6 +46,10 @@ def test_run_lora_and_keeplora_end_to_end(tmp_path, capsys):
     (["--methods", "lora", "--shots", "5"], "--shots belong to the CLIP setting"),
     (["--methods", "lora", "--set", "lora.nope=1"], "<method>.<field>"),
     (["--methods", "lora", "--preset", "paper"], "unknown for the MCIT setting"),
+    (["--methods", "keeplora", "--set", "keeplora.energy=0"], "keeplora.energy=0.0 is out of range; it must be > 0"),
+    (["--methods", "lora", "--set", "loop.epochs=1,0"], "loop.epochs=0 is out of range"),
+    (["--methods", "lora", "--set", "data.n_train=0"], "data.n_train=0 is out of range"),
+    (["--methods", "lora", "--set", "loop.caption_max_chars=x"], "'x' is not a valid int"),
 ])
 def test_refusals_are_one_line(tmp_path, capsys, args, message):
     rc = main(["run", "--benchmark", "synthetic-mcit", "--out", str(tmp_path), *args])

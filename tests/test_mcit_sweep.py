@@ -52,7 +52,9 @@ def test_grid_points_run_once_and_report_as_rows(tmp_path, capsys) -> None:
     (["--launcher", "inline", "--time", "10"], "need --launcher slurm"),
     (["--grid", "zscl.rank=1"], "'zscl' is not in --methods"),
     (["--grid", "lora.nope=1,2"], "has no hyperparameter 'nope'"),
-    (["--grid", "lora.rank=2,x"], "not a valid value"),
+    (["--grid", "lora.rank=2,x"], "'x' is not a valid int"),
+    (["--grid", "lora.rank=0,2"], "lora.rank=0 is out of range"),
+    (["--set", "loop.warmup=1.5"], "loop.warmup=1.5 is out of range"),
     (["--grid", "loop.nope=1"], "loop has no setting 'nope'"),
     (["--methods", "inflora"], "no LLaVA form"),
 ])

@@ -13,7 +13,6 @@ from typing import Annotated, Literal
 
 import click
 import typer
-from rich.table import Table
 
 from clbench.cli.consoles import make_console
 from clbench.cli.options import (
@@ -37,6 +36,7 @@ from clbench.cli.options import (
 )
 from clbench.engine.interrupt import RunInterrupted
 from clbench.errors import UserError
+from clbench.settings import setting_help, setting_names
 
 # Plain help (no rich boxes): stable across terminals and typer releases, choices listed as <a|b>, flags bare.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -101,115 +101,27 @@ def run(
         "or set CLBENCH_ALLOW_DOWNLOAD=1)")] = False,
 ) -> None:
     """Run methods over a task sequence and write one results folder per method."""
-    from clbench.config import build_config
-    from clbench.engine.progress import RunProgress
-    from clbench.engine.runner import run_methods
+    from clbench.settings import RunOptions, setting_for_benchmark
 
     names = _split(methods)
     if not names:
         raise UserError("--methods is empty; name at least one method, e.g. --methods lora")
-    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA continual instruction tuning: clbench.mcit
-        from clbench.mcit.cli import run_command
-
-        # Options of the CLIP setting only are refused there in one line (tests/test_setting_options.py): the
-        # LLaVA setting loads local llava-hf folders (no download, no TorchScript) and has no tracker yet.
-        clip_only = {"--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
-                     "--skip-bad-images": skip_bad_images, "--order": order != 1, "--track": track.strip(),
-                     "--allow-download": allow_download, "--trust-torchscript": trust_torchscript,
-                     "--datasets": datasets, "--allow-incomplete": allow_incomplete}
-        if threads is not None and not any(clip_only.values()):
-            import torch
-
-            torch.set_num_threads(threads)  # recorded in the manifest's environment, as for CLIP runs
-        run_command(benchmark, names, out, seed, preset, backbone, data_root, device, set_ or [], quiet,
-                    other=clip_only, resume=resume)
-        return
-    options = {"order": order, "benchmark": benchmark, "seed": seed, "backbone": backbone,
-               "pretrained": pretrained or None, "data_root": data_root or None, "device": device,
-               "precision": precision or None, "eval": eval_ or None}
-    data_options = {"shots": shots, "skip_bad_images": True if skip_bad_images else None,
-                    "datasets": datasets or None, "allow_incomplete": True if allow_incomplete else None}
-    cfg = build_config(preset, options, set_ or [], names, data_options)
+    setting = setting_for_benchmark(benchmark)
+    # options a setting does not take are refused in one line there (tests/test_setting_options.py)
+    setting.check_options("run", {
+        "--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
+        "--skip-bad-images": skip_bad_images, "--order": order != 1, "--track": track.strip(),
+        "--allow-download": allow_download, "--trust-torchscript": trust_torchscript, "--datasets": datasets,
+        "--allow-incomplete": allow_incomplete, "--data-root": data_root, "--resume": resume,
+        "--threads": threads is not None}, benchmark)
+    setting.require(benchmark)
     if threads is not None:
         import torch
 
-        torch.set_num_threads(threads)
-    tracker = _tracker(track, cfg, out)
-    with RunProgress(quiet=quiet, console=console, methods=names) as progress:
-        hooks_for = progress.hooks_for if tracker is None else (
-            lambda method: tracker.hooks_for(method, progress.hooks_for(method)))
-        try:
-            outcomes = run_methods(cfg, names, out, hooks_for=hooks_for,
-                                   on_pretrain_step=progress.pretrain_step, resume=resume,
-                                   allow_torchscript=trust_torchscript, allow_download=allow_download,
-                                   notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True))
-        finally:
-            if tracker is not None:
-                tracker.finish()
-    _print_summary(outcomes)
-    if not quiet:
-        _print_costs(outcomes)
-    if any(o.status != "complete" for o in outcomes):
-        for o in outcomes:
-            if o.error:
-                console.print(f"[red]{o.method} failed:[/red] {o.error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-
-
-def _tracker(track: str, cfg, out: Path):
-    """The experiment tracker ``--track`` asks for, or ``None``; unknown or missing backends fail here, first."""
-    if not track.strip():
-        return None
-    import dataclasses
-
-    from clbench.engine.tracking import Tracker, parse_backends
-    from clbench.storage.results import run_dir
-
-    backends = parse_backends(track)
-    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    return Tracker(backends, out, lambda m: run_dir(out, cfg.benchmark, cfg.order, m, cfg.seed, eval_rule=cfg.eval,
-                                                      datasets=cfg.data.datasets),
-                   config)
-
-
-def _print_costs(outcomes) -> None:
-    import pandas as pd
-
-    from clbench.costs.profiler import summarise_profile
-
-    for o in outcomes:
-        profile = o.path / "profile.csv"
-        if profile.is_file():
-            out_console.print(summarise_profile(pd.read_csv(profile), title=f"{o.method}: cost per section"))
-
-
-def _print_summary(outcomes) -> None:
-    from clbench.engine.metrics import undefined_text
-
-    union = any((o.metrics or {}).get("eval") == "union" for o in outcomes)
-    rule = "union label space" if union else "per-task label space"
-    table = Table(title=f"Transfer / Average / Last (percent, {rule})")
-    columns = ("method", "Transfer", "Average", "Last", "BWT", *(("recall (last)",) if union else ()), "results")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("method", "results") else "right",
-                         overflow="fold" if col == "results" else "ellipsis")  # a path is never cut to "…"
-    reasons: dict[str, str] = {}
-    for o in outcomes:
-        m = o.metrics or {}
-        cells = []
-        for k in ("transfer", "average", "last", "bwt"):
-            reason = undefined_text(m, k) if k in m else None
-            if reason:
-                reasons.setdefault(k, reason)
-            cells.append("-" if k not in m else "undefined" if reason else f"{m[k]:.1f}")
-        if union:
-            recall = m.get("selection_recall", {}).get("last")
-            cells.append("-" if recall is None else f"{recall:.1f}")
-        table.add_row(o.method, *cells, str(o.path))
-    out_console.print(table)
-    for key, reason in reasons.items():
-        out_console.print(f"{key.capitalize() if key != 'bwt' else 'BWT'} undefined: {reason}", highlight=False,
-                          soft_wrap=True)
+        torch.set_num_threads(threads)  # recorded in the manifest's environment
+    setting.run(RunOptions(names, benchmark, order, seed, out, preset, backbone, pretrained, data_root, device,
+                           precision, eval_, shots, skip_bad_images, datasets, allow_incomplete, list(set_ or []),
+                           quiet, resume, trust_torchscript, track, allow_download), console, out_console)
 
 
 @app.command()
@@ -218,62 +130,19 @@ def methods(
     preset: Annotated[str, typer.Option("--preset", help="the preset whose recipe to show (CLIP default: paper; "
                                         "MCIT default: default)")] = "",
     order: Annotated[int, typer.Option(help="task order, 1 or 2 (per-task epochs differ)")] = 1,
-    setting: Annotated[Literal["clip", "mcit"], typer.Option(
-        help="clip: CLIP on MTIL / X-TAIL / synthetic; mcit: LLaVA on UCIT / MLLM-DCL / synthetic-mcit")] = "clip",
+    setting: Annotated[Literal[tuple(setting_names())], typer.Option(  # type: ignore[valid-type]
+        help=setting_help())] = setting_names()[0],
 ) -> None:
-    """List the registered methods of both settings, or show one method's hyperparameters, defaults and recipe."""
-    from clbench.mcit.cli import print_mcit_card, print_mcit_methods
-    from clbench.methods import get_method, list_methods
+    """List the registered methods of every setting, or show one method's hyperparameters, defaults and recipe."""
+    from clbench.settings import SETTINGS, get_setting
 
     if not name:
-        out_console.print("CLIP setting (--benchmark synthetic, mtil, xtail):", highlight=False)
-        for method in list_methods():
-            out_console.print(f"  {method:12s} {get_method(method).summary}", highlight=False)
-        print_mcit_methods(out_console)
-        out_console.print("details of one method: clbench methods NAME [--preset P] [--order N]; its LLaVA form: "
-                          "clbench methods NAME --setting mcit", highlight=False)
+        for each in SETTINGS:
+            each.print_methods(out_console)
+        out_console.print("details of one method: clbench methods NAME [--preset P] [--order N]; its form in another "
+                          f"setting: clbench methods NAME --setting <{'|'.join(setting_names())}>", highlight=False)
         return
-    if setting == "mcit":
-        if order != 1:
-            raise UserError("--order: the MCIT benchmarks have one task order; drop --order with --setting mcit")
-        print_mcit_card(out_console, name, preset or "default")
-        return
-    _print_method_card(name, preset or "paper", order)
-
-
-def _print_method_card(name: str, preset: str, order: int) -> None:
-    from clbench.config import build_config, recipe_rows
-    from clbench.methods import get_method
-    from clbench.methods.recipes import card_for, hparam_rows
-
-    cls = get_method(name)
-    cfg = build_config(preset, {"order": order}, [], [name])
-    card = card_for(name)
-    out_console.print(f"{name}: {cls.summary}", highlight=False)
-    if card is not None:
-        out_console.print(f"follows: {card.reference}", highlight=False)
-    rows = hparam_rows(name)
-    if rows:
-        table = Table(title=f"hyperparameters (--set {name}.KEY=VALUE)")
-        for col in ("name", "type", "default", "allowed"):
-            table.add_column(col)
-        for row in rows:
-            table.add_row(*row)
-        out_console.print(table)
-    else:
-        out_console.print("hyperparameters: none")
-    if card is None:
-        out_console.print(f"recipe: {name} declares no recipe card")
-        return
-    if not card.trains:
-        out_console.print("recipe: no training, so no training settings apply")
-    table = Table(title=f"recipe under --preset {preset} (order {order}); the authors' is --preset {card.preset}")
-    for col in ("setting", "value", "source", "note"):
-        table.add_column(col, overflow="fold")
-    for row in recipe_rows(cfg, name):
-        table.add_row(row.key, str(row.value), row.source, row.note)
-    if table.row_count:
-        out_console.print(table)
+    get_setting(setting).print_card(out_console, name, preset, order)
 
 
 @app.command()
@@ -335,39 +204,26 @@ def metrics(
                                          "MFT / MFN / MAA / BWT and Transfer)")] = "mtil",
 ) -> None:
     """Transfer / Average / Last / BWT of any accuracy matrix (columns matched to rows by name)."""
-    from clbench.engine.metrics import json_safe, matrix_from_frame, mtil_metrics, undefined_text
+    from clbench.engine.metrics import json_safe, matrix_from_frame
+    from clbench.settings import get_setting
     from clbench.storage.results import read_accuracy_csv
 
-    if setting not in ("mtil", "mcit"):
-        raise UserError(f"--setting {setting!r} is unknown; use mtil or mcit")
+    chosen = get_setting(setting)
     frame = read_accuracy_csv(file)
     matrix, names = matrix_from_frame(frame, str(file))
     if matrix.size and float(abs(matrix).max()) <= 1.0:
         console.print(f"note: every accuracy in {file} is between 0 and 1; clbench reads percent (0-100), so the "
                       "metrics below are in the file's units; multiply the file by 100 if these are fractions",
                       highlight=False, soft_wrap=True, markup=False)
-    if setting == "mcit":
-        from clbench.mcit.metrics import LABELS, ORDER, mcit_metrics
-
-        try:
-            result = mcit_metrics(matrix, names)
-        except ValueError as exc:
-            raise UserError(f"{file}: {exc}") from None
-        if as_json:
-            out_console.print_json(json.dumps(json_safe(result), allow_nan=False))
-            return
-        for key in ORDER:
-            out_console.print(f"{LABELS[key]:9s} {result[key]:6.2f}")
-        return
-    result = mtil_metrics(matrix, names)
+    try:
+        result = chosen.metrics(matrix, names)
+    except ValueError as exc:
+        raise UserError(f"{file}: {exc}") from None
     if as_json:  # strict JSON: a one-task matrix's undefined Transfer is null, not NaN
         out_console.print_json(json.dumps(json_safe(result), allow_nan=False))
         return
-    for key in ("transfer", "average", "last", "bwt"):
-        value = result[key]
-        reason = undefined_text(result, key)
-        out_console.print(f"{key:9s} {value:6.2f}" if reason is None else f"{key:9s} undefined ({reason})",
-                          highlight=False, soft_wrap=True)
+    for line in chosen.metric_lines(result):
+        out_console.print(line, highlight=False, soft_wrap=True)
 
 
 # Command groups that live beside the code they drive; each module has ``register(app)``.

@@ -8,15 +8,15 @@ from typing import Annotated, Literal
 
 import typer
 
-from clbench.config import list_presets
+from clbench.config import data_assignments, list_presets  # noqa: F401  (data_assignments: re-exported)
+from clbench.settings import all_benchmarks, benchmark_help
 
 Methods = Annotated[str, typer.Option(metavar="<name,...>",
                                       help="comma-separated method names (see 'clbench methods')")]
 BenchmarkName = Annotated[Literal["synthetic", "mtil", "xtail"], typer.Option(
     "--benchmark", help="synthetic is the embedded default; mtil and xtail read real data")]
-RunBenchmarkName = Annotated[Literal["synthetic", "mtil", "xtail", "synthetic-mcit", "ucit", "mllm-dcl"], typer.Option(
-    "--benchmark", help="CLIP: synthetic (embedded default), mtil, xtail; LLaVA: synthetic-mcit (embedded), ucit, "
-    "mllm-dcl")]
+RunBenchmarkName = Annotated[Literal[tuple(all_benchmarks())], typer.Option(  # type: ignore[valid-type]
+    "--benchmark", help=benchmark_help())]  # every setting's (clbench.settings), which picks the setting
 EvalRule = Annotated[Literal["task", "union"] | None, typer.Option(
     "--eval", help="task: classes of the image's own dataset (default for synthetic and mtil); union: all "
     "datasets' classes (default for xtail)")]
@@ -47,13 +47,3 @@ Datasets = Annotated[str, typer.Option(
 AllowIncomplete = Annotated[bool, typer.Option(
     "--allow-incomplete", help="mtil: accept a dataset whose class count differs from the protocol's (both counts "
     "go into the manifest)")]
-
-
-def data_assignments(shots: int | None, skip_bad_images: bool, datasets: str = "",
-                     allow_incomplete: bool = False) -> list[str]:
-    """``--shots``, ``--skip-bad-images``, ``--datasets`` and ``--allow-incomplete`` as the ``data.*`` settings
-    they stand for (``--set`` form)."""
-    return ([f"data.shots={shots}"] if shots is not None else []) + (
-        ["data.skip_bad_images=true"] if skip_bad_images else []) + (
-        [f"data.datasets={datasets}"] if datasets.strip() else []) + (
-        ["data.allow_incomplete=true"] if allow_incomplete else [])

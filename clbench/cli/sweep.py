@@ -8,9 +8,9 @@ Example on a SLURM cluster (one GPU and 8 CPUs per run, at most 16 runs at once)
         --launcher slurm --partition gpu --time 12:00:00 --gpus-per-job 1 --cpus-per-job 8 --jobs 16 \\
         --slurm-param account=myproject
 
-Re-issuing the same command after a crash runs only what is missing; ``--dry-run`` lists the runs first. The
-MCIT benchmarks (``--benchmark synthetic-mcit|ucit|mllm-dcl``) take the same command: :mod:`clbench.mcit.sweep`
-plans their runs and everything after the plan (launchers, dry run, live view, summary) is shared.
+Re-issuing the same command after a crash runs only what is missing; ``--dry-run`` lists the runs first. Every
+setting takes the same command: the setting of ``--benchmark`` (:mod:`clbench.settings`) plans its runs and
+everything after the plan (launchers, dry run, live view, summary) is shared.
 """
 
 from __future__ import annotations
@@ -44,21 +44,14 @@ from clbench.cli.options import (
     Sets,
     Shots,
     SkipBadImages,
-    data_assignments,
 )
-from clbench.config import check_real_data_options
 from clbench.errors import UserError
 from clbench.sweeps.plan import (
     DONE,
     INVALID,
     RunReport,
     RunSpec,
-    SweepRequest,
-    check_sets,
-    expand,
-    int_list,
     is_started,
-    parse_grid,
     record_failure,
     remove_empty_staging,
     run_status,
@@ -127,47 +120,19 @@ def sweep(
     launch = {"launcher": launcher, "jobs": jobs, "cpus": cpus_per_job, "gpus": gpus_per_job,
               "ray_address": ray_address, "partition": partition, "time_limit": time_limit,
               "params": list(slurm_param or []), "cluster": submitit_cluster, "device": device}
-    if benchmark in ("synthetic-mcit", "ucit", "mllm-dcl"):  # LLaVA: planned by clbench.mcit.sweep
-        from clbench.extras import require_extra
-        from clbench.mcit import sweep as mcit_sweep
-        from clbench.mcit.methods import get_mcit_method
-        from clbench.mcit.metrics import LABELS, ORDER
-        from clbench.storage.safeio import check_path
+    from clbench.settings import SweepOptions, setting_for_benchmark
 
-        require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
-        mcit_sweep.check_options(benchmark, {
-            "--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
-            "--shots": shots, "--skip-bad-images": skip_bad_images, "--datasets": datasets,
-            "--allow-incomplete": allow_incomplete})
-        for name in names:
-            get_mcit_method(name)  # a method without an LLaVA form: one line
-        axes = mcit_sweep.parse_grid(list(grid or []), names)
-        out_dir = check_path(out, "--out").resolve()
-        specs = mcit_sweep.expand(benchmark, names, int_list(seeds, "--seeds"), axes, list(set_ or []), preset,
-                                  backbone, data_root, device, out_dir, cpus_per_job)
-        _launch(specs, out_dir, dry_run, quiet, launch,
-                lambda: mcit_sweep.prepare_backbone(backbone, preset, quiet), [(LABELS[k], k) for k in ORDER])
-        return
-    axes = parse_grid(list(grid or []), names)
-    check_real_data_options(benchmark, shots, skip_bad_images, data_root)
-    if datasets.strip():  # the same for every run: an unknown name is one line, not a sweep of invalid runs
-        from clbench.datasets.sequence import canonical_selection
-
-        canonical_selection(benchmark, datasets)
-    sets = [*data_assignments(shots, skip_bad_images, datasets, allow_incomplete), *(set_ or [])]
-    check_sets(sets, names, axes)
-    options = {"benchmark": benchmark, "backbone": backbone, "pretrained": pretrained or None,
-               "data_root": data_root or None, "device": device, "precision": precision or None,
-               "eval": eval_ or None}
-    from clbench.storage.safeio import check_path
-
-    request = SweepRequest(tuple(names), int_list(orders, "--orders"), int_list(seeds, "--seeds"), axes, preset,
-                           tuple(options.items()), tuple(sets), str(check_path(out, "--out").resolve()), cpus_per_job)
-    _launch(expand(request), Path(request.out), dry_run, quiet, launch,
-            lambda: _prepare_backbone(backbone, pretrained, quiet), CLIP_COLUMNS)
-
-
-CLIP_COLUMNS = [("Transfer", "transfer"), ("Average", "average"), ("Last", "last")]
+    setting = setting_for_benchmark(benchmark)
+    setting.check_options("sweep", {
+        "--orders": orders != "1", "--eval": eval_, "--pretrained": pretrained, "--precision": precision,
+        "--shots": shots, "--skip-bad-images": skip_bad_images, "--datasets": datasets,
+        "--allow-incomplete": allow_incomplete}, benchmark)
+    setting.require(benchmark)
+    plan = setting.plan_sweep(SweepOptions(names, benchmark, orders, seeds, list(grid or []), eval_, out, preset,
+                                           backbone, pretrained, data_root, device, precision, shots,
+                                           skip_bad_images, datasets, allow_incomplete, list(set_ or []),
+                                           cpus_per_job, quiet), console)
+    _launch(plan.specs, plan.out, dry_run, quiet, launch, plan.prepare, plan.columns)
 
 
 def _launch(specs: list[RunSpec], out: Path, dry_run: bool, quiet: bool, launch: dict, prepare: Callable[[], None],
@@ -210,18 +175,6 @@ def _auto_jobs(launcher: str, device: str, cpus: int) -> int:
         if torch.cuda.is_available():
             return 1
     return max(1, (os.cpu_count() or 1) // cpus)
-
-
-def _prepare_backbone(backbone: str, pretrained: str, quiet: bool) -> None:
-    """Pretrain the embedded tiny backbone once here, so parallel runs do not each pretrain it."""
-    if backbone != "tiny" or pretrained not in ("", "embedded"):
-        return
-    from clbench.engine.progress import RunProgress
-    from clbench.models.backbones import ensure_tiny_weights, tiny_weights_ready
-
-    if not tiny_weights_ready():
-        with RunProgress(quiet=quiet, console=console) as progress:
-            ensure_tiny_weights(on_step=progress.pretrain_step)
 
 
 class SweepView:
@@ -311,7 +264,7 @@ def _print_plan(specs: list[RunSpec], statuses: dict[str, str], out: Path) -> No
 
 
 def _print_summary(specs: list[RunSpec], reports: list[RunReport], skipped: int,
-                   columns: list[tuple[str, str]] = CLIP_COLUMNS) -> None:
+                   columns: list[tuple[str, str]]) -> None:
     """One line per run that ran (id, method, order, seed, grid point, status, metrics), then the failures."""
     by_id = {s.id: s for s in specs}
     rows = [("id", "method", "order", "seed", "grid point", "status", *(label for label, _ in columns), "seconds")]

@@ -8,12 +8,18 @@ import typer
 
 from clbench.cli.consoles import make_console
 from clbench.errors import UserError
+from clbench.settings import SETTINGS
+
+
+def real_benchmarks() -> list[str]:
+    """The benchmarks read from disk (the embedded ones have nothing to check)."""
+    return [b for s in SETTINGS for b in s.benchmarks if b not in s.embedded]
 
 
 def _check(
     data_root: Annotated[str, typer.Option(help="folder holding the datasets (default: $CLBENCH_DATA_ROOT)")] = "",
-    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: mtil, xtail, "
-                                                    "ucit or mllm-dcl")] = "mtil",
+    benchmark: Annotated[str, typer.Option(help="which benchmark's datasets to check: "
+                                                + ", ".join(real_benchmarks()))] = "mtil",
     allow_incomplete: Annotated[bool, typer.Option(
         "--allow-incomplete", help="mtil: accept datasets with fewer (or more) classes than the protocol's, as "
         "'clbench run --allow-incomplete' does")] = False,
@@ -24,49 +30,14 @@ def _check(
     dataset whose class count differs from the protocol's is not usable unless --allow-incomplete.
     Images are checked for existence, not decoded (a run with --skip-bad-images decodes them).
     """
-    from rich.table import Table
+    from clbench.settings import setting_for_benchmark
 
-    from clbench.datasets.mtil import resolve_data_root
-
-    if benchmark in ("ucit", "mllm-dcl"):
-        from clbench.mcit.cli import data_check
-
-        data_check(resolve_data_root(data_root, benchmark), benchmark)
-        return
-    if benchmark == "mtil":
-        from clbench.datasets.mtil import inspect_mtil, unusable_line
-
-        def inspect(root):
-            return inspect_mtil(root, allow_incomplete=allow_incomplete)
-    elif benchmark == "xtail":
-        from clbench.datasets.xtail import inspect_xtail as inspect
-        from clbench.datasets.xtail import unusable_line
-    else:
-        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows mtil, xtail, ucit and "
-                        "mllm-dcl (synthetic and synthetic-mcit are embedded)")
-    root = resolve_data_root(data_root, benchmark)
-    statuses = inspect(root)
-    table = Table(title=f"{'MTIL' if benchmark == 'mtil' else 'X-TAIL'} datasets under {root}")
-    for col in ("dataset", "status", "train", "test", "classes", "folder / missing path"):
-        table.add_column(col, justify="right" if col in ("train", "test", "classes") else "left", overflow="fold")
-    for s in statuses:
-        if s.usable:
-            status, where = "[green]ok[/green]", s.path.name
-        else:
-            short = s.n_classes is not None and s.n_classes != s.expected_classes
-            status = "[red]missing[/red]" if s.missing == s.path else "[red]incomplete[/red]" \
-                if s.missing or short else "[red]unreadable[/red]"
-            where = str(s.missing or s.path)
-        classes = "-" if s.n_classes is None else str(s.n_classes)
-        if s.n_classes is not None and s.n_classes != s.expected_classes:
-            classes += f" (full: {s.expected_classes})"
-        counts = ["-" if v is None else f"{v:,}" for v in (s.n_train, s.n_test)]
-        table.add_row(s.name, status, *counts, classes, where)
-    console = make_console()
-    console.print(table)
-    bad = [(s.name, s.missing, s.problem) for s in statuses if not s.usable]
-    if bad:
-        raise UserError(unusable_line(root, bad, len(statuses)))
+    if benchmark not in real_benchmarks():
+        real = real_benchmarks()
+        embedded = [b for s in SETTINGS for b in s.embedded]
+        raise UserError(f"--benchmark {benchmark!r}: 'clbench data check' knows {', '.join(real[:-1])} and "
+                        f"{real[-1]} ({' and '.join(embedded)} are embedded)")
+    setting_for_benchmark(benchmark).data_check(data_root, benchmark, allow_incomplete, make_console())
 
 
 def register(app: typer.Typer) -> None:

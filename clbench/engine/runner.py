@@ -10,7 +10,6 @@ or ``failed``. A user error (e.g. an unreadable image) before the first task end
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -24,11 +23,31 @@ from pathlib import Path
 import torch
 
 from clbench.config import RunConfig, method_run_config, run_id, train_config_for
-from clbench.costs.profiler import Profiler, SectionRecord
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
 from clbench.engine.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
 from clbench.engine.interrupt import RunInterrupted, critical, handling_signals, mark_interrupted
 from clbench.engine.metrics import json_safe, metrics_from_json, mtil_metrics
+from clbench.engine.rundir import (
+    RunPlan,
+    bad_checkpoint,
+    check_something_to_resume,
+    decide_start,
+    leftovers,
+    load_planned_checkpoint,
+    lock_all,
+    make_checkpoint,
+    read_manifest,
+    read_run_json,
+    remove_empty,
+    restore_model,
+    restore_profiler_and_rng,
+    resumed_entry,
+    tidy_done,
+    write_complete,
+    write_failed,
+    write_start,
+)
 from clbench.errors import UserError
 from clbench.methods import get_method
 from clbench.methods.state_checks import StateMismatch
@@ -37,15 +56,8 @@ from clbench.models.clip import ClipModel
 from clbench.storage.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
-    capture_rng,
-    check_info,
-    check_rng_tensors,
-    load_checkpoint,
-    read_info,
-    restore_rng,
     save_checkpoint,
 )
-from clbench.storage.lock import LOCK_NAME, RunLock
 from clbench.storage.results import (
     accuracy_frame,
     atomic_write_csv,
@@ -147,7 +159,7 @@ def run_methods(
     _check_writable(Path(out))
     check_adapter_widths(cfg, methods)
     if resume:
-        _check_something_to_resume(paths)
+        check_something_to_resume(paths, "--out/--seed/--order")
     if cfg.benchmark == "mtil":  # absent data surfaces before a (slow) model load
         from clbench.datasets.mtil import preflight
 
@@ -163,7 +175,7 @@ def run_methods(
     plans = [plan_run(cfg, name, base_model, benchmark, device, paths[name], resume, notes.append)
              for name in methods]
     # a complete run is locked only to tidy what a kill left (a checkpoint, temporaries, a stale lock)
-    locks, made = _lock_all([p for p in plans if p.mode != "done" or _leftovers(p.path)], notes.append)
+    locks, made = lock_all([p for p in plans if p.mode != "done" or leftovers(p.path)], notes.append)
     if cfg.benchmark == "synthetic":
         notes.insert(0, "no MTIL data configured: running the embedded default (synthetic sequence)")
     for note in notes:
@@ -184,12 +196,7 @@ def run_methods(
     finally:
         for lock in by_path.values():
             lock.release()
-        _remove_empty(made)  # folders made for a lock whose run wrote nothing (a user error in its first task)
-
-
-def _leftovers(path: Path) -> bool:
-    """Whether a complete run's folder holds files a kill left behind."""
-    return (path / CHECKPOINT_NAME).exists() or (path / LOCK_NAME).exists() or any(path.glob(".*.tmp"))
+        remove_empty(made)  # folders made for a lock whose run wrote nothing (a user error in its first task)
 
 
 def check_path_options(cfg: RunConfig, out: Path) -> None:
@@ -253,143 +260,21 @@ def check_adapter_widths(cfg: RunConfig, methods: list[str]) -> None:
                                 f"adapted attention layers; use --set {name}.{f.name}=<value <= {width}>")
 
 
-def _has_run(path: Path) -> bool:
-    """A run was started here: it wrote a manifest or a checkpoint, or it holds (or a kill left) the lock."""
-    return any((path / name).exists() for name in ("manifest.json", CHECKPOINT_NAME, LOCK_NAME))
-
-
-def _check_something_to_resume(paths: dict[str, Path]) -> None:
-    """``--resume`` needs a run of at least one of the methods (the others, never started, start now)."""
-    if not any(_has_run(p) for p in paths.values()):
-        first = next(iter(paths.values()))
-        raise UserError(f"--resume: no run to resume in {first.parent.parent} (no run of {', '.join(paths)} "
-                        "there); check --out/--seed/--order, or drop --resume to start the run")
-
-
-@dataclass
-class RunPlan:
-    """One (method, run folder) after validation: how it starts (``fresh``, ``resume`` after ``completed``
-    tasks, ``restart`` a run that completed no task, or ``done`` already)."""
-
-    name: str
-    path: Path
-    resolved: dict
-    run_id: str
-    mode: str = "fresh"
-    completed: int = 0
-
-
 def plan_run(cfg: RunConfig, name: str, base_model: ClipModel, benchmark: Benchmark, device: torch.device,
              path: Path, resume: bool, notify: Callable[[str], None]) -> RunPlan:
     """Validate one method's run (its ``validate()`` on a copy of the model) and decide how it starts."""
     method_cls = get_method(name)
     resolved = method_run_config(cfg, name)
     resolved["datasets"] = benchmark.task_names
-    plan = RunPlan(name, path, resolved, run_id(resolved))
+    plan = RunPlan(name, path, resolved, run_id(resolved), list(benchmark.task_names))
     method = method_cls(copy.deepcopy(base_model), method_cls.Hparams(**cfg.methods[name]), Profiler(device=device))
     method.benchmark = cfg.benchmark
     validate = getattr(method, "validate", None)
     if validate is not None:
         validate()
     del method
-    if resume:
-        plan.mode, plan.completed = _resume_mode(plan, notify)
-    elif (path / CHECKPOINT_NAME).exists():
-        notify(f"{name}: starting over in {path}; its unfinished run is discarded (pass --resume to continue it)")
-    return plan
-
-
-def _resume_mode(plan: RunPlan, notify: Callable[[str], None]) -> tuple[str, int]:
-    path, ckpt = plan.path, plan.path / CHECKPOINT_NAME
-    if not _has_run(path):
-        notify(f"{plan.name}: no run to resume in {path}; starting it")
-        return "fresh", 0
-    manifest = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
-    datasets = plan.resolved["datasets"]
-    if manifest.get("status") == "complete" and manifest.get("run_id") == plan.run_id \
-            and missing_results(path, datasets) is None:  # a checkpoint left beside it is a kill's leftover
-        notify(f"{plan.name}: already complete in {path}; nothing to resume")
-        return "done", len(datasets)
-    info = read_info(ckpt) if ckpt.exists() else None
-    found = info.get("run_id") if info else manifest.get("run_id")
-    if found is None and not manifest and info is None:  # only a lock: killed before its first task ended
-        notify(f"{plan.name}: {path} was stopped before its first task ended; starting it from the first task")
-        return "restart", 0
-    if found != plan.run_id:
-        raise UserError(f"--resume: the run in {path} was made with another configuration ({_config_diff(plan)}); "
-                        "rerun with the same options, or drop --resume to start over")
-    if manifest.get("status") == "complete":
-        notify(f"{plan.name}: {path} says complete but {missing_results(path, datasets)}; running what is missing")
-    if info is not None:
-        done = check_info(ckpt, info, plan.run_id, datasets, plan.resolved.get("eval") == "union")
-        notify(f"{plan.name}: resuming {path} after task {done} of {len(datasets)}")
-        return "resume", done
-    notify(f"{plan.name}: {path} has no completed task to resume from; starting it from the first task")
-    return "restart", 0
-
-
-def _config_diff(plan: RunPlan) -> str:
-    """The settings that differ between the stored run's config.json and now, for the error message."""
-    stored_path = plan.path / "config.json"
-    stored = _flatten(_read_json(stored_path)) if stored_path.exists() else {}
-    now = _flatten(plan.resolved)
-    keys = sorted(k for k in set(stored) | set(now)
-                  if k != "device" and not k.startswith("recipe.") and stored.get(k) != now.get(k))
-    if not keys:
-        return "its run id differs"
-    shown = ", ".join(f"{k}: {stored.get(k, '-')!s} then, {now.get(k, '-')!s} now" for k in keys[:3])
-    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    if not isinstance(data, dict):
-        return {prefix.rstrip("."): data}
-    out: dict = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
-def _read_json(path: Path) -> dict:
-    from clbench.storage.safeio import json_object, read_json
-
-    fix = "delete that run folder, or drop --resume"
-    return json_object(read_json(path, "run file", fix), path, "run file", fix)
-
-
-def _lock_all(plans: list[RunPlan], notify: Callable[[str], None]) -> tuple[list[RunLock], list[Path]]:
-    """Lock every run folder or none: on a failure, release what was taken and remove folders made here.
-    Returns the locks and the folders made for them (outermost first)."""
-    locks: list[RunLock] = []
-    made: list[Path] = []
-    try:
-        for plan in plans:
-            made += _missing_dirs(plan.path)
-            lock = RunLock(plan.path)
-            lock.acquire(notify)
-            locks.append(lock)
-    except BaseException:
-        for lock in locks:
-            lock.release()
-        _remove_empty(made)
-        raise
-    return locks, made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove those of ``folders`` (outermost first) that are empty, innermost first."""
-    for folder in reversed(folders):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, outermost first."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    return missing[::-1]
+    return decide_start(plan, resume, notify, lambda folder: missing_results(folder, plan.tasks),
+                        union=cfg.eval == "union")
 
 
 def _check_writable(out: Path) -> None:
@@ -412,10 +297,8 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
              hooks: Hooks, notify: Callable[[str], None]) -> MethodOutcome:
     name, path = plan.name, plan.path
     if plan.mode == "done":
-        if (path / LOCK_NAME).exists():  # locked by us (to tidy): a kill's leftovers are not results
-            (path / CHECKPOINT_NAME).unlink(missing_ok=True)
-            remove_temporaries(path)
-        metrics = metrics_from_json(_read_json(path / "metrics.json")) if (path / "metrics.json").exists() else None
+        tidy_done(path)  # locked by us (to tidy): a kill's leftovers are not results
+        metrics = metrics_from_json(read_run_json(path / "metrics.json")) if (path / "metrics.json").exists() else None
         return MethodOutcome(name, path, "complete", metrics)
     remove_temporaries(path)  # under the lock: temporaries of writes a kill interrupted
     method_cls = get_method(name)
@@ -440,17 +323,12 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
     if expected:  # real data: the protocol's class count beside the one found (they differ only when allowed)
         manifest["expected_classes"] = expected
     if plan.mode == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.run_id != plan.run_id or ckpt.completed != plan.completed:
-            raise UserError(f"{ckpt_path} changed while this run was starting; rerun with --resume")
-        check_info(ckpt_path, ckpt.info(), plan.run_id, plan.resolved["datasets"], cfg.eval == "union")
-        check_rng_tensors(ckpt_path, ckpt.rng)
-        stored = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
+        ckpt = load_planned_checkpoint(plan, union=cfg.eval == "union")
+        stored = read_manifest(path)
         for key in ("error", "traceback", "finished", "seconds", "failed_task", "failed_step"):
             stored.pop(key, None)
         manifest = {**manifest, **stored, "status": "running", "run_id": plan.run_id}
-        manifest["resumed"] = [*stored.get("resumed", []), {"after_task": ckpt.completed, "at": started,
-                                                            "environment": env}]
+        manifest["resumed"] = [*stored.get("resumed", []), resumed_entry(ckpt.completed, started, environment=env)]
         profiler.task = -1
         method.setup()  # on the pretrained weights, as the interrupted run did; then its state replaces it
         result = restore(ckpt, model, method, profiler, benchmark.tasks[: ckpt.completed], ckpt_path)
@@ -461,14 +339,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
         """First write of this run: clear what a previous run left, then config.json and the manifest."""
         nonlocal written
         if not written:
-            with critical():
-                # the manifest says running before anything of an earlier run is removed, so a kill in between
-                # never leaves an old "complete" beside missing results
-                atomic_write_json(path / "manifest.json", manifest)
-                if plan.mode != "resume":
-                    for stale in STALE:
-                        (path / stale).unlink(missing_ok=True)
-                atomic_write_json(path / "config.json", plan.resolved)
+            write_start(path, manifest, plan.resolved, plan.mode == "resume", STALE)
             written = True
 
     if plan.mode == "resume":
@@ -489,9 +360,7 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
         commit()
         with critical():
             metrics = write_results(path, result, profiler)
-            manifest.update(status="complete", finished=time.time(), seconds=time.time() - manifest["started"])
-            atomic_write_json(path / "manifest.json", manifest)
-            ckpt_path.unlink(missing_ok=True)  # complete: every result is on disk, the checkpoint is not needed
+            write_complete(path, manifest)
         return MethodOutcome(name, path, "complete", metrics)
     except RunInterrupted as exc:
         commit()
@@ -500,34 +369,25 @@ def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Be
     except DivergenceError as exc:
         commit()
         atomic_write_csv(path / "profile.csv", profiler.frame())
-        manifest.update(status="failed", error=str(exc), failed_task=exc.task, failed_step=exc.step,
-                        finished=time.time())
-        atomic_write_json(path / "manifest.json", manifest)
+        write_failed(path, manifest, str(exc), failed_task=exc.task, failed_step=exc.step)
         return MethodOutcome(name, path, "failed", None, str(exc))
     except UserError:
         if not written:  # e.g. an unreadable image in the first task: the folder stays as it was
             raise
-        manifest.update(status="failed", error=str(sys.exc_info()[1]), finished=time.time())
-        atomic_write_json(path / "manifest.json", manifest)
+        write_failed(path, manifest, str(sys.exc_info()[1]))
         raise
     except BaseException as exc:
         commit()
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time(),
-                        traceback=traceback.format_exc())
-        atomic_write_json(path / "manifest.json", manifest)
+        write_failed(path, manifest, f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
 
 
 def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler: Profiler) -> Checkpoint:
     """The state after ``len(result.rows)`` tasks, as a :class:`~clbench.storage.checkpoint.Checkpoint`."""
-    rng, rng_extra = capture_rng()
     recall = ({"zeroshot": list(result.zeroshot_recall), "rows": [list(r) for r in result.recall_rows]}
               if result.zeroshot_recall is not None else {})
-    return Checkpoint(run_id=run, completed=len(result.rows), datasets=list(result.datasets),
-                      zeroshot=list(result.zeroshot), rows=[list(r) for r in result.rows], recall=recall,
-                      model=model.state_dict(), method=method.state_dict(), method_extra=method.extra_state(),
-                      profile=[dataclasses.asdict(r) for r in profiler.records],
-                      state_bytes=[dict(r) for r in profiler.state_bytes], rng=rng, rng_extra=rng_extra)
+    return make_checkpoint(run, result.datasets, result.zeroshot, result.rows, model, method.state_dict(),
+                           method.extra_state(), profiler, recall)
 
 
 def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler, tasks: list[Task],
@@ -541,39 +401,19 @@ def restore(ckpt: Checkpoint, model: ClipModel, method, profiler: Profiler, task
     try:
         method.check_state(ckpt.method, ckpt.method_extra, list(tasks))
     except StateMismatch as exc:
-        raise _bad_checkpoint(where, f"its {method.name} state does not fit this run: {exc.entry} {exc.why}") from None
+        raise bad_checkpoint(where, f"its {method.name} state does not fit this run: {exc.entry} {exc.why}") from None
     try:
         method.load_state_dict({k: v.to(device) for k, v in ckpt.method.items()})
         method.load_extra_state(ckpt.method_extra)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise _bad_checkpoint(where, f"its {method.name} state does not fit ({type(exc).__name__}: "
-                                     f"{' '.join(str(exc).split())[:200]})") from None
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(ckpt.model)), sorted(set(ckpt.model) - set(expected))
-    if missing or unexpected:
-        raise _bad_checkpoint(where, f"its model does not fit the model built now (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]})")
-    for key, tensor in expected.items():
-        stored = ckpt.model[key]
-        if stored.shape != tensor.shape or stored.dtype.is_floating_point != tensor.dtype.is_floating_point:
-            raise _bad_checkpoint(where, f"its model/{key} is {stored.dtype} {tuple(stored.shape)}, the model needs "
-                                         f"{tensor.dtype} {tuple(tensor.shape)}")
-    model.load_state_dict(ckpt.model, strict=True)
-    known = {f.name for f in dataclasses.fields(SectionRecord)}
-    try:
-        profiler.records = [SectionRecord(**{k: v for k, v in r.items() if k in known}) for r in ckpt.profile]
-    except TypeError as exc:
-        raise _bad_checkpoint(where, f"its profile records are garbled ({exc})") from None
-    profiler.state_bytes = [dict(r) for r in ckpt.state_bytes]
-    restore_rng(ckpt.rng, ckpt.rng_extra)
+        raise bad_checkpoint(where, f"its {method.name} state does not fit ({type(exc).__name__}: "
+                                    f"{' '.join(str(exc).split())[:200]})") from None
+    restore_model(model, ckpt.model, where)
+    restore_profiler_and_rng(ckpt, profiler, where)
     recall = ckpt.recall or {}
     return SequenceResult(list(ckpt.datasets), list(ckpt.zeroshot), [list(r) for r in ckpt.rows],
                           zeroshot_recall=list(recall["zeroshot"]) if recall else None,
                           recall_rows=[list(r) for r in recall.get("rows", [])])
-
-
-def _bad_checkpoint(path: Path, why: str) -> UserError:
-    return UserError(f"cannot resume from {path}: {why}; delete it and rerun without --resume to start over")
 
 
 def evaluation_info(rule: str, benchmark: Benchmark) -> dict:

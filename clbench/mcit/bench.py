@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clbench.mcit import data, synthetic
+from clbench.mcit import BENCHMARKS, data, synthetic
 from clbench.mcit.loop import McitTask
 from clbench.mcit.synthetic import Split
 
-MCIT_BENCHMARKS = ("synthetic-mcit", "ucit", "mllm-dcl")
+MCIT_BENCHMARKS = BENCHMARKS
 
 
 def synthetic_tasks(n_train: int = 256, n_test: int = 64) -> list[McitTask]:

@@ -44,13 +44,13 @@ def print_mcit_card(console: Console, name: str, preset: str) -> None:
     """``clbench methods NAME --setting mcit``: the LLaVA form's hyperparameters and the preset's loop settings."""
     import dataclasses
 
+    from clbench.config import load_preset
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
-    from clbench.mcit.runner import PRESETS
+    from clbench.mcit.runner import PRESETS, SETTING
 
     cls = get_mcit_method(name)
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
     console.print(f"{name}, MCIT setting: {cls.summary}", highlight=False)
     console.print(f"official setting: {' '.join((cls.Hparams.__doc__ or '').split())}", highlight=False)
     hp = cls.Hparams()
@@ -74,20 +74,14 @@ def print_mcit_card(console: Console, name: str, preset: str) -> None:
 
 
 def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,
-                data_root: str, device: str, sets: list[str], quiet: bool, other: dict, resume: bool = False) -> None:
-    """``clbench run`` on an MCIT benchmark: refuse options of the CLIP setting, run, print the metric table."""
-    from clbench.extras import require_extra
-
-    require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
+                data_root: str, device: str, sets: list[str], quiet: bool, resume: bool = False) -> None:
+    """``clbench run`` on an MCIT benchmark: run, print the metric table (the options it refuses, and its extra, are
+    checked before by the setting's declaration, :mod:`clbench.settings.mcit`)."""
     from clbench.costs.profiler import summarise_profile
     from clbench.engine.interrupt import handling_signals
     from clbench.mcit.metrics import LABELS, ORDER
     from clbench.mcit.runner import run_mcit
 
-    used = [flag for flag, value in other.items() if value]
-    if used:
-        raise UserError(f"{', '.join(used)} belong to the CLIP setting; the MCIT setting ({benchmark}) does not "
-                        "take them")
     console = Console(stderr=True)
 
     def on_task(method: str, t: int, name: str, row: list[float]) -> None:
@@ -118,6 +112,7 @@ def profile_command(backbone: str, methods: list[str], sets: list[str], seed: in
     measured on ``layers`` built layers and extrapolated to the whole model (the output says which is which)."""
     import torch
 
+    from clbench.config import set_field
     from clbench.extras import require_extra
 
     require_extra("mcit", f"--backbone {backbone} (the LLaVA setting)")
@@ -139,10 +134,7 @@ def profile_command(backbone: str, methods: list[str], sets: list[str], seed: in
         if key not in ("keeplora.rank", "keeplora.eps_w", "keeplora.energy") or not raw:
             raise UserError(f"--set {item!r}: on a LLaVA backbone use keeplora.rank, keeplora.eps_w or "
                             "keeplora.energy")
-        try:
-            setattr(hp, key.split(".")[1], type(getattr(hp, key.split(".")[1]))(raw))
-        except ValueError:
-            raise UserError(f"--set {item!r}: {raw!r} is not a valid value for {key}") from None
+        set_field(hp, [key.split(".")[1]], raw.strip(), key)  # typed and range-checked, as every --set
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     layers = 1 if layers is None else layers
     costs = profile_llava(backbone, layers, hp.rank, hp.eps_w, hp.energy, seed, dev,

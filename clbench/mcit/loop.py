@@ -2,7 +2,7 @@
 
 Every task is evaluated after every task (the full T x T matrix, upper triangle included, as KeepLoRA's
 ``Eval_finetune1a.sh``), with greedy decoding. Training follows MCITlib's recipe: AdamW, weight decay 0, cosine
-schedule with 3 % warm-up, per-task epochs; only what the method's ``param_groups`` return is trained.
+schedule with 3 % warm-up, per-task epochs; only what the method's ``trainable_parameters`` return is trained.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from clbench.costs.profiler import Profiler
+from clbench.engine.schedules import warmup_cosine_lr
 from clbench.mcit import scorers
 from clbench.mcit.caption import caption_average, caption_scores
 from clbench.mcit.codec import Codec, generate
@@ -38,12 +39,14 @@ class McitTask:
 class LoopConfig:
     """Training and evaluation settings shared by every method."""
 
-    epochs: list[int] = field(default_factory=lambda: [1])  # per task; the last value repeats
-    batch_size: int = 16
-    warmup: float = 0.03
-    max_new_tokens: int = 10
-    eval_batch: int = 64
-    caption_max_chars: int | None = 300  # KeepLoRA; None = MCITlib LoRA-FT (no truncation)
+    # ranges in the metadata, checked by every --set (clbench.config.set_field), as for the CLIP settings
+    epochs: list[int] = field(default_factory=lambda: [1], metadata={"min": 1})  # per task; the last value repeats
+    batch_size: int = field(default=16, metadata={"min": 1})
+    warmup: float = field(default=0.03, metadata={"min": 0.0, "max": 1.0})  # share of the steps
+    max_new_tokens: int = field(default=10, metadata={"min": 1})
+    eval_batch: int = field(default=64, metadata={"min": 1})
+    # KeepLoRA; None ("none") = MCITlib LoRA-FT (no truncation)
+    caption_max_chars: int | None = field(default=300, metadata={"min": 1, "nullable": True})
 
     def epochs_for(self, t: int) -> int:
         return self.epochs[min(t, len(self.epochs) - 1)]
@@ -95,20 +98,21 @@ def _context(t: int, task: McitTask, n: int, codec: Codec, device, gen: torch.Ge
     return McitContext(t, task.name, n, torch.device(device), batches)
 
 
+def lr_factor(steps: int, warmup: float) -> Callable[[int], float]:
+    """The rate's factor before optimiser step ``s`` of ``steps``: linear warm-up over ``W = max(1, ⌈warmup·steps⌉)``
+    steps, then cosine to 0 — the shared loop's warm-up cosine (:func:`clbench.engine.schedules.warmup_cosine_lr`,
+    ZSCL's rule), the same numbers at every step the loop takes."""
+    warm = max(1, math.ceil(warmup * steps))
+    return lambda step: warmup_cosine_lr(1.0, step, warm, steps)
+
+
 def train_task(model, codec: Codec, task: McitTask, method: McitMethod, cfg: LoopConfig, epochs: int, device,
                gen: torch.Generator) -> float:
     """Train on one task; returns the mean loss of the last epoch."""
-    groups = [g for g in method.param_groups() if g["params"]]
+    groups = [g for g in method.trainable_parameters() if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = epochs * math.ceil(len(task.train) / cfg.batch_size)
-    warm = max(1, math.ceil(cfg.warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, cfg.warmup))
     model.train()
     losses: list[float] = []
     for _ in range(epochs):

@@ -4,15 +4,17 @@ The names are those of the CLIP registry (``lora``, ``keeplora``), so ``clbench 
 means the same method family on either setting. A CLIP method without an LLaVA form is refused in one line by
 :func:`get_mcit_method`.
 
-Hooks, called by :mod:`clbench.mcit.loop`: ``setup()`` once, ``before_task(ctx)``, ``param_groups()`` for AdamW,
-``after_task(ctx)``; costly steps are timed in ``self.profiler`` sections named as for CLIP.
+Hooks, called by :mod:`clbench.mcit.loop`, named as in the CLIP contract (:mod:`clbench.methods.base`): ``setup()``
+once, ``before_task(ctx)``, ``trainable_parameters()`` for AdamW, ``after_task(ctx)``; ``state_dict()`` /
+``check_state()`` / ``load_state_dict()`` for resume, ``state_bytes()`` by name; the typed hyperparameters are
+``self.hparams``. Costly steps are timed in ``self.profiler`` sections named as for CLIP.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -22,6 +24,7 @@ from clbench import linalg
 from clbench.costs.profiler import Profiler
 from clbench.mcit.backbone import adapted_linears, projector_parameters
 from clbench.methods.registry import Registry
+from clbench.methods.state_checks import StateMismatch, tensor_entry
 
 
 class LoRALinear(nn.Module):
@@ -77,7 +80,7 @@ class McitMethod:
     Hparams: ClassVar[type]
 
     def __init__(self, model: nn.Module, hparams, profiler: Profiler, generator: torch.Generator):
-        self.model, self.hp, self.profiler, self.generator = model, hparams, profiler, generator
+        self.model, self.hparams, self.profiler, self.generator = model, hparams, profiler, generator
         self.layers: dict[str, LoRALinear] = {}
 
     def setup(self) -> None:
@@ -86,16 +89,16 @@ class McitMethod:
     def before_task(self, ctx: McitContext) -> None:
         raise NotImplementedError
 
-    def param_groups(self) -> list[dict]:
+    def trainable_parameters(self) -> list[dict]:
         """Adapter factors at ``lr``, the projector at ``projector_lr`` (MCITlib's ``--mm_projector_lr``)."""
         adapters = [p for layer in self.layers.values() for p in layer.parameters(recurse=False)]
-        return [{"params": adapters, "lr": self.hp.lr},
-                {"params": projector_parameters(self.model), "lr": self.hp.projector_lr}]
+        return [{"params": adapters, "lr": self.hparams.lr},
+                {"params": projector_parameters(self.model), "lr": self.hparams.projector_lr}]
 
     def freeze_all_but_trained(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
-        for group in self.param_groups():
+        for group in self.trainable_parameters():
             for p in group["params"]:
                 p.requires_grad_(True)
 
@@ -116,13 +119,30 @@ class McitMethod:
     def after_task(self, ctx: McitContext) -> None:
         self.merge()
 
-    def state_bytes(self) -> int:
-        return 0
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held between tasks, by name, for the cost profile (the CLIP contract's)."""
+        return {}
 
     def state_dict(self) -> dict[str, Tensor]:
         """What the method keeps between tasks (its adapters are merged after every task): its generator's state
         and, in subclasses, their memories. Saved in resume checkpoints."""
         return {"generator": self.generator.get_state()}
+
+    def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[str]) -> None:
+        """Refuse restored state that does not fit this method on this model (before it is loaded), with a
+        :class:`~clbench.methods.state_checks.StateMismatch` naming the entry (the CLIP contract's hook): here the
+        generator's state, and in subclasses their memories."""
+        unknown = sorted(k for k in state if k != "generator" and not self._owns(k))
+        if unknown:
+            raise StateMismatch(tensor_entry(unknown[0]), "is not state of this method")
+        generator = state.get("generator")
+        size = torch.Generator().get_state().numel()
+        if generator is None or generator.dim() != 1 or generator.numel() != size:
+            raise StateMismatch(tensor_entry("generator"), f"must be a generator state of {size} bytes")
+
+    def _owns(self, key: str) -> bool:
+        """Whether ``key`` (beyond the generator) names state a subclass keeps."""
+        return False
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Inverse of :meth:`state_dict`; a state of another method raises ``KeyError`` / ``ValueError``."""
@@ -158,15 +178,23 @@ def get_mcit_method(name: str) -> type[McitMethod]:
     return MCIT_METHODS.get(name)
 
 
+# Ranges of the hyperparameters (checked by every --set, clbench.config.set_field; the CLIP forms' own ranges)
+RANK = {"min": 1}
+POSITIVE = {"min": 0.0, "exclusive_min": True}
+NON_NEGATIVE = {"min": 0.0}
+SHARE = {"min": 0.0, "max": 1.0}
+FRACTION = {"min": 0.0, "exclusive_min": True, "max": 1.0}
+
+
 @dataclass
 class LoraFTHparams:
     """MCITlib LoRA-FT: r (UCIT 16, DCL 32), alpha = 2r, dropout 0.05; lr 2e-4 and projector 2e-5 there."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 5e-3
-    projector_lr: float = 5e-4
+    rank: int = field(default=8, metadata=RANK)
+    alpha: float = field(default=16.0, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=SHARE)
+    lr: float = field(default=5e-3, metadata=POSITIVE)
+    projector_lr: float = field(default=5e-4, metadata=NON_NEGATIVE)
 
 
 @register_mcit("lora")
@@ -179,25 +207,25 @@ class LoraFT(McitMethod):
     def before_task(self, ctx: McitContext) -> None:
         factors = {}
         for name, linear in adapted_linears(self.model).items():
-            A = torch.empty(self.hp.rank, linear.in_features)
+            A = torch.empty(self.hparams.rank, linear.in_features)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=self.generator)  # PEFT's default A init
-            factors[name] = (A, torch.zeros(linear.out_features, self.hp.rank))
-        self.attach(factors, self.hp.alpha / self.hp.rank, self.hp.dropout, train_A=True)
+            factors[name] = (A, torch.zeros(linear.out_features, self.hparams.rank))
+        self.attach(factors, self.hparams.alpha / self.hparams.rank, self.hparams.dropout, train_A=True)
 
 
 @dataclass
 class KeepLoraLlavaHparams:
     """KeepLoRA's LLaVA variant: r (UCIT 32, DCL 64), alpha = r/4, eps_w 0.6, memory energy 0.99, 20% of data."""
 
-    rank: int = 8
-    alpha: float = 2.0
-    dropout: float = 0.05
-    lr: float = 5e-3
-    projector_lr: float = 5e-4
-    eps_w: float = 0.6
-    energy: float = 0.99
-    grad_fraction: float = 0.2
-    svd_niter: int = 2
+    rank: int = field(default=8, metadata=RANK)
+    alpha: float = field(default=2.0, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=SHARE)
+    lr: float = field(default=5e-3, metadata=POSITIVE)
+    projector_lr: float = field(default=5e-4, metadata=NON_NEGATIVE)
+    eps_w: float = field(default=0.6, metadata=SHARE)
+    energy: float = field(default=0.99, metadata=FRACTION)
+    grad_fraction: float = field(default=0.2, metadata=FRACTION)
+    svd_niter: int = field(default=2, metadata={"min": 0})
 
 
 @register_mcit("keeplora")
@@ -223,7 +251,7 @@ class KeepLoraLlava(McitMethod):
         self.basis: dict[str, Tensor] = {}
         with self.profiler.section("pretrained_svd"):
             for name, linear in adapted_linears(self.model).items():
-                self.basis[name] = linalg.principal_basis(linear.weight, self.hp.eps_w, side="input", rule="paper")
+                self.basis[name] = linalg.principal_basis(linear.weight, self.hparams.eps_w, side="input", rule="paper")
 
     def _gradients(self, ctx: McitContext) -> dict[str, Tensor]:
         """Mean loss gradient of every adapted weight over the first-pass share of the task (paper layout)."""
@@ -236,7 +264,7 @@ class KeepLoraLlava(McitMethod):
         n = 0
         was_training = self.model.training
         self.model.train()
-        for batch in ctx.batches(fraction=self.hp.grad_fraction, batch_size=1, evenly_spaced=True):
+        for batch in ctx.batches(fraction=self.hparams.grad_fraction, batch_size=1, evenly_spaced=True):
             self.model(**batch).loss.backward()
             n += 1
         self.model.train(was_training)
@@ -255,11 +283,12 @@ class KeepLoraLlava(McitMethod):
             for name, G in grads.items():
                 U = self.basis[name]
                 G_hat = linalg.project_out(G, U)
-                A, _, _ = linalg.top_r_factors(G_hat, self.hp.rank, method="randomized", oversample=self.hp.rank,
-                                               niter=self.hp.svd_niter, generator=self.generator, basis=U)
+                A, _, _ = linalg.top_r_factors(G_hat, self.hparams.rank, method="randomized",
+                                               oversample=self.hparams.rank, niter=self.hparams.svd_niter,
+                                               generator=self.generator, basis=U)
                 d_out = G.shape[1]
                 factors[name] = (A.T.contiguous(), torch.zeros(d_out, A.shape[1]))
-        self.attach(factors, self.hp.alpha / self.hp.rank, self.hp.dropout, train_A=False)
+        self.attach(factors, self.hparams.alpha / self.hparams.rank, self.hparams.dropout, train_A=False)
 
     def after_task(self, ctx: McitContext) -> None:
         self.merge()
@@ -267,12 +296,32 @@ class KeepLoraLlava(McitMethod):
             grads = self._gradients(ctx)
         with self.profiler.section("feature_svd"):
             for name, G in grads.items():
-                self.basis[name] = linalg.gpm_extend(self.basis[name], self.hp.energy, features=G)
-        self.profiler.record_state(ctx.index, "basis", self.state_bytes(),
+                self.basis[name] = linalg.gpm_extend(self.basis[name], self.hparams.energy, features=G)
+        self.profiler.record_state(ctx.index, "basis", self.state_bytes()["basis"],
                                    columns=sum(b.shape[1] for b in self.basis.values()))
 
-    def state_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in getattr(self, "basis", {}).values())
+    def state_bytes(self) -> dict[str, int]:
+        return {"basis": sum(b.numel() * b.element_size() for b in getattr(self, "basis", {}).values())}
+
+    def _owns(self, key: str) -> bool:
+        return key.startswith("basis/")
+
+    def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[str]) -> None:
+        """Also: one finite input-side basis (``d_in`` rows, at most ``d_in`` columns) per adapted layer."""
+        super().check_state(state, extra, tasks)
+        linears = adapted_linears(self.model)
+        for name, linear in linears.items():
+            U = state.get(f"basis/{name}")
+            if U is None:
+                raise StateMismatch(tensor_entry(f"basis/{name}"), "is missing")
+            if U.dim() != 2 or U.shape[0] != linear.in_features or U.shape[1] > linear.in_features:
+                raise StateMismatch(tensor_entry(f"basis/{name}"), f"must be {linear.in_features} x k (k <= "
+                                    f"{linear.in_features}), not {tuple(U.shape)}")
+            if not U.is_floating_point() or not bool(torch.isfinite(U).all()):
+                raise StateMismatch(tensor_entry(f"basis/{name}"), "must hold finite floating-point values")
+        unknown = sorted(k for k in state if k.startswith("basis/") and k.removeprefix("basis/") not in linears)
+        if unknown:
+            raise StateMismatch(tensor_entry(unknown[0]), "names no adapted layer of this model")
 
     def state_dict(self) -> dict[str, Tensor]:
         return {**super().state_dict(), **{f"basis/{name}": U for name, U in self.basis.items()}}

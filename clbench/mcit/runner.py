@@ -4,7 +4,9 @@ A results folder holds ``accuracy.csv`` (the full T x T matrix, rows = after tas
 (the base model's scores), ``metrics.json`` (MFT / MFN / MAA / BWT / Transfer, caption details, losses),
 ``profile.csv`` (cost sections per task), and ``manifest.json`` (resolved config, run id, status, seeds, data-file
 SHA-256, backbone, package versions, git revision, device); ``resume.safetensors`` while the run is unfinished
-(:mod:`clbench.mcit.resume`), ``run.lock`` while it runs.
+(:mod:`clbench.mcit.resume`), ``run.lock`` while it runs. The folder's bookkeeping (start decision, locks, manifest
+records, checkpoint framing) is the one every runner shares, :mod:`clbench.engine.rundir`; this module builds the
+model, the tasks and the loop.
 """
 
 from __future__ import annotations
@@ -19,32 +21,44 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clbench.config import run_id
+from clbench.config import list_presets, load_preset, run_id, set_field
 from clbench.costs.profiler import Profiler
 from clbench.engine.interrupt import RunInterrupted, critical, mark_interrupted
+from clbench.engine.rundir import (
+    RunPlan,
+    check_something_to_resume,
+    leftovers,
+    lock_all,
+    read_manifest,
+    read_run_json,
+    remove_empty,
+    resumed_entry,
+    tidy_done,
+    write_complete,
+    write_failed,
+    write_start,
+)
 from clbench.errors import UserError
 from clbench.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
 from clbench.mcit.codec import VICUNA_SYSTEM, Codec
 from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
 from clbench.mcit.methods import get_mcit_method
 from clbench.mcit.metrics import mcit_metrics
-from clbench.mcit.pretrain import STEPS
-from clbench.mcit.resume import McitPlan, capture, has_run, plan_run, restore
+from clbench.mcit.resume import capture, plan_run, restore
 from clbench.storage.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from clbench.storage.lock import RunLock
 from clbench.storage.results import (
     accuracy_frame,
     atomic_write_csv,
     atomic_write_json,
     environment_info,
     git_revision,
+    remove_temporaries,
     run_dir,
 )
 
-PRESETS = {
-    "smoke": {"n_train": 32, "n_test": 8, "pretrain_steps": 20, "loop": {"epochs": [1], "batch_size": 16}},
-    "default": {"n_train": 192, "n_test": 48, "pretrain_steps": STEPS, "loop": {"epochs": [12], "batch_size": 16}},
-}
+# The presets of this setting: clbench/presets/mcit/*.json, read by the loader of the CLIP presets.
+PRESETS = {name: load_preset(name, "mcit") for name in list_presets("mcit")}
+SETTING = "MCIT setting"  # how the one-line errors name it
 
 
 @dataclass
@@ -55,32 +69,29 @@ class McitOutcome:
     seconds: float = 0.0
 
 
-def _convert(raw: str, like):
-    if isinstance(like, bool):
-        return raw.lower() in ("1", "true", "yes")
-    if isinstance(like, list):
-        return [int(x) for x in raw.split(",")]
-    if like is None:
-        return None if raw.lower() == "none" else int(raw)
-    return type(like)(raw)
+@dataclass
+class DataSizes:
+    """The size of each synthetic-mcit task (``--set data.n_train=...``); the real benchmarks use their files."""
+
+    n_train: int = field(default=192, metadata={"min": 1})
+    n_test: int = field(default=48, metadata={"min": 1})
 
 
 def apply_sets(sets: list[str], loop: LoopConfig, hparams: dict[str, object], data_sizes: dict) -> None:
-    """``loop.<field>=v``, ``data.n_train=v`` / ``data.n_test=v`` and ``<method>.<field>=v`` overrides."""
+    """``loop.<field>=v``, ``data.n_train=v`` / ``data.n_test=v`` and ``<method>.<field>=v`` overrides, each typed
+    and range-checked by the configuration layer's parser (:func:`clbench.config.set_field`, the fields' metadata)."""
     for item in sets:
         key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
         scope, _, name = key.partition(".")
-        target = loop if scope == "loop" else hparams.get(scope)
-        if scope == "data" and name in data_sizes and sep:
-            data_sizes[name] = int(raw)
-            continue
-        if not sep or target is None or not hasattr(target, name):
+        data = DataSizes(**data_sizes) if scope == "data" else None
+        target = loop if scope == "loop" else data if scope == "data" else hparams.get(scope)
+        if not sep or target is None or name not in {f.name for f in dataclasses.fields(target)}:
             raise UserError(f"--set {item!r}: the MCIT setting knows loop.<field>, data.n_train, data.n_test and "
                             f"<method>.<field> for the methods run ({', '.join(hparams)})")
-        try:
-            setattr(target, name, _convert(raw, getattr(target, name)))
-        except ValueError:
-            raise UserError(f"--set {item!r}: {raw!r} is not a valid value for {key}") from None
+        set_field(target, [name], raw, key)
+        if data is not None:
+            data_sizes.update(dataclasses.asdict(data))
 
 
 def _backbone(backbone: str, steps: int, notify: Callable[[str], None]):
@@ -141,8 +152,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     grid point, ``keeplora,rank=4``)."""
     if benchmark not in MCIT_BENCHMARKS:
         raise UserError(f"--benchmark {benchmark!r} is not an MCIT benchmark ({', '.join(MCIT_BENCHMARKS)})")
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
         raise UserError(f"--methods lists {', '.join(twice)} more than once; name each method once")
@@ -163,20 +173,16 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     plans = []
     for name in classes:
         resolved = resolved_config(benchmark, name, seed, preset, backbone, hparams[name], loop, data_info, names)
-        plans.append(McitPlan(name, run_dir(out, benchmark, 1, folder or name, seed), run_id(resolved), names,
-                              config=resolved))
+        plans.append(RunPlan(name, run_dir(out, benchmark, 1, folder or name, seed), resolved, run_id(resolved),
+                             names))
     if folder is not None and len(plans) != 1:
         raise ValueError("a folder name is for one method's run")
-    if resume is True and not any(has_run(plan.path) for plan in plans):
-        raise UserError(f"--resume: no run to resume in {plans[0].path.parent.parent} (no run of "
-                        f"{', '.join(classes)} there); check --out/--seed, or drop --resume to start the run")
+    if resume is True:
+        check_something_to_resume({plan.name: plan.path for plan in plans}, "--out/--seed")
     plans = [plan_run(plan, resume, notify) for plan in plans]
-    locks = []
+    # every folder locked before any work: a live run elsewhere stops this one now (a complete run only to tidy)
+    locks, made = lock_all([plan for plan in plans if plan.mode != "done" or leftovers(plan.path)], notify)
     try:
-        for plan in plans:  # every folder locked before any work: a live run elsewhere stops this one now
-            lock = RunLock(plan.path)
-            lock.acquire(notify)
-            locks.append(lock)
         settings = {"benchmark": benchmark, "preset": preset, "loop": loop, "backbone": backbone,
                     "steps": p["pretrain_steps"], "seed": seed, "data": data_info, "device": dev}
         return [_run_one(plan, classes[plan.name], hparams[plan.name], tasks, settings, notify, on_task)
@@ -184,17 +190,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     finally:
         for lock in locks:
             lock.release()
-
-
-def _read_json(path: Path) -> dict:
-    from clbench.storage.safeio import json_object, read_json
-
-    fix = "delete that run folder, or drop --resume"
-    return json_object(read_json(path, "run file", fix), path, "run file", fix)
-
-
-def _read_manifest(path: Path) -> dict:
-    return _read_json(path / "manifest.json") if (path / "manifest.json").exists() else {}
+        remove_empty(made)  # folders made for a lock whose run wrote nothing
 
 
 STALE = ("accuracy.csv", "base.csv", "profile.csv", "metrics.json", CHECKPOINT_NAME)
@@ -210,13 +206,15 @@ def _write_results(path: Path, state: dict, names: list[str], profiler: Profiler
     return metrics
 
 
-def _run_one(plan: McitPlan, cls, hparams, tasks: list[McitTask], settings: dict, notify: Callable[[str], None],
+def _run_one(plan: RunPlan, cls, hparams, tasks: list[McitTask], settings: dict, notify: Callable[[str], None],
              on_task: Callable[[str, int, str, list[float]], None] | None) -> McitOutcome:
     """One method's run in its locked folder: fresh or resumed, checkpointed after every task."""
     path, name, names = plan.path, plan.name, plan.tasks
     if plan.mode == "done":
-        seconds = _read_manifest(path).get("seconds", 0.0)
-        return McitOutcome(name, path, _read_json(path / "metrics.json"), float(seconds))
+        tidy_done(path)  # locked by us only to tidy: a kill's leftovers are not results
+        seconds = read_manifest(path).get("seconds", 0.0)
+        return McitOutcome(name, path, read_run_json(path / "metrics.json"), float(seconds))
+    remove_temporaries(path)  # under the lock: temporaries of writes a kill interrupted
     dev, seed = settings["device"], settings["seed"]
     started = time.time()
     model, codec, backbone_id = _backbone(settings["backbone"], settings["steps"], notify)
@@ -235,15 +233,10 @@ def _run_one(plan: McitPlan, cls, hparams, tasks: list[McitTask], settings: dict
     ckpt_path = path / CHECKPOINT_NAME
     if plan.mode == "resume":
         start = restore(plan, model, method, profiler)
-        stored = _read_manifest(path)
-        manifest["resumed"] = [*stored.get("resumed", []), {"after_task": plan.completed, "at": started}]
+        stored = read_manifest(path)
+        manifest["resumed"] = [*stored.get("resumed", []), resumed_entry(plan.completed, started)]
         manifest["started"] = stored.get("started", started)
-    with critical():
-        atomic_write_json(path / "manifest.json", manifest)  # says running before old results go
-        if plan.mode != "resume":
-            for stale in STALE:
-                (path / stale).unlink(missing_ok=True)
-        atomic_write_json(path / "config.json", plan.config)
+    write_start(path, manifest, plan.resolved, plan.mode == "resume", STALE)
 
     def on_task_end(state: dict) -> None:
         with critical():
@@ -257,16 +250,12 @@ def _run_one(plan: McitPlan, cls, hparams, tasks: list[McitTask], settings: dict
                               start=start, on_task_end=on_task_end)
         with critical():
             metrics = _write_results(path, result, names, profiler)
-            seconds = time.time() - manifest["started"]
-            manifest.update(status="complete", finished=time.time(), seconds=seconds)
-            atomic_write_json(path / "manifest.json", manifest)
-            ckpt_path.unlink(missing_ok=True)  # every result is on disk: the checkpoint is not needed
+            seconds = write_complete(path, manifest)
         return McitOutcome(name, path, metrics, seconds)
     except RunInterrupted as exc:
         mark_interrupted(exc, manifest, path, name, len(names), plan.completed)
         raise
     except BaseException as exc:
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
-                        finished=time.time(), traceback=traceback.format_exc())
-        atomic_write_json(path / "manifest.json", manifest)
+        write_failed(path, manifest, f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                     traceback=traceback.format_exc())
         raise

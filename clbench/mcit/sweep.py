@@ -72,15 +72,15 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
            threads: int = 1) -> list[RunSpec]:
     """Every run, in order (seed, method, grid point), with its run id and final folder; every run's settings are
     checked before any runs (a bad value is a UserError)."""
-    from clbench.config import run_id
+    from clbench.config import load_preset, run_id
+    from clbench.mcit import LAYOUT
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
-    from clbench.mcit.runner import PRESETS, apply_sets, data_identity, resolved_config
+    from clbench.mcit.runner import PRESETS, SETTING, apply_sets, data_identity, resolved_config
     from clbench.storage.results import run_dir
     from clbench.sweeps.plan import _check_distinct, folder_name
 
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
+    load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
     swept = {a.key for a in axes}
     for item in sets:
         if item.partition("=")[0].strip() in swept:
@@ -112,7 +112,7 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
                        ("device", device), ("order", 1), ("seed", seed))
             folder = run_dir(out, benchmark, 1, folder_name(method, point), seed)
             specs.append(RunSpec(rid, method, 1, seed, point, preset, options, run_sets, benchmark, str(out),
-                                 str(folder), threads, setting="mcit", runner=run_spec))
+                                 str(folder), threads, layout=LAYOUT, runner=run_spec))
     _check_distinct(specs)
     return specs
 
@@ -135,14 +135,6 @@ def run_spec(spec: RunSpec, out: Path) -> SimpleNamespace:
                           notify=lambda m: print(f"note: {m}", flush=True),
                           resume="auto" if (staged_folder(spec) / CHECKPOINT).exists() else False)
     return SimpleNamespace(status="complete", error=None, metrics=outcome.metrics)
-
-
-def check_options(benchmark: str, clip_only: dict) -> None:
-    """Options of CLIP runs given to an MCIT sweep: one line naming them."""
-    used = [flag for flag, value in clip_only.items() if value]
-    if used:
-        raise UserError(f"{', '.join(used)} belong to CLIP sweeps; an MCIT sweep ({benchmark}) runs the LLaVA "
-                        "setting in one task order and does not take them")
 
 
 def prepare_backbone(backbone: str, preset: str, quiet: bool) -> None:

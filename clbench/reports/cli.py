@@ -46,7 +46,10 @@ def report(
         "(clbench sweep --grid)")] = "",
 ) -> None:
     """MTIL comparison table (Transfer / Average / Last per dataset, best bold) from runs and matrices."""
-    import clbench.mcit.report  # noqa: F401  (registers the MCIT (LLaVA) table: the command line knows the settings)
+    from clbench.settings import SETTINGS
+
+    for setting in SETTINGS:  # each setting's table (the command line knows the settings; reports do not)
+        setting.register_report()
     from clbench.reports.latex import LatexLayout
     from clbench.reports.loading import input_setting
     from clbench.reports.report import build_report, write_report

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from clbench.errors import UserError
+from clbench.storage.layout import CLIP_LAYOUT, COMPLETE_FILES, ResultLayout  # noqa: F401  (re-exported)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
 
@@ -161,30 +162,24 @@ def read_accuracy_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
-COMPLETE_FILES = ("config.json", "accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv")
-# The MCIT (LLaVA) layout: the base model's row in base.csv, the task list under "tasks", MCITlib's metrics (MAA).
-MCIT_COMPLETE_FILES = ("config.json", "accuracy.csv", "base.csv", "metrics.json", "profile.csv")
-
-
-def missing_results(folder: Path, datasets: list[str] | None = None, setting: str = "clip") -> str | None:
+def missing_results(folder: Path, datasets: list[str] | None = None, layout: ResultLayout = CLIP_LAYOUT) -> str | None:
     """Why ``folder``'s files do not back a ``complete`` status (a file missing or unreadable, fewer accuracy rows
-    than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``; ``setting``
-    ``"mcit"`` checks an MCIT run folder's files (:mod:`clbench.mcit.runner`)."""
+    than tasks), or None when they do. ``datasets`` defaults to the task list in its ``config.json``; ``layout``
+    is the setting's (the CLIP one by default)."""
     from clbench.storage.safeio import is_regular, read_json
 
     folder = Path(folder)
-    mcit = setting == "mcit"
-    for name in MCIT_COMPLETE_FILES if mcit else COMPLETE_FILES:
+    for name in layout.files:
         if not is_regular(folder / name):
             return f"{name} is missing"
     try:
         if datasets is None:
             config = read_json(folder / "config.json", "run file", "")
-            datasets = config.get("tasks" if mcit else "datasets") if isinstance(config, dict) else None
+            datasets = config.get(layout.tasks_key) if isinstance(config, dict) else None
             if not isinstance(datasets, list):
                 return "config.json names no task list"
         metrics = read_json(folder / "metrics.json", "run file", "")
-        if not isinstance(metrics, dict) or ("maa" if mcit else "last") not in metrics:
+        if not isinstance(metrics, dict) or layout.metric not in metrics:
             return "metrics.json holds no metrics"
         frame = read_accuracy_csv(folder / "accuracy.csv")
     except UserError as exc:

@@ -1,10 +1,10 @@
 """Sweeps: the cross product of methods, orders, seeds and grid values as runs with deterministic ids.
 
 A sweep is planned here and executed by a launcher (:mod:`clbench.sweeps.launchers`); the launcher only decides
-*where* :func:`execute_run` is called, so the results do not depend on it. An MCIT (LLaVA) sweep is planned by
-:mod:`clbench.mcit.sweep` into the same :class:`RunSpec` (``setting="mcit"``, its ``runner``) and shares everything
-below the plan: ids checked in the worker, folders, skipping, staging, failures and resume. This module never
-imports a setting: a spec carries the function that runs it.
+*where* :func:`execute_run` is called, so the results do not depend on it. Each setting plans its sweep
+(:meth:`clbench.settings.base.Setting.plan_sweep`) into the same :class:`RunSpec` (its result ``layout``, its
+``runner``) and shares everything below the plan: ids checked in the worker, folders, skipping, staging, failures
+and resume. This module never imports a setting: a spec carries the function that runs it.
 
 - **Grid axes.** ``--grid key=v1,v2`` is one axis. A key under a method (``keeplora.rank``,
   ``keeplora.train.lr``) applies to that method's runs only; any other key (``train.lr``,
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from clbench.errors import UserError
+from clbench.storage.layout import CLIP_LAYOUT, ResultLayout
 
 SEP = ","  # between the method and the grid settings in a run folder name, and between settings
 STAGING = Path(".sweep") / "runs"
@@ -114,7 +115,8 @@ class RunSpec:
     threads: int = 1
     error: str | None = None  # the configuration is invalid: the run fails without starting
     eval_rule: str = ""  # the resolved --eval rule (part of the folder name when not the benchmark's own)
-    setting: str = "clip"  # "mcit": an LLaVA run of clbench.mcit (planned by clbench.mcit.sweep.expand)
+    # What a complete run folder holds, declared by the setting that planned the spec (clbench.settings)
+    layout: ResultLayout = CLIP_LAYOUT
     # How a worker runs this spec under its staging folder (``runner(spec, out)``; pickled by reference to the
     # worker): set by the setting that planned it, so this engine never imports a setting. None: the CLIP runner.
     runner: Callable[[RunSpec, Path], Any] | None = None
@@ -350,7 +352,7 @@ def run_status(spec: RunSpec) -> str:
     manifest = _read_json(folder / "manifest.json")
     status = manifest.get("status") if manifest else None
     if status == "complete" and folder_run_id(folder) == spec.id \
-            and missing_results(folder, setting=spec.setting) is None:
+            and missing_results(folder, layout=spec.layout) is None:
         return DONE  # the files back the status (a kill while rewriting them would not)
     if (staged_folder(spec) / CHECKPOINT).exists():
         return RESUME
