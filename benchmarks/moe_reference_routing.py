@@ -1,8 +1,7 @@
 """MoE-Adapters' reference autoencoder, isolated: one trained state routed with and without it.
 
-A run with ``--set moe-adapters.reference_autoencoder=true`` trains exactly what a run without it trains (the
-reference autoencoder draws from its own generators, never the global one), so the option changes only DDAS's
-routing. This script loads such a run's checkpoint (``resume.safetensors``: the state after the tasks done so
+The option changes DDAS's routing; to see that effect alone, this script loads the checkpoint of a run with
+``--set moe-adapters.reference_autoencoder=true`` (``resume.safetensors``: the state after the tasks done so
 far, kept while the run is unfinished), evaluates every dataset of the embedded default twice, with the
 reference autoencoder and with it removed, and prints per dataset the share of test images sent to zero-shot
 and the accuracy::

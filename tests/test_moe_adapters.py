@@ -615,3 +615,4 @@ def test_paper_preset_on_mtil_needs_the_reference_folder(tmp_path, capsys, monke
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert "moe-adapters.reference_autoencoder on mtil needs reference images" in err[0]
     assert "moe-adapters.ref_images=IMAGEFOLDER" in err[0] and not out.exists()
+
