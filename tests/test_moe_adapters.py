@@ -13,9 +13,18 @@ from clbench.costs.profiler import Profiler
 from clbench.datasets.base import ClassSpan, Task
 from clbench.engine.harness import Hooks as HarnessHooks
 from clbench.engine.harness import make_loader_factory, train_task
+from clbench.errors import UserError
 from clbench.methods import get_method
 from clbench.methods.base import TaskContext
-from clbench.methods.moe_adapters import ZERO_SHOT, AutoEncoder, cv_squared, noisy_top_k_gating, prob_in_top_k
+from clbench.methods.moe_adapters import (
+    ZERO_SHOT,
+    AutoEncoder,
+    cv_squared,
+    ddas_select,
+    epoch_batches,
+    noisy_top_k_gating,
+    prob_in_top_k,
+)
 
 E = math.e
 
@@ -386,3 +395,224 @@ def test_harness_rows_under_both_rules_start_at_zero_shot(tiny_model, rule: str)
         assert result.zeroshot_recall == reference.zeroshot_recall and len(result.recall_rows) == 2
     sections = {r.section for r in method.profiler.records}
     assert {"ddas", "router", "ddas_train"} <= sections
+
+
+# ---- the reference autoencoder (reference_autoencoder=true: the official code's TinyImageNet autochooser) ---------
+def test_ddas_select_with_a_reference_by_hand() -> None:
+    """Hand-made errors: a task route needs a task error strictly below the reference's (the code starts its
+    argmin at the reference autoencoder and replaces it only by a smaller error) and within its threshold."""
+    errors = torch.tensor([[0.2, 0.1], [0.2, 0.1], [0.3, 0.3], [0.05, 0.4], [0.2, 0.18]])
+    thresholds = torch.tensor([0.5, 0.15])
+    reference = torch.tensor([0.3, 0.1, 0.4, 0.05, 0.9])
+    # row 0: task 1 (0.1 < 0.3, 0.1 <= 0.15); row 1: a tie with the reference -> zero-shot; row 2: tasks tie, the
+    # earlier wins (0.3 < 0.4, 0.3 <= 0.5); row 3: tie with the reference -> zero-shot; row 4: task 1 beats the
+    # reference but exceeds its threshold 0.15 -> zero-shot
+    assert ddas_select(errors, thresholds, reference).tolist() == [1, ZERO_SHOT, 0, ZERO_SHOT, ZERO_SHOT]
+    assert ddas_select(errors, thresholds).tolist() == [1, 1, 0, 0, ZERO_SHOT]  # no reference: the threshold alone
+    assert ddas_select(errors[:, :0], thresholds[:0], reference).tolist() == [ZERO_SHOT] * 5
+
+
+def test_reference_autoencoder_sends_its_images_to_zero_shot(tiny_model) -> None:
+    """Through eval_image_features and logits: the reference autoencoder reconstructs image 1 exactly, so image 1
+    goes to zero-shot although both task errors are under their (loose) thresholds; image 0 stays on task B."""
+    tiny_model.eval()
+    method, x, target = _two_task_method(tiny_model, [1.0, 1.0])
+    e_a = (target - 0.5).square().mean(-1)
+    e_b = (target - target[0]).square().mean(-1)
+    e_ref = (target - target[1]).square().mean(-1)
+    assert float(torch.minimum(e_a, e_b)[1]) > 0 and float(torch.minimum(e_a, e_b).max()) < 1.0
+    with torch.no_grad():
+        without = method.routes_for(x).tolist()
+        assert without[1] != ZERO_SHOT  # without the reference, image 1 is routed to a task
+        method.reference_ae = _constant_autoencoder(target[1])
+        task_min, task_arg = torch.stack([e_a, e_b], -1).min(-1)
+        expected = [int(a) if float(m) < float(r) else ZERO_SHOT for m, a, r in zip(task_min, task_arg, e_ref,
+                                                                                  strict=True)]
+        assert expected[:2] == [1, ZERO_SHOT]
+        assert method.routes_for(x).tolist() == expected
+        feats = method.eval_image_features(x, "A")
+        assert torch.equal(feats[1], plain_image(tiny_model, x[1:2])[0])  # the frozen CLIP
+        assert torch.allclose(feats[:1], method.encode_image(x[:1], 1), atol=1e-6)
+        text = method.eval_text_features([["a photo of a red circle."], ["a photo of a dot."]], "A")
+        logits = method.logits(feats, text, "A", trained=True)
+        assert torch.allclose(logits[1], tiny_model.logit_scale() * feats[1] @ text[0].T, atol=1e-5)
+
+
+def test_a_tie_with_the_reference_goes_to_zero_shot(tiny_model) -> None:
+    """The reference autoencoder equal to task B's: every image ties with B, so only a strictly smaller task A
+    error keeps a task route (image 0, reconstructed exactly by B and the reference, goes to zero-shot)."""
+    tiny_model.eval()
+    method, x, target = _two_task_method(tiny_model, [1.0, 1.0])
+    method.reference_ae = _constant_autoencoder(target[0])
+    e_a = (target - 0.5).square().mean(-1)
+    e_b = (target - target[0]).square().mean(-1)
+    expected = [0 if float(a) < float(b) else ZERO_SHOT for a, b in zip(e_a, e_b, strict=True)]
+    assert expected[0] == ZERO_SHOT
+    with torch.no_grad():
+        assert method.routes_for(x).tolist() == expected
+
+
+def test_epoch_batches_by_hand() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = epoch_batches(5, 2, 7, gen)  # 3 batches an epoch: 2, 2, 1
+    assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1, 2]
+    for start in (0, 3):
+        assert sorted(torch.cat(batches[start : start + 3]).tolist()) == [0, 1, 2, 3, 4]
+    redo = torch.Generator().manual_seed(0)
+    first, second = torch.randperm(5, generator=redo), torch.randperm(5, generator=redo)
+    assert torch.equal(torch.cat(batches[:3]), first) and torch.equal(torch.cat(batches[3:6]), second)
+
+
+def test_reference_autoencoder_trains_once_on_the_reference_images(tiny_model) -> None:
+    """After the first task only (it is not a task's), on σ(√D f) of the embedded reference images (held-out
+    pretraining-corpus images, as ZSCL's), in its own profiled section; off by default."""
+    from clbench.methods.zscl import EMBEDDED_REF_SEED, embedded_reference
+
+    method = build(tiny_model, reference_autoencoder=True, reference_iterations=60, ref_image_count=40,
+                   ddas_iterations=2)
+    first = _context(_task("A", 3), 0)
+    method.before_task(first)
+    assert method.reference_ae is None
+    method.after_task(first)
+    ref = method.reference_ae
+    assert ref is not None and not any(p.requires_grad for p in ref.parameters())
+    pixels, _ = embedded_reference(tiny_model, 40, 1, EMBEDDED_REF_SEED)
+    d = tiny_model.clip.visual.output_dim
+    with torch.no_grad():
+        x = torch.sigmoid(plain_image(tiny_model, pixels) * math.sqrt(d))
+        untrained = AutoEncoder(d, 100, torch.Generator().manual_seed(1))
+        assert float(ref.errors(x).mean()) < 0.5 * float(untrained.errors(x).mean())
+    weights = [p.clone() for p in ref.parameters()]
+    second = _context(_task("B", 3, seed=1), 1)
+    method.before_task(second)
+    method.after_task(second)
+    assert method.reference_ae is ref and all(torch.equal(a, b) for a, b in zip(weights, ref.parameters(),
+                                                                                strict=True))
+    assert len(method.autoencoders) == 2
+    assert [r.calls for r in method.profiler.records if r.section == "ddas_reference"] == [1]
+    plain = build(tiny_model, ddas_iterations=2)
+    plain.before_task(first)
+    plain.after_task(first)
+    assert plain.reference_ae is None and not any(k.startswith("reference/") for k in plain.state_dict())
+    assert not any(r.section == "ddas_reference" for r in plain.profiler.records)
+
+
+def test_reference_training_encodes_only_the_images_its_steps_visit(tiny_model) -> None:
+    """3 steps of 8 over 100 reference images: 24 images are encoded, once each."""
+    method = build(tiny_model, reference_autoencoder=True, reference_iterations=3, ref_image_count=100)
+    seen = []
+    original = method.frozen_features
+
+    def spy(images):
+        seen.append(len(images))
+        return original(images)
+    method.frozen_features = spy
+    method.train_reference_autoencoder(torch.device("cpu"), 8)
+    assert sum(seen) == 24
+
+
+def test_reference_autoencoder_reads_an_image_folder(tiny_model, tmp_path) -> None:
+    """``ref_images``: an ImageFolder root (TinyImageNet train on MTIL), read with the backbone's test transform."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for cls in ("n01", "n02"):
+        folder = tmp_path / "train" / cls / "images"
+        folder.mkdir(parents=True)
+        for i in range(5):
+            pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{cls}_{i}.JPEG")
+    method = build(tiny_model, reference_autoencoder=True, reference_iterations=4, ref_workers=0,
+                   ref_images=str(tmp_path / "train"))
+    assert len(method._ref_data) == 10
+    method.train_reference_autoencoder(torch.device("cpu"), 4)
+    assert method.reference_ae is not None
+    from clbench.datasets.mtil import clip_transform
+    image = clip_transform(tiny_model.image_spec)(Image.open(tmp_path / "train" / "n01" / "images" / "n01_0.JPEG")
+                                                  .convert("RGB"))
+    assert torch.equal(method._ref_data[0][0], image)
+
+
+def test_reference_options_are_checked(tiny_model, tmp_path) -> None:
+    cls = get_method("moe-adapters")
+    on_mtil = cls(tiny_model, cls.Hparams(reference_autoencoder=True), Profiler())
+    on_mtil.benchmark = "mtil"
+    with pytest.raises(UserError, match=r"moe-adapters\.ref_images=IMAGEFOLDER \(TinyImageNet train"):
+        on_mtil.validate()
+    on_mtil.hparams.ref_images = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="is not a folder"):
+        on_mtil.validate()
+    unused = cls(tiny_model, cls.Hparams(ref_images=str(tmp_path)), Profiler())
+    with pytest.raises(UserError, match="no effect without the reference autoencoder"):
+        unused.validate()
+    cls(tiny_model, cls.Hparams(reference_autoencoder=True), Profiler()).validate()  # embedded: its own images
+    off = cls(tiny_model, cls.Hparams(), Profiler())
+    off.benchmark = "mtil"
+    off.validate()
+
+
+def test_a_missing_reference_folder_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    from clbench.cli.app import main
+
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "moe-adapters", "--out", str(out), "--preset", "smoke", "--pretrained", "none",
+                 "--quiet", "--set", "moe-adapters.reference_autoencoder=true",
+                 "--set", "moe-adapters.ref_images=/nonexistent/tiny-imagenet-200/train"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "moe-adapters.ref_images=/nonexistent/tiny-imagenet-200/train is not a folder" in err[0]
+    assert not out.exists() or not any(out.rglob("*.csv"))
+
+
+def test_state_round_trip_includes_the_reference_autoencoder(tiny_model) -> None:
+    import copy
+
+    tiny_model.eval()
+    method, x, target = _two_task_method(tiny_model, [1.0, 1.0])
+    method.hparams.reference_autoencoder = True
+    method.reference_ae = _constant_autoencoder(target[1])
+    state, extra = method.state_dict(), method.extra_state()
+    d = tiny_model.clip.visual.output_dim
+    assert state["reference/enc_w"].shape == (100, d) and state["reference/dec_b"].shape == (d,)
+    fresh = build(copy.deepcopy(tiny_model), reference_autoencoder=True)
+    fresh.model.eval()
+    done = [_task("A", 2), _task("B", 2)]
+    fresh.check_state(state, extra, done)
+    fresh.load_state_dict(state)
+    fresh.load_extra_state(extra)
+    with torch.no_grad():
+        assert fresh.routes_for(x).tolist() == method.routes_for(x).tolist()
+        assert fresh.routes_for(x).tolist()[1] == ZERO_SHOT  # the restored reference autoencoder decides it
+        assert torch.equal(fresh.reference_ae.errors(target), method.reference_ae.errors(target))
+    assert fresh.state_bytes() == method.state_bytes()
+    assert method.state_bytes()["reference_autoencoder"] == 4 * (100 * d + 100 + d * 100 + d)
+    from clbench.methods.state_checks import StateMismatch
+
+    missing = {k: v for k, v in state.items() if not k.startswith("reference/")}
+    with pytest.raises(StateMismatch):
+        fresh.check_state(missing, extra, done)
+    off = build(copy.deepcopy(tiny_model))
+    with pytest.raises(StateMismatch):
+        off.check_state(state, extra, done)  # a reference autoencoder this run does not have
+    off.check_state(missing, extra, done)
+
+
+@pytest.mark.slow  # builds the fake MTIL tree (about 20 s on a loaded 2-core machine)
+def test_paper_preset_on_mtil_needs_the_reference_folder(tmp_path, capsys, monkeypatch) -> None:
+    """``--preset paper`` turns the reference autoencoder on (the official scripts train it), so an MTIL run
+    without ``ref_images`` stops with one line naming the option, before anything is written."""
+    from fake_mtil import build_fake_mtil
+
+    from clbench.cli.app import main
+
+    monkeypatch.delenv("CLBENCH_DATA_ROOT", raising=False)
+    tree = build_fake_mtil(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "moe-adapters", "--out", str(out), "--preset", "paper", "--pretrained", "none",
+                 "--quiet", "--benchmark", "mtil", "--data-root", str(tree.root), "--allow-incomplete", "--backbone",
+                 "tiny"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert "moe-adapters.reference_autoencoder on mtil needs reference images" in err[0]
+    assert "moe-adapters.ref_images=IMAGEFOLDER" in err[0] and not out.exists()
+

@@ -308,13 +308,16 @@ def reference_workers(requested: int) -> int:
     return max(0, min(requested, torch.get_num_threads()))
 
 
-def image_folder(root: Path, model: ClipModel) -> torch.utils.data.Dataset:
-    """An ImageFolder read with the backbone's test transform (:func:`clbench.datasets.mtil.clip_transform`)."""
+def image_folder(root: Path, model: ClipModel, option: str = "zscl.ref_images",
+                 example: str = "ImageNet train (--set zscl.ref_images=/data/ImageNet/train)"
+                 ) -> torch.utils.data.Dataset:
+    """An ImageFolder read with the backbone's test transform (:func:`clbench.datasets.mtil.clip_transform`);
+    ``option`` names the setting that gave ``root`` in errors (MoE-Adapters reads its reference set here too),
+    ``example`` says what to pass instead."""
     from torchvision import datasets
 
     if not root.is_dir():
-        raise UserError(f"zscl.ref_images={root} is not a folder; pass an ImageFolder root such as ImageNet "
-                        "train (--set zscl.ref_images=/data/ImageNet/train)")
+        raise UserError(f"{option}={root} is not a folder; pass an ImageFolder root such as {example}")
     from clbench.datasets.mtil import ImageView, clip_transform
 
     transform = clip_transform(model.image_spec)  # the backbone's test transform (its tag's preprocessing)
@@ -322,9 +325,9 @@ def image_folder(root: Path, model: ClipModel) -> torch.utils.data.Dataset:
     try:
         folder = datasets.ImageFolder(str(root))  # PIL images, decoded one by one by the view below
     except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"zscl.ref_images={root}: {exc}; pass a folder of class sub-folders of images") from None
+        raise UserError(f"{option}={root}: {exc}; pass a folder of class sub-folders of images") from None
     # the rule of every image reader: an unreadable file is one line naming it (never a DataLoader traceback)
-    return ImageView("zscl.ref_images", folder, list(range(len(folder))), transform,
+    return ImageView(option, folder, list(range(len(folder))), transform,
                      fix="replace or remove it in the reference image folder")
 
 
