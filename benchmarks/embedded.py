@@ -62,7 +62,7 @@ class Check:
 
 
 def run_all(methods: list[str], orders: list[int], seeds: list[int], out: Path, preset: str) -> None:
-    from clbench.cli import main
+    from clbench.cli.app import main
 
     for order in orders:
         for seed in seeds:

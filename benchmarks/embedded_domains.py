@@ -20,12 +20,12 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from clbench.config import build_config, train_config_for
+    from clbench.costs.profiler import Profiler
     from clbench.datasets import synthetic
     from clbench.datasets.base import Benchmark
-    from clbench.harness import run_sequence
+    from clbench.engine.harness import run_sequence
+    from clbench.engine.runner import load_model
     from clbench.methods import get_method
-    from clbench.profiling import Profiler
-    from clbench.runner import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="finetune,lora")

@@ -5,7 +5,7 @@
     python -m benchmarks.ratios --full --only grad,features --grad-batch 4 --out ratios.csv
 
 Times are medians of ``--repeats`` untracked runs (device-synchronised); memory is the peak of the tensors
-each implementation creates (:class:`clbench.profiling.TensorPeakTracker`, one extra tracked run). Every row
+each implementation creates (:class:`clbench.costs.profiler.TensorPeakTracker`, one extra tracked run). Every row
 also checks that both sides compute the same thing (the ``check`` column). Targets are reported, never tuned
 for: ``met`` says whether the measured ratio reaches them on this machine.
 """

@@ -31,15 +31,15 @@ from benchmarks.reference_official import (
 )
 from clbench.config import TrainConfig
 from clbench.costs.fake import random_task, task_context
+from clbench.costs.profiler import Profiler, TensorPeakTracker
 from clbench.datasets.base import Benchmark, Task
-from clbench.harness import Hooks, evaluate
+from clbench.engine.harness import Hooks, evaluate
 from clbench.linalg import CovarianceAccumulator, principal_basis, project_out, top_r_factors
 from clbench.methods import get_method
 from clbench.methods.base import Method, NoHparams, TaskContext
 from clbench.methods.keeplora import AdaptedMatrix, KeepLoRA, task_batches
 from clbench.models.backbones import load_backbone
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler, TensorPeakTracker
 
 FULL_ENV = "CLBENCH_BENCH_FULL"
 SPECTRUM_DECAY = 0.5  # σ_i ∝ i^(-0.5): slowly decaying, so ε_w = 0.85 keeps about a third of the directions
@@ -125,7 +125,7 @@ def _tracked_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
 def measure(fn: Callable[[], Any], repeats: int = 1, memory: bool = True, device: torch.device | str = "cpu",
             warmup: int = 0) -> Measured:
     """Fastest of ``repeats`` untracked runs (wall and CPU time; on a shared machine the least-disturbed run
-    is the best estimate of the cost), then the tensor peak (:class:`~clbench.profiling.TensorPeakTracker`)
+    is the best estimate of the cost), then the tensor peak (:class:`~clbench.costs.profiler.TensorPeakTracker`)
     of one tracked run, so tracking never inflates the times."""
     return measure_pair(fn, None, repeats, memory, device, warmup)[0]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from clbench.datasets import BENCHMARKS
 from clbench.errors import UserError
-from clbench.safeio import check_path, exists, read_bytes
+from clbench.storage.safeio import check_path, exists, read_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib

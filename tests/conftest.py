@@ -18,7 +18,7 @@ def tiny_model():
 @pytest.fixture
 def count_runs(monkeypatch) -> list[str]:
     """Ids of the runs the launchers execute in this process from now on (sweep tests of both settings)."""
-    import clbench.launchers as launchers
+    import clbench.sweeps.launchers as launchers
 
     calls: list[str] = []
     real = launchers.execute_run
@@ -36,7 +36,7 @@ def without_launcher_extras(monkeypatch) -> None:
     """The launchers see neither Ray nor submitit installed (their one-line install hint is under test)."""
     import importlib
 
-    import clbench.launchers as launchers
+    import clbench.sweeps.launchers as launchers
 
     real = importlib.import_module
 

@@ -1,5 +1,5 @@
-"""Synthetic run folders for report tests, written by the real writer (:func:`clbench.runner.write_results`)
-with the same config.json / manifest.json layout as :func:`clbench.runner._run_one`."""
+"""Synthetic run folders for report tests, written by the real writer (:func:`clbench.engine.runner.write_results`)
+with the same config.json / manifest.json layout as :func:`clbench.engine.runner._run_one`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from clbench.config import RunConfig, method_run_config, run_id
-from clbench.harness import SequenceResult
-from clbench.profiling import Profiler, SectionRecord
-from clbench.results import accuracy_frame, atomic_write_csv, atomic_write_json, run_dir
-from clbench.runner import write_results
+from clbench.costs.profiler import Profiler, SectionRecord
+from clbench.engine.harness import SequenceResult
+from clbench.engine.runner import write_results
+from clbench.storage.results import accuracy_frame, atomic_write_csv, atomic_write_json, run_dir
 
 DATASETS = ["Aircraft", "Caltech101", "CIFAR100", "OxfordPet"]
 

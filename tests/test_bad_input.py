@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.cli import main
+from clbench.cli.app import main
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
 TWO_TASKS = ["--set", "data.num_tasks=2"]
@@ -163,7 +163,7 @@ def test_report_of_an_empty_results_folder(tmp_path: Path, capsys) -> None:
 
 
 def test_missing_launcher_extra(tmp_path: Path, capsys, monkeypatch) -> None:
-    from clbench.cli import app
+    from clbench.cli.app import app
 
     if "sweep" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
         pytest.skip("no 'clbench sweep' command in this version")

@@ -18,10 +18,10 @@ from fake_mtil import build_fake_mtil
 from fake_xtail import build_fake_xtail
 from test_resume import KILLER
 
-from clbench.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from clbench.cli import main
 from clbench.datasets.xtail_names import ORDERS as XTAIL_ORDERS
-from clbench.lock import LOCK_NAME
+from clbench.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from clbench.storage.lock import LOCK_NAME
 
 BASELINES = ["lwf", "lwf-vr", "wise-ft", "icarl", "moe-adapters", "diki"]
 # fewer virtual texts and autoencoder steps; the reference images read in this process (no worker start-ups)

@@ -12,8 +12,8 @@ import pytest
 import typer
 from fake_runs import write_fake_run
 
-from clbench.cli import app, main
-from clbench.results import accuracy_frame, atomic_write_csv
+from clbench.cli.app import app, main
+from clbench.storage.results import accuracy_frame, atomic_write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -87,7 +87,7 @@ def test_real_data_options_on_synthetic_are_one_line_errors(data_options: dict, 
     (["--skip-bad-images"], ("--skip-bad-images is for real datasets",)),
 ])
 def test_data_flags_on_the_command_line(tmp_path, capsys, args: list[str], needles: tuple[str, ...]) -> None:
-    from clbench.cli import main
+    from clbench.cli.app import main
 
     out = tmp_path / "out"
     code = main(["run", "--methods", "lora", "--preset", "smoke", "--pretrained", "none", "--quiet",

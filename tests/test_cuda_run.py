@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.models.backbones import load_backbone
 
 METHODS = ["lora", "keeplora", "keeplora+", "keeplora++", "inflora", "loda", "zscl"]

@@ -15,13 +15,13 @@ from method_probes import ordered_ctx, styled_task
 from torch.distributions import MultivariateNormal
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, union_spans
-from clbench.harness import Hooks, evaluate, evaluate_union, train_task
+from clbench.engine.harness import Hooks, evaluate, evaluate_union, train_task
 from clbench.methods.base import Method
 from clbench.methods.diki import DIKI, DIKIHparams, Gaussian, gaussian_stats, majority
 from clbench.methods.state_checks import StateMismatch
 from clbench.models.attention import LoRAAttention
-from clbench.profiling import Profiler
 
 D64 = torch.float64
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, Task
-from clbench.harness import Hooks, evaluate, evaluate_union
+from clbench.engine.harness import Hooks, evaluate, evaluate_union
 from clbench.methods.base import Method
-from clbench.profiling import Profiler
 
 
 def coded_task(name: str, classes: int, offset: int) -> Task:

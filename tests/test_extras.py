@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.extras import EXTRAS, MODULE_EXTRA, extra_of
 
 FAST = ["--preset", "smoke", "--seeds", "0", "--orders", "1"]
@@ -110,13 +110,13 @@ def test_tracking_without_its_extra(tmp_path: Path, capsys, without, backend: st
 @pytest.mark.parametrize("module", sorted(MODULE_EXTRA))
 def test_an_import_no_check_caught_is_still_one_line(monkeypatch, capsys, module: str) -> None:
     """The command line's last resort: any extra's package missing deep inside a command."""
-    import clbench.cli as cli
+    import clbench.cli.app as cli
 
     def deep(*a, **k):
         raise ModuleNotFoundError(f"No module named '{module}.sub'", name=f"{module}.sub")
 
     monkeypatch.setattr(cli, "_print_summary", deep)
-    monkeypatch.setattr("clbench.runner.run_methods", lambda *a, **k: [])
+    monkeypatch.setattr("clbench.engine.runner.run_methods", lambda *a, **k: [])
     assert main(["run", "--methods", "zeroshot", "--preset", "smoke", "--out", "unused"]) == 2
     assert repr(module) in one_line_error(capsys, MODULE_EXTRA[module])
 

@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 import torch
 
-import clbench.runner as runner
-from clbench.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-from clbench.cli import main
+import clbench.engine.runner as runner
+from clbench.cli.app import main
 from clbench.config import build_config
-from clbench.lock import LOCK_NAME
-from clbench.results import missing_results
+from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from clbench.storage.lock import LOCK_NAME
+from clbench.storage.results import missing_results
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import Interrupt, dead_pid, record_checkpoints, run_folder, write_lock  # noqa: E402
@@ -39,7 +39,7 @@ HURT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     mode, sig, n = sys.argv[1], getattr(signal, sys.argv[2]), int(sys.argv[3])
-    import clbench.runner as runner
+    import clbench.engine.runner as runner
     if mode == "after_checkpoint":  # inside the section that writes a task's files: the signal must wait
         save = runner.save_checkpoint
         def spy(path, ckpt):
@@ -48,7 +48,7 @@ HURT = textwrap.dedent("""
                 os.kill(os.getpid(), sig)
         runner.save_checkpoint = spy
     elif mode == "phase":  # at the n-th progress phase (evaluation or training of some task)
-        import clbench.progress as progress
+        import clbench.engine.progress as progress
         calls, make = [0], progress.RunProgress.hooks_for
         def hooks_for(self, name):
             hooks = make(self, name)
@@ -73,7 +73,7 @@ HURT = textwrap.dedent("""
             if hit and when == "after":
                 os.kill(os.getpid(), sig)
         runner.atomic_write_json = spy
-    from clbench.cli import main
+    from clbench.cli.app import main
     sys.exit(main(sys.argv[4:]))
 """)
 
@@ -355,7 +355,7 @@ def test_signal_marks_the_run_interrupted_and_says_how_to_resume(tmp_path: Path,
 
 # ---- 8. a full disk during a run ------------------------------------------------------------------------
 def test_full_disk_during_a_run_is_one_line_and_resumable(tmp_path: Path, capsys, monkeypatch) -> None:
-    from clbench import results
+    from clbench.storage import results
 
     args = ["run", "--methods", "zeroshot", "--out", str(tmp_path), *SMOKE, *TWO]
     real, calls = results.atomic_write_text, []

@@ -110,7 +110,7 @@ def test_profiles_without_nesting_say_so(tmp_path: Path) -> None:
 
 
 def test_profiler_records_the_parent_section() -> None:
-    from clbench.profiling import Profiler
+    from clbench.costs.profiler import Profiler
 
     prof = Profiler()
     with prof.section("setup"), prof.section("pretrained_svd"):

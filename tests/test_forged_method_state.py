@@ -6,7 +6,7 @@ tensor the method stored (bases, memories, histories, heads, exemplars...) is th
 more columns than rows, a NaN (a negative entry in an integer tensor), an integer dtype, the entry removed; so are
 an unexpected tensor, an unexpected JSON
 entry, and each JSON entry of the wrong type or length. The file is re-saved with a correct digest
-(:func:`~clbench.checkpoint.save_checkpoint`), so only the method's own check can catch it. Each resume must end
+(:func:`~clbench.storage.checkpoint.save_checkpoint`), so only the method's own check can catch it. Each resume must end
 in one line naming the checkpoint, the entry and the fix, exit status 2, nothing written, and the folder must
 resume once the checkpoint is removed. The control: the same checkpoint re-saved unchanged resumes to complete.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import clbench.runner as runner
-from clbench.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-from clbench.cli import main
+import clbench.engine.runner as runner
+from clbench.cli.app import main
 from clbench.config import build_config
 from clbench.methods import list_methods
-from clbench.results import missing_results
+from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from clbench.storage.results import missing_results
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_faults import SMOKE, TWO, assert_one_line_error_ignoring_notes, snapshot, status  # noqa: E402
@@ -164,8 +164,8 @@ def test_unforged_method_state_passes_its_check_and_resumes(interrupted, tmp_pat
 
 # ---- the rules at their boundaries (no run: a method on the tiny model) -------------------------------------
 def _method(name: str, model):
+    from clbench.costs.profiler import Profiler
     from clbench.methods import get_method
-    from clbench.profiling import Profiler
 
     cls = get_method(name)
     method = cls(model, cls.Hparams(), Profiler())

@@ -12,6 +12,7 @@ import torch
 from method_probes import ordered_ctx, plain_covariances, styled_task
 
 from clbench import linalg
+from clbench.costs.profiler import Profiler
 from clbench.methods import get_method
 from clbench.methods.inflora import InfLoRA, InfLoRAHparams
 from clbench.methods.keeplora import ADAPTER as KEEPLORA_ADAPTER
@@ -19,7 +20,6 @@ from clbench.methods.keeplora import KeepLoRA
 from clbench.methods.loda import GENERAL, ISOLATED, LoDA, LoDAHparams
 from clbench.methods.lora import ADAPTER as LORA_ADAPTER
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 D64 = torch.float64
 TOL = 1e-5  # float32 rounding of the change (beside the weight's own rounding); bfloat16 products give ~3e-3

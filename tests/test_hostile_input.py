@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.errors import UserError
-from clbench.safeio import read_bytes, read_json
+from clbench.storage.safeio import read_bytes, read_json
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -294,7 +294,7 @@ def test_symlink_loop_as_out(tmp_path: Path, capsys) -> None:
     (MemoryError(), ("out of memory",)),
 ])
 def test_last_resort_handler_prints_one_line(capsys, monkeypatch, exc, needles) -> None:
-    import clbench.cli as cli
+    import clbench.cli.app as cli
 
     def boom(*args, **kwargs):
         raise exc
@@ -410,7 +410,7 @@ def test_overlong_data_root_in_the_config_file_and_a_fifo_as_report_input(tmp_pa
 
 
 def test_resume_command_for_run_and_sweep() -> None:
-    from clbench.cli import resume_command
+    from clbench.cli.app import resume_command
 
     expected = "clbench run --methods lora --out 'a b' --resume"
     assert resume_command(["run", "--methods", "lora", "--out", "a b"]) == expected

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
+from clbench.engine.harness import make_loader_factory
 from clbench.errors import UserError
-from clbench.harness import make_loader_factory
 from clbench.methods.base import TaskContext
 from clbench.methods.icarl import ICaRL, ICaRLHparams, exemplar_counts, herding_order, next_chunk
 from clbench.methods.state_checks import StateMismatch
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 # Four 2-D features, mean μ = (0.5, 0.75). Herding by hand (pick k minimises ‖μ − (S + f_i)/k‖², S the sum so far):
 #   k=1: ‖μ − f_i‖² = 2.8125, 1.8125, 0.3125, 2.8125          → f2, S = (1, 1)
@@ -173,6 +173,91 @@ def test_loss_is_ce_plus_weighted_distillation_on_the_next_exemplars(tiny_model:
             expected = ce + 0.7 * _kl(s_ref, s_cur, 3.0) + 0.3 * _kl(s_ref.T, s_cur.T, 3.0)
             got = method.loss(images, labels, ctx)
             assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6), rows
+
+
+def _memory_method(model: ClipModel, memory: torch.Tensor, hp: ICaRLHparams) -> ICaRL:
+    method = ICaRL(model, hp, Profiler())
+    method.setup()
+    with torch.no_grad():  # the trained model drifts from the original
+        for p in model.encoder_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n = len(memory)
+    method.load_state_dict({"exemplar_images": memory, "exemplar_labels": torch.zeros(n, dtype=torch.long),
+                            "exemplar_tasks": torch.zeros(n, dtype=torch.long)})
+    return method
+
+
+# as many exemplars as task images (a swap of the halves would go unseen in shape), fewer, and a last short chunk
+@pytest.mark.parametrize(("replay", "batches"), [(4, [[0, 1, 2, 3], [4, 5, 6]]), (3, [[0, 1, 2], [3, 4, 5], [6]])])
+def test_one_image_call_gives_the_loss_and_gradients_of_two(tiny_model: ClipModel, replay: int,
+                                                            batches: list[list[int]]) -> None:
+    size = tiny_model.image_spec.size
+    gen = torch.Generator().manual_seed(2)
+    memory = torch.randn(7, 3, size, size, generator=gen)
+    hp = ICaRLHparams(memory_size=7, temperature=2.0, image_loss=0.6, text_loss=0.4, replay_batch_size=replay)
+    method = _memory_method(tiny_model, memory, hp)
+    reference = method.reference
+    images, labels = torch.randn(4, 3, size, size, generator=gen), torch.tensor([1, 0, 2, 2])
+    task = _task("B", images, labels.tolist(), 3)
+    ctx = _ctx(task, 1)
+    method.before_task(ctx)
+    calls: list[int] = []
+    encode = tiny_model.encode_image
+    spy = lambda x: (calls.append(len(x)), encode(x))[1]  # noqa: E731
+    params = [p for p in tiny_model.encoder_parameters() if p.requires_grad]
+    for rows in batches:
+        ex = memory[rows]
+        # by hand: the task batch and the exemplar batch through the current model in two separate calls
+        text = tiny_model.encode_text(tiny_model.tokenize(task.prompts()))
+        logits = tiny_model.logit_scale() * encode(images) @ text.T
+        with torch.no_grad():
+            e_ref = reference.encode_text(reference.tokenize(task.prompts()))
+            s_ref = reference.logit_scale() * reference.encode_image(ex) @ e_ref.T
+        s_cur = reference.logit_scale() * encode(ex) @ e_ref.T
+        expected = (F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
+                    + 0.6 * _kl(s_ref, s_cur, 2.0) + 0.4 * _kl(s_ref.T, s_cur.T, 2.0))
+        want = torch.autograd.grad(expected, params)
+        tiny_model.encode_image = spy
+        got = method.loss(images, labels, ctx)
+        del tiny_model.encode_image
+        assert calls == [4 + len(rows)]  # one call of the current model on both batches
+        calls.clear()
+        assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-6), rows
+        grads = torch.autograd.grad(got, params)
+        for g, w in zip(grads, want, strict=True):
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_runs_once_per_memory_and_follows_a_new_memory(tiny_model: ClipModel) -> None:
+    size = tiny_model.image_spec.size
+    gen = torch.Generator().manual_seed(3)
+    method = _memory_method(tiny_model, torch.randn(5, 3, size, size, generator=gen),
+                            ICaRLHparams(memory_size=5, replay_batch_size=2))
+    reference = method.reference
+    images, labels = torch.randn(2, 3, size, size, generator=gen), torch.tensor([0, 1])
+    task = _task("B", images, labels.tolist(), 2)
+    ctx = _ctx(task, 1)
+    method.before_task(ctx)
+    calls: list[int] = []
+    encode = reference.encode_image
+    reference.encode_image = lambda x: (calls.append(len(x)), encode(x))[1]
+    for _ in range(4):
+        method.loss(images, labels, ctx)
+    assert calls == [5]  # the frozen teacher's logits of the whole memory, once, not once per batch
+    new = torch.randn(5, 3, size, size, generator=gen)  # a loaded state replaces the memory: its logits are new
+    method.load_state_dict({"exemplar_images": new, "exemplar_labels": torch.zeros(5, dtype=torch.long),
+                            "exemplar_tasks": torch.zeros(5, dtype=torch.long)})
+    method.cursor = 0
+    with torch.no_grad():
+        text = tiny_model.encode_text(tiny_model.tokenize(task.prompts()))
+        ce = F.cross_entropy(tiny_model.logit_scale() * tiny_model.encode_image(images) @ text.T, labels,
+                             label_smoothing=0.2)
+        e_ref = reference.encode_text(reference.tokenize(task.prompts()))
+        s_ref = reference.logit_scale() * encode(new[:2]) @ e_ref.T
+        s_cur = reference.logit_scale() * tiny_model.encode_image(new[:2]) @ e_ref.T
+        expected = ce + _kl(s_ref, s_cur, 2.0) + _kl(s_ref.T, s_cur.T, 2.0)
+        assert float(method.loss(images, labels, ctx)) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    assert calls == [5, 5]
 
 
 def test_first_task_loss_is_label_smoothed_ce_only(tiny_model: ClipModel) -> None:

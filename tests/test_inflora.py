@@ -14,8 +14,9 @@ from method_probes import ordered_ctx, plain_covariances, randomise_norms, span_
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig, build_config
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
-from clbench.harness import Hooks, make_loader_factory, train_task
+from clbench.engine.harness import Hooks, make_loader_factory, train_task
 from clbench.methods.base import TaskContext
 from clbench.methods.inflora import (
     ROW_SCALE,
@@ -28,7 +29,6 @@ from clbench.methods.inflora import (
     threshold_schedule,
 )
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 D64 = torch.float64
 
@@ -239,7 +239,7 @@ def test_trainable_set_is_exactly_the_current_up_projections(tiny_model: ClipMod
 
 
 def test_smoke_run(tmp_path: Path) -> None:
-    from clbench.runner import run_methods
+    from clbench.engine.runner import run_methods
 
     cfg = build_config("smoke", {"pretrained": "none", "device": "cpu"}, ["data.num_tasks=3"], ["inflora"])
     (outcome,) = run_methods(cfg, ["inflora"], tmp_path)

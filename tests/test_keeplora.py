@@ -12,16 +12,16 @@ from test_linalg import brute_gpm
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig, build_config
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
+from clbench.engine.harness import Hooks, make_loader_factory, train_task
 from clbench.errors import UserError
-from clbench.harness import Hooks, make_loader_factory, train_task
 from clbench.linalg import is_orthonormal
 from clbench.methods import get_method
 from clbench.methods.base import TaskContext
 from clbench.methods.keeplora import ADAPTER, KeepLoRA, layer_scales
 from clbench.models.attention import PROJECTIONS
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 D = torch.float64
 BATCH = 8
@@ -466,7 +466,7 @@ def test_hyperparameter_checks(tiny_model: ClipModel) -> None:
 # ---- end to end ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoke_run_of_all_three_methods(tmp_path) -> None:
-    from clbench.runner import run_methods
+    from clbench.engine.runner import run_methods
 
     names = ["keeplora", "keeplora+", "keeplora++"]
     cfg = build_config("smoke", {"pretrained": "none", "device": "cpu"},

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fake_runs import write_fake_run
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.datasets import mtil_names, xtail_names
 
 PDFLATEX = shutil.which("pdflatex")

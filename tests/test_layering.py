@@ -19,25 +19,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "clbench"
 
 # The command line and the settings beside the CLIP one: what the library below them never imports.
-CLI = ("clbench.cli", "clbench.cli_options", "clbench.sweep_cli", "clbench.reports.cli", "clbench.costs.cli",
-       "clbench.datasets.cli")
+CLI = ("clbench.cli", "clbench.reports.cli", "clbench.costs.cli", "clbench.datasets.cli", "clbench.mcit.cli")
 SETTINGS = ("clbench.mcit",)
 CONFIG = ("clbench.config",)
-ENGINE = ("clbench.runner", "clbench.sweep", "clbench.launchers", "clbench.harness")
+ENGINE = ("clbench.engine", "clbench.sweeps")
+STORAGE = ("clbench.storage",)
 
 # One rule a line: (modules under this prefix, never import these prefixes, except modules under these, why).
 # A prefix matches the module itself and everything under it.
 RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
-    ("clbench.methods", CONFIG + CLI + ENGINE, (), "methods never import the configuration layer's registry"),
+    ("clbench.methods", CONFIG + CLI + ENGINE + STORAGE, (),
+     "methods never import the configuration layer's registry, the engine or storage"),
     ("clbench.datasets", ("clbench.methods", *CONFIG, *CLI, *ENGINE), ("clbench.datasets.cli",),
      "data never imports methods or the configuration layer"),
     ("clbench.models", ("clbench.methods", *CONFIG, *CLI, *ENGINE), (), "models are below methods and configuration"),
     ("clbench.linalg", ("clbench.methods", "clbench.models", *CONFIG, *CLI), (), "pure linear algebra"),
     ("clbench.config", SETTINGS + CLI + ENGINE, (), "configuration never imports a setting, the engine or the CLI"),
-    ("clbench.harness", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
-    ("clbench.runner", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
-    ("clbench.sweep", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
-    ("clbench.launchers", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
+    ("clbench.storage", SETTINGS + CLI + ENGINE + ("clbench.methods", "clbench.reports"), (),
+     "storage is below the engine: files, locks and checkpoints only"),
+    ("clbench.engine", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
+    ("clbench.sweeps", SETTINGS + CLI, (), "the engine never imports a setting or the command line"),
     ("clbench.reports", SETTINGS + CLI, ("clbench.reports.cli",), "reports never import a setting or the CLI"),
 ]
 
@@ -204,7 +205,8 @@ def test_the_check_sees_function_level_relative_and_package_imports(tmp_path: Pa
     assert find_cycles(graph) == [["clbench.config", "clbench.methods.lora"]]
     assert rule_violations(graph) == [
         "clbench.datasets.b imports clbench.methods (data never imports methods or the configuration layer)",
-        "clbench.methods.lora imports clbench.config (methods never import the configuration layer's registry)",
+        "clbench.methods.lora imports clbench.config (methods never import the configuration layer's registry, the "
+            "engine or storage)",
     ]
 
 

@@ -24,8 +24,9 @@ from method_probes import (
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig, build_config
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
-from clbench.harness import Hooks, make_loader_factory, train_task
+from clbench.engine.harness import Hooks, make_loader_factory, train_task
 from clbench.methods.base import TaskContext
 from clbench.methods.loda import (
     GENERAL,
@@ -41,7 +42,6 @@ from clbench.methods.loda import (
     recalibration_factors,
 )
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 D64 = torch.float64
 
@@ -292,7 +292,7 @@ def test_merge_applies_the_recalibrated_general_and_the_plain_isolated_update(ti
 
 
 def test_smoke_run(tmp_path: Path) -> None:
-    from clbench.runner import run_methods
+    from clbench.engine.runner import run_methods
 
     cfg = build_config("smoke", {"pretrained": "none", "device": "cpu"}, ["data.num_tasks=3", "loda.rank=8"],
                        ["loda"])
@@ -407,7 +407,7 @@ def test_down_projections_solve_their_objectives_with_the_history_through_the_me
 
 def test_a_diverging_gao_step_leaves_no_perturbation_behind(tiny_model: ClipModel) -> None:
     """The run stops at a non-finite second target loss; the weights keep no GAO move (the generator is closed)."""
-    from clbench.harness import DivergenceError
+    from clbench.engine.harness import DivergenceError
 
     method = LoDA(tiny_model, LoDAHparams(rank=3, encoders="vision", rho=0.5), Profiler())
     ctx = ordered_ctx(styled_task("A", 0), 0, 1, steps=1)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from clbench.cli import main
-from clbench.consoles import UNBOUNDED, make_console
-from clbench.progress import Overall, RunProgress, format_duration
+from clbench.cli.app import main
+from clbench.cli.consoles import UNBOUNDED, make_console
+from clbench.engine.progress import Overall, RunProgress, format_duration
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--set", "data.num_tasks=2"]
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-import clbench.harness as harness
-import clbench.runner as runner
-from clbench.checkpoint import Checkpoint
+import clbench.engine.harness as harness
+import clbench.engine.runner as runner
 from clbench.config import build_config
+from clbench.storage.checkpoint import Checkpoint
 
 TASKS = 50
 WIDTH = 128  # clbench-tiny: every attention layer of both encoders

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
+from clbench.engine.harness import Hooks, make_loader_factory, train_task
 from clbench.errors import UserError
-from clbench.harness import Hooks, make_loader_factory, train_task
 from clbench.methods.base import TaskContext
 from clbench.methods.lwf import LwF, LwFHparams, LwFVR, LwFVRHparams, reference_view
 from clbench.methods.state_checks import StateMismatch
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 PER_CLASS = 6
 

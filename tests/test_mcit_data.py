@@ -65,7 +65,7 @@ def test_references_must_cover_every_test_id(tmp_path):
 
 
 def test_data_check_command(tmp_path, capsys):
-    from clbench.cli import main
+    from clbench.cli.app import main
 
     write_fake(tmp_path, "mllm-dcl")
     assert main(["data", "check", "--benchmark", "mllm-dcl", "--data-root", str(tmp_path)]) == 0

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.errors import UserError
 from clbench.methods.registry import CLIP_METHODS, Registry
 

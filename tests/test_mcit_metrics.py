@@ -36,7 +36,7 @@ def test_missing_upper_triangle_gives_nan_transfer_but_missing_lower_is_an_error
 
 
 def test_metrics_command_with_mcit_setting(tmp_path, capsys):
-    from clbench.cli import main
+    from clbench.cli.app import main
 
     path = tmp_path / "accuracy.csv"
     path.write_text("trained_on,a,b,c\na,80,10,20\nb,60,90,30\nc,50,70,100\n")

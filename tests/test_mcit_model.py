@@ -9,6 +9,7 @@ from torch import nn
 pytest.importorskip("transformers", reason="the MCIT setting needs transformers (pip install 'clbench[mcit]')")
 
 from clbench import linalg  # noqa: E402
+from clbench.costs.profiler import Profiler  # noqa: E402
 from clbench.errors import UserError  # noqa: E402
 from clbench.mcit import synthetic  # noqa: E402
 from clbench.mcit.backbone import adapted_linears, load_llava_checkpoint, projector_parameters, tiny_llava  # noqa: E402
@@ -16,7 +17,6 @@ from clbench.mcit.bench import synthetic_tasks  # noqa: E402
 from clbench.mcit.codec import Codec, tiny_processor  # noqa: E402
 from clbench.mcit.loop import LoopConfig, _context, train_task  # noqa: E402
 from clbench.mcit.methods import KeepLoraLlava, LoraFT, LoRALinear, get_mcit_method  # noqa: E402
-from clbench.profiling import Profiler  # noqa: E402
 
 
 @pytest.fixture

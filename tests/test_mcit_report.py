@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 
 TASKS = ["a", "b", "c"]
 # rows: after training task a, b, c; columns: tasks a, b, c (percent)

@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("transformers", reason="the MCIT setting needs transformers (pip install 'clbench[mcit]')")
 
-from clbench.checkpoint import CHECKPOINT_NAME, read_info  # noqa: E402
-from clbench.cli import main  # noqa: E402
+from clbench.cli.app import main  # noqa: E402
+from clbench.engine.interrupt import RunInterrupted  # noqa: E402
 from clbench.errors import UserError  # noqa: E402
-from clbench.interrupt import RunInterrupted  # noqa: E402
 from clbench.mcit.runner import run_mcit  # noqa: E402
+from clbench.storage.checkpoint import CHECKPOINT_NAME, read_info  # noqa: E402
 
 SETS = ["data.n_train=8", "data.n_test=2"]
 ARGS = {"preset": "smoke", "sets": SETS, "notify": lambda message: None}

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the MCIT setting needs transformers (pip install 'clbench[mcit]')")
 
-from clbench.cli import main  # noqa: E402
+from clbench.cli.app import main  # noqa: E402
 from clbench.mcit.metrics import mcit_metrics  # noqa: E402
 
 

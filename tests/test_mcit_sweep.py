@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the MCIT setting needs transformers (pip install 'clbench[mcit]')")
 
-from clbench.cli import main  # noqa: E402
+from clbench.cli.app import main  # noqa: E402
 
 SMOKE = ["--benchmark", "synthetic-mcit", "--preset", "smoke", "--set", "data.n_train=8", "--set", "data.n_test=2"]
 # The tiniest runs: two training items, one test item and one generated token per task (about a second a run).
@@ -191,7 +191,7 @@ def test_missing_extra_names_the_install_command(tmp_path, capsys, without_launc
     assert not (tmp_path / "o").exists()
 
 
-# The Ray launcher calls the same clbench.sweep.execute_run as the two launchers below; its own plumbing is
+# The Ray launcher calls the same clbench.sweeps.plan.execute_run as the two launchers below; its own plumbing is
 # tested on CLIP specs (tests/test_sweep.py::test_ray_launcher_matches_local). An MCIT copy of that test took
 # 7 minutes on the 2-core CI machine (Ray workers importing torch and transformers) and was dropped.
 

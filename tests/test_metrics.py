@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clbench.cli import main
-from clbench.metrics import matrix_from_frame, mtil_metrics
+from clbench.cli.app import main
+from clbench.engine.metrics import matrix_from_frame, mtil_metrics
 
 GOLDEN = Path(__file__).parent / "data" / "golden_zscl_order1.csv"
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import ClassSpan, Task
-from clbench.harness import Hooks as HarnessHooks
-from clbench.harness import make_loader_factory, train_task
+from clbench.engine.harness import Hooks as HarnessHooks
+from clbench.engine.harness import make_loader_factory, train_task
 from clbench.methods import get_method
 from clbench.methods.base import TaskContext
 from clbench.methods.moe_adapters import (
@@ -22,7 +23,6 @@ from clbench.methods.moe_adapters import (
     noisy_top_k_gating,
     prob_in_top_k,
 )
-from clbench.profiling import Profiler
 
 E = math.e
 
@@ -423,7 +423,7 @@ def test_harness_rows_under_both_rules_start_at_zero_shot(tiny_model, rule: str)
     import copy
 
     from clbench.datasets.synthetic import build_synthetic
-    from clbench.harness import run_sequence
+    from clbench.engine.harness import run_sequence
 
     bench = build_synthetic(1, tiny_model.image_spec, train_per_class=2, test_per_class=2, num_tasks=2)
     train = TrainConfig(epochs=[1], batch_size=8, lr=1e-2, max_steps=2, eval_batch_size=16)

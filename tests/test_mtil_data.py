@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.config import RunConfig
 from clbench.datasets.base import Benchmark, ImageSpec
 from clbench.errors import UserError
@@ -199,7 +199,7 @@ def test_first_template_policy(bench: Benchmark) -> None:
 
 
 def test_ensemble_policy_uses_zscl_order(tree: FakeTree, bench: Benchmark) -> None:
-    from clbench.harness import dataset_prompts
+    from clbench.engine.harness import dataset_prompts
 
     ens = build(tree.root, prompt="ensemble")
     assert task(ens, "DTD").templates[0] == "a photo of a {} texture."

@@ -10,7 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.models import backbones
 
 

@@ -11,10 +11,10 @@ from method_probes import ordered_ctx, styled_task
 from torch import Tensor, nn
 
 from clbench.config import TrainConfig, build_config, method_run_config, train_config_for
+from clbench.costs.profiler import Profiler
+from clbench.engine.harness import Hooks, train_task
 from clbench.errors import UserError
-from clbench.harness import Hooks, train_task
 from clbench.methods.base import Method
-from clbench.profiling import Profiler
 
 
 class Quadratic(Method):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.costs.fake import fixed_order_loaders, random_benchmark, random_task, task_context
 from clbench.costs.profile import CSV_COLUMNS, ProfileSettings, growth_table, profile_methods, section_table
+from clbench.costs.profiler import MIB, Profiler, TensorPeakTracker, profile_summary, summarise_profile
 from clbench.datasets.base import ImageSpec
-from clbench.profiling import MIB, Profiler, TensorPeakTracker, profile_summary, summarise_profile
 
 SPEC = ImageSpec(8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 

@@ -20,7 +20,7 @@ from fake_mtil import FakeTree, build_fake_mtil
 from fake_runs import write_fake_run
 from PIL import Image
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.config import RunConfig, build_config, method_run_config, run_id
 from clbench.datasets.base import ImageSpec
 from clbench.datasets.mtil import build_mtil, clip_transform, inspect_mtil
@@ -198,7 +198,7 @@ def test_run_on_a_selection_end_to_end(tree: FakeTree, tmp_path: Path) -> None:
 
 
 def test_sweep_plans_a_selection_in_its_own_folder(tree: FakeTree, tmp_path: Path, capsys) -> None:
-    from clbench.sweep import SweepRequest, expand
+    from clbench.sweeps.plan import SweepRequest, expand
 
     sets = ("data.datasets=eurosat,mnist",)
     options = (("benchmark", "mtil"), ("data_root", str(tree.root)), ("backbone", "tiny"), ("pretrained", "none"))
@@ -340,9 +340,9 @@ def test_reference_workers_are_bounded_by_threads() -> None:
 
 
 def test_zscl_setup_keeps_a_small_reference_folder_in_memory(tmp_path: Path) -> None:
+    from clbench.costs.profiler import Profiler
     from clbench.methods import get_method
     from clbench.models.backbones import load_backbone
-    from clbench.profiling import Profiler
 
     (tmp_path / "cc.csv").write_text("title\na dog\na red car\n")
     model = load_backbone("tiny", "none")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.config import PRESET_DIR, TrainConfig, build_config, method_run_config, recipe_rows, run_id
 from clbench.methods import get_method, list_methods
 from clbench.methods.recipes import (
@@ -166,8 +166,8 @@ def test_methods_name_errors_are_one_line(args: list[str], needle: str, capsys) 
 def test_finetune_loss_uses_label_smoothing(tiny_model) -> None:
     """ZSCL's fine-tuning baseline trains with label smoothing 0.2 (finetune.sh --ls 0.2); the loss is written
     out here: −Σ_j q_j log p_j with q_y = 0.8 + 0.2/C and q_j = 0.2/C otherwise."""
+    from clbench.costs.profiler import Profiler
     from clbench.methods.base import TaskContext
-    from clbench.profiling import Profiler
 
     cls = get_method("finetune")
     method = cls(tiny_model, cls.Hparams(), Profiler())

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.synthetic import build_synthetic
-from clbench.harness import run_sequence
+from clbench.engine.harness import run_sequence
 from clbench.methods import get_method, list_methods
-from clbench.profiling import Profiler
 
 
 @pytest.fixture(scope="module")

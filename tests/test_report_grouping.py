@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from fake_runs import write_fake_run
 
-from clbench.cli import main
+from clbench.cli.app import main
 
 NINE = ["keeplora++", "lora", "zeroshot", "loda", "keeplora+", "zscl", "finetune", "inflora", "keeplora"]
 # the order the README documents, written out by hand

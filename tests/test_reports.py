@@ -16,7 +16,7 @@ import pytest
 from fake_runs import DATASETS, write_external_csv, write_fake_run
 
 import clbench
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.reports.names import abbreviate_dataset
 
 BLOCKS = ["Transfer", "Average", "Last"]

@@ -20,15 +20,15 @@ import pandas as pd
 import pytest
 import torch
 
-import clbench.runner as runner
-from clbench.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
-from clbench.cli import main
+import clbench.engine.runner as runner
+from clbench.cli.app import main
 from clbench.config import TrainConfig, build_config
+from clbench.engine.harness import make_loader_factory
 from clbench.errors import UserError
-from clbench.harness import make_loader_factory
-from clbench.lock import LOCK_NAME, RunLock, pid_alive
 from clbench.methods.lora import LoRA
-from clbench.results import atomic_write_safetensors, atomic_write_text
+from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
+from clbench.storage.lock import LOCK_NAME, RunLock, pid_alive
+from clbench.storage.results import atomic_write_safetensors, atomic_write_text
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
 REPO = Path(__file__).resolve().parent.parent
@@ -61,14 +61,14 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     import torch
     torch.set_num_threads(int(sys.argv[1]))
-    import clbench.runner as runner
+    import clbench.engine.runner as runner
     kill_after, save = int(sys.argv[2]), runner.save_checkpoint
     def save_then_die(path, ckpt):
         save(path, ckpt)
         if ckpt.completed == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     runner.save_checkpoint = save_then_die
-    from clbench.cli import main
+    from clbench.cli.app import main
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -278,7 +278,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
         atomic_write_safetensors(target, {"a": torch.ones(2), "b": "not a tensor"})  # type: ignore[dict-item]
     assert target.read_bytes() == old
     with pytest.raises(ZeroDivisionError):
-        from clbench import results
+        from clbench.storage import results
 
         results._atomic(tmp_path / "y.txt", lambda fh: (fh.write(b"partial"), 1 / 0))
     assert not (tmp_path / "y.txt").exists()

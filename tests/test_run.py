@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.datasets.synthetic import ORDERS
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.errors import UserError
 from clbench.methods import registry
 from clbench.methods.base import Method
 from clbench.models.backbones import load_state_file
-from clbench.results import atomic_write_safetensors, run_dir
+from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from clbench.storage.results import atomic_write_safetensors, run_dir
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
 PACKAGE = Path(__file__).resolve().parent.parent / "clbench"
@@ -228,7 +228,7 @@ def test_the_static_guard_sees_unsafe_calls() -> None:
 
 
 def test_an_interrupted_run_folder_holds_only_json_csv_and_safetensors(tmp_path: Path, monkeypatch) -> None:
-    import clbench.runner as runner
+    import clbench.engine.runner as runner
     from clbench.config import build_config
 
     class Stop(BaseException):
@@ -295,9 +295,9 @@ def test_method_states_round_trip_through_a_checkpoint(tmp_path: Path, tiny_mode
     import copy
 
     from clbench.config import build_config
+    from clbench.costs.profiler import Profiler
     from clbench.methods import get_method
     from clbench.methods.inflora import DualMemory
-    from clbench.profiling import Profiler
 
     def build(name: str, model) -> Method:
         cfg = build_config("smoke", {}, [], [name])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clbench.config import TrainConfig
-from clbench.schedules import build_scheduler, warmup_cosine_lr
+from clbench.engine.schedules import build_scheduler, warmup_cosine_lr
 
 
 def _optimizer(*lrs: float) -> torch.optim.AdamW:

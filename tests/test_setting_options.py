@@ -15,7 +15,7 @@ import pytest
 import torch
 import typer
 
-from clbench.cli import app, main
+from clbench.cli.app import app, main
 
 WORKS, REFUSED = "works", "refused"
 SETTINGS = {"clip": "synthetic", "mcit": "synthetic-mcit"}
@@ -134,9 +134,9 @@ def _plain(value):
 @pytest.fixture
 def recorded(monkeypatch, capsys):
     """Run ``clbench <args>`` with the runners replaced by recorders; returns (exit status, record, stderr)."""
+    import clbench.cli.sweep as sweep_cli
+    import clbench.engine.runner as runner
     import clbench.mcit.runner as mcit_runner
-    import clbench.runner as runner
-    import clbench.sweep_cli as sweep_cli
 
     calls: list = []
 

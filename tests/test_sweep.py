@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.config import build_config, method_run_config, run_id
 from clbench.errors import UserError
-from clbench.results import safe_component
-from clbench.sweep import (
+from clbench.storage.results import safe_component
+from clbench.sweeps.plan import (
     DONE,
     NEW,
     REPLACE,
@@ -193,8 +193,8 @@ def test_failure_leaves_a_locked_staged_run_alone(tmp_path: Path) -> None:
 def test_live_view_counts(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from clbench.sweep import STARTED, RunReport
-    from clbench.sweep_cli import SweepView
+    from clbench.cli.sweep import SweepView
+    from clbench.sweeps.plan import STARTED, RunReport
 
     specs = expand(request(tmp_path, methods=("lora",), seeds=(0, 1, 2)))
     view = SweepView(specs, skipped=4, failed=[], quiet=True, console=Console(file=None, quiet=True))

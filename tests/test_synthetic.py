@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.datasets.base import ImageSpec
 from clbench.datasets.render import DIGIT_FONT, REGION_CENTRES, SHAPES, digit_masks, place_objects
 from clbench.datasets.synthetic import DOMAINS, HELD_OUT_COMBOS, ORDERS, build_domain, build_synthetic

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.cli import main
-from clbench.results import thread_info
+from clbench.cli.app import main
+from clbench.storage.results import thread_info
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet", "--set", "data.num_tasks=2"]
 

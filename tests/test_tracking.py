@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clbench.cli import main
+from clbench.cli.app import main
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet", "--set", "data.num_tasks=2"]
 

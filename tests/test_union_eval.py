@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, Task, duplicate_classnames, union_spans
 from clbench.datasets.synthetic import ORDERS, build_synthetic
-from clbench.harness import Hooks, evaluate, evaluate_union, run_sequence
+from clbench.engine.harness import Hooks, evaluate, evaluate_union, run_sequence
+from clbench.engine.metrics import mtil_metrics
 from clbench.methods import get_method, list_methods
 from clbench.methods.base import Method
-from clbench.metrics import mtil_metrics
-from clbench.profiling import Profiler
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
 

@@ -166,7 +166,7 @@ def test_a_missing_default_file_is_an_empty_config(tmp_path: Path) -> None:
 
 
 def test_cli_run_reports_the_config_file_as_the_source(tmp_path: Path, capsys) -> None:
-    from clbench.cli import main
+    from clbench.cli.app import main
 
     path = _config(tmp_path, f'data_root = "{tmp_path}/missing"\n')
     out = tmp_path / "out"

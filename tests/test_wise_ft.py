@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
-from clbench.harness import Hooks, make_loader_factory, train_task
+from clbench.engine.harness import Hooks, make_loader_factory, train_task
 from clbench.methods.base import TaskContext
 from clbench.methods.wise_ft import WiSEFT, WiSEFTHparams
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 
 def _task(name: str, seed: int = 0, classes: int = 3, per_class: int = 6) -> Task:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from fake_xtail import COOP, FakeXTail, build_fake_xtail
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.config import RunConfig
 from clbench.datasets.base import Benchmark, ImageSpec
 from clbench.datasets.xtail import build_xtail, duplicate_classnames, preflight, shot_positions

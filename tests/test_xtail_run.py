@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from fake_xtail import build_fake_xtail
 
-from clbench.cli import main
+from clbench.cli.app import main
 from clbench.datasets.xtail_names import ORDERS
 
 SMOKE = ["--preset", "smoke", "--backbone", "tiny", "--pretrained", "none", "--quiet"]

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from clbench.config import TrainConfig, build_config, train_config_for
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Task
+from clbench.engine.harness import Hooks, make_loader_factory, train_task
 from clbench.errors import UserError
-from clbench.harness import Hooks, make_loader_factory, train_task
 from clbench.methods.base import TaskContext
 from clbench.methods.zscl import (
     ZSCL,
@@ -27,7 +28,6 @@ from clbench.methods.zscl import (
     weight_distance,
 )
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 SMALL_REF = {"ref_image_count": 48, "ref_caption_count": 256, "ref_batch_size": 16}
 
@@ -213,20 +213,20 @@ def test_lr_overrides_become_group_learning_rates(tiny_model: ClipModel) -> None
 def test_paper_preset_trains_aircraft_at_its_own_rate_under_zscls_schedule(tiny_model: ClipModel,
                                                                              monkeypatch) -> None:
     """The rates the harness's optimiser uses, step by step, with the paper preset's ZSCL settings."""
-    import clbench.harness
-    import clbench.schedules
+    import clbench.engine.harness
+    import clbench.engine.schedules
 
     cfg = build_config("paper", {}, [], ["zscl"])
     train = train_config_for(cfg, "zscl")
     method = ZSCL(tiny_model, ZSCLHparams(**{**cfg.methods["zscl"], **SMALL_REF}), Profiler())
     optimizers: list[torch.optim.Optimizer] = []
-    build = clbench.schedules.build_scheduler
+    build = clbench.engine.schedules.build_scheduler
 
     def spy(opt, train_config, total):
         optimizers.append(opt)
         return build(opt, train_config, total)
 
-    monkeypatch.setattr(clbench.harness, "build_scheduler", spy)
+    monkeypatch.setattr(clbench.engine.harness, "build_scheduler", spy)
     rates: list[list[float]] = []
     loss = method.loss
 
@@ -247,7 +247,7 @@ def test_paper_preset_trains_aircraft_at_its_own_rate_under_zscls_schedule(tiny_
         method.after_task(ctx)
 
 def test_smoke_run(tmp_path: Path) -> None:
-    from clbench.runner import run_methods
+    from clbench.engine.runner import run_methods
 
     sets = ["data.num_tasks=3", *(f"zscl.{k}={v}" for k, v in SMALL_REF.items())]
     cfg = build_config("smoke", {"pretrained": "none", "device": "cpu"}, sets, ["zscl"])

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from clbench.consoles import make_console
+from clbench.cli.consoles import make_console
 from clbench.errors import UserError
 
 console = make_console(stderr=True)
@@ -45,7 +45,7 @@ def profile(
     on random data shaped like a backbone, and the stored state after each task."""
     from clbench.config import parse_assignments
     from clbench.costs.profile import ProfileSettings, growth_table, method_overrides, profile_methods, section_table
-    from clbench.results import atomic_write_csv
+    from clbench.storage.results import atomic_write_csv
 
     names = _split(methods)
     if not names:

@@ -21,13 +21,13 @@ from rich.table import Table
 
 from clbench.config import TrainConfig, method_hparams
 from clbench.costs.fake import random_benchmark, task_context
+from clbench.costs.profiler import FRAME_COLUMNS, Profiler, format_bytes
+from clbench.engine.harness import Hooks, evaluate, resolve_device, train_task
 from clbench.errors import UserError
-from clbench.harness import Hooks, evaluate, resolve_device, train_task
 from clbench.methods import get_method
 from clbench.methods.base import Method
 from clbench.models.backbones import load_backbone
 from clbench.models.clip import ClipModel
-from clbench.profiling import FRAME_COLUMNS, Profiler, format_bytes
 
 SECTION_COLUMNS = ["method", *FRAME_COLUMNS]
 STATE_COLUMNS = ["method", "task", "state_bytes", "basis_columns"]

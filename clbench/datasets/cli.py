@@ -1,4 +1,4 @@
-"""Command-line commands of this package, registered on the main app by clbench.cli: ``clbench data check``."""
+"""Command-line commands of this package, registered on the main app by clbench.cli.app: ``clbench data check``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from clbench.consoles import make_console
+from clbench.cli.consoles import make_console
 from clbench.errors import UserError
 
 

@@ -151,7 +151,7 @@ def resolve_data_root(data_root: str, benchmark: str = "mtil") -> Path:
     (:mod:`clbench.userconfig`: ``[data_root_by_benchmark] <benchmark>``, then ``data_root``). Errors name the
     source that gave a bad path, so a stale config file is not mistaken for a bad flag.
     """
-    from clbench.safeio import check_path
+    from clbench.storage.safeio import check_path
     from clbench.userconfig import config_path, load_user_config
 
     if data_root:

@@ -39,8 +39,8 @@ class _Restricted(pickle.Unpickler):
 def load(path: str | Path, encoding: str = "latin1") -> Any:
     """Unpickle ``path`` allowing only builtin containers/scalars and NumPy arrays (see :data:`ALLOWED`).
 
-    Only a regular file of at most :data:`MAX_BYTES` is read (:mod:`clbench.safeio`)."""
-    from clbench.safeio import read_bytes
+    Only a regular file of at most :data:`MAX_BYTES` is read (:mod:`clbench.storage.safeio`)."""
+    from clbench.storage.safeio import read_bytes
 
     data = read_bytes(Path(path), "CIFAR-100 file", "re-extract cifar-100-python.tar.gz there", MAX_BYTES)
     return _Restricted(io.BytesIO(data), encoding=encoding).load()

@@ -126,7 +126,7 @@ def _entries(name: str, path: Path, data: dict, split: str) -> list[Entry]:
 
 def read_split_file(name: str, path: Path) -> dict[str, list[Entry]]:
     """The ``train``/``val``/``test`` entries of a CoOp split file (parsed with ``json``; ``val`` may be absent)."""
-    from clbench.safeio import read_text
+    from clbench.storage.safeio import read_text
 
     fix = "put CoOp's original file there"
     try:
@@ -175,7 +175,7 @@ def _read_coop(root: Path, name: str) -> tuple[Source, int]:
 
 def _read_aircraft(root: Path) -> tuple[Source, int]:
     top = root / XLAYOUTS["aircraft"].folder
-    from clbench.safeio import read_text
+    from clbench.storage.safeio import read_text
 
     fix = f"re-extract the dataset into {top}"
     variants = [line.strip() for line in read_text(top / "variants.txt", "aircraft: list", fix).splitlines()

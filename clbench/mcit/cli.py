@@ -8,7 +8,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from clbench.consoles import make_console
+from clbench.cli.consoles import make_console
 from clbench.errors import UserError
 from clbench.mcit.bench import MCIT_BENCHMARKS
 from clbench.mcit.data import BENCHMARKS, inspect
@@ -79,10 +79,10 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
     from clbench.extras import require_extra
 
     require_extra("mcit", f"--benchmark {benchmark} (the LLaVA setting)")
-    from clbench.interrupt import handling_signals
+    from clbench.costs.profiler import summarise_profile
+    from clbench.engine.interrupt import handling_signals
     from clbench.mcit.metrics import LABELS, ORDER
     from clbench.mcit.runner import run_mcit
-    from clbench.profiling import summarise_profile
 
     used = [flag for flag, value in other.items() if value]
     if used:
@@ -124,7 +124,7 @@ def profile_command(backbone: str, methods: list[str], sets: list[str], seed: in
 
     from clbench.mcit.costs import SHAPES, TEXT_TOKENS, profile_llava
     from clbench.mcit.methods import get_mcit_method
-    from clbench.results import atomic_write_csv
+    from clbench.storage.results import atomic_write_csv
 
     for m in methods:
         get_mcit_method(m)

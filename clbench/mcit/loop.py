@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from clbench.costs.profiler import Profiler
 from clbench.mcit import scorers
 from clbench.mcit.caption import caption_average, caption_scores
 from clbench.mcit.codec import Codec, generate
 from clbench.mcit.methods import McitContext, McitMethod
 from clbench.mcit.synthetic import Split
-from clbench.profiling import Profiler
 
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from clbench import linalg
+from clbench.costs.profiler import Profiler
 from clbench.mcit.backbone import adapted_linears, projector_parameters
 from clbench.methods.registry import Registry
-from clbench.profiling import Profiler
 
 
 class LoRALinear(nn.Module):

@@ -209,7 +209,7 @@ def ensure_tiny_llava(on_step: Callable[[int, int], None] | None = None, steps: 
 def export_shipped(model, steps: int = STEPS, seed: int = SEED, folder: Path | None = None) -> Path:
     """Write the pre-trained model's float32 state and its recipe card into the package (maintainers)."""
     from clbench.models.shipped import state_digest
-    from clbench.results import atomic_write_json
+    from clbench.storage.results import atomic_write_json
 
     key = recipe_key(steps, seed)
     weights, card = shipped_paths(key, folder)

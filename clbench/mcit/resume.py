@@ -1,5 +1,5 @@
-"""Resume of MCIT runs, on the CLIP machinery: the checkpoint format and its checks (:mod:`clbench.checkpoint`),
-one lock per run folder (:mod:`clbench.lock`), and the manifest's status and run id.
+"""Resume of MCIT runs, on the CLIP machinery: the checkpoint format and its checks (:mod:`clbench.storage.checkpoint`),
+one lock per run folder (:mod:`clbench.storage.lock`), and the manifest's status and run id.
 
 After every task the run folder gets ``resume.safetensors``: the model's full state dict (LLaVA checkpoints per
 task, as MCITlib merges into a full model after each task), the method's state (its generator; KeepLoRA's bases),
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from clbench.checkpoint import (
+from clbench.costs.profiler import Profiler, SectionRecord
+from clbench.errors import UserError
+from clbench.storage.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     capture_rng,
@@ -27,9 +29,7 @@ from clbench.checkpoint import (
     read_info,
     restore_rng,
 )
-from clbench.errors import UserError
-from clbench.lock import LOCK_NAME
-from clbench.profiling import Profiler, SectionRecord
+from clbench.storage.lock import LOCK_NAME
 
 SCORE_BOUND = 1000.0  # a caption average includes CIDEr x 100 (at most 1000); every other score is a percent
 
@@ -48,7 +48,7 @@ class McitPlan:
 
 
 def _manifest(path: Path) -> dict:
-    from clbench.safeio import json_object, read_json
+    from clbench.storage.safeio import json_object, read_json
 
     file = path / "manifest.json"
     if not file.exists():

@@ -19,11 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clbench.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from clbench.config import run_id
+from clbench.costs.profiler import Profiler
+from clbench.engine.interrupt import RunInterrupted, critical, mark_interrupted
 from clbench.errors import UserError
-from clbench.interrupt import RunInterrupted, critical, mark_interrupted
-from clbench.lock import RunLock
 from clbench.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
 from clbench.mcit.codec import VICUNA_SYSTEM, Codec
 from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
@@ -31,8 +30,9 @@ from clbench.mcit.methods import get_mcit_method
 from clbench.mcit.metrics import mcit_metrics
 from clbench.mcit.pretrain import STEPS
 from clbench.mcit.resume import McitPlan, capture, has_run, plan_run, restore
-from clbench.profiling import Profiler
-from clbench.results import (
+from clbench.storage.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from clbench.storage.lock import RunLock
+from clbench.storage.results import (
     accuracy_frame,
     atomic_write_csv,
     atomic_write_json,
@@ -187,7 +187,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
 
 
 def _read_json(path: Path) -> dict:
-    from clbench.safeio import json_object, read_json
+    from clbench.storage.safeio import json_object, read_json
 
     fix = "delete that run folder, or drop --resume"
     return json_object(read_json(path, "run file", fix), path, "run file", fix)

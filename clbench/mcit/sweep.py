@@ -1,16 +1,16 @@
-"""``clbench sweep`` on an MCIT benchmark: every (method, seed, grid point) as one :class:`clbench.sweep.RunSpec`.
+"""``clbench sweep`` on an MCIT benchmark: every (method, seed, grid point) as one :class:`clbench.sweeps.plan.RunSpec`.
 
 The plan is the MCIT setting's own (its ``--grid`` keys, its run ids); everything else is the CLIP sweep's
-machinery, shared rather than copied: the launchers of :mod:`clbench.launchers` (``--launcher local|ray|slurm|
-inline``) call :func:`clbench.sweep.execute_run`, which runs an MCIT spec through :func:`run_spec`; the statuses
-and the skip / resume rules of :func:`clbench.sweep.run_status`; ``--dry-run``, the live view and the summary of
-:mod:`clbench.sweep_cli`.
+machinery, shared rather than copied: the launchers of :mod:`clbench.sweeps.launchers` (``--launcher local|ray|slurm|
+inline``) call :func:`clbench.sweeps.plan.execute_run`, which runs an MCIT spec through :func:`run_spec`; the statuses
+and the skip / resume rules of :func:`clbench.sweeps.plan.run_status`; ``--dry-run``, the live view and the summary of
+:mod:`clbench.cli.sweep`.
 
 - **Folders** as in CLIP sweeps: ``<out>/<benchmark>-order1/<method>[,key=value...]/seed<s>`` (the grid point in
-  the method folder's name, :func:`clbench.sweep.folder_name`).
+  the method folder's name, :func:`clbench.sweeps.plan.folder_name`).
 - **Ids.** A run's id is the run id ``clbench run`` gives the same configuration (:func:`clbench.mcit.runner.
   resolved_config`: hyperparameters, loop, backbone, data sizes or data files' SHA-256, tasks, seed).
-- **Skip, resume, replace** (:func:`clbench.sweep.run_status`): a folder whose manifest says ``complete``, whose
+- **Skip, resume, replace** (:func:`clbench.sweeps.plan.run_status`): a folder whose manifest says ``complete``, whose
   ``config.json`` has this run's id and whose files back it is skipped; a run that failed or was stopped after a
   task resumes after it from its checkpoint in the sweep's staging folder (``<out>/.sweep/runs/<id>``, the
   checkpoint of :mod:`clbench.mcit.resume`); anything else (new, failed before its first task, other settings)
@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from clbench.errors import UserError
-from clbench.sweep import GridAxis, RunSpec
+from clbench.sweeps.plan import GridAxis, RunSpec
 
 
 def parse_grid(items: list[str], methods: list[str]) -> tuple[GridAxis, ...]:
@@ -36,7 +36,7 @@ def parse_grid(items: list[str], methods: list[str]) -> tuple[GridAxis, ...]:
     ``data.n_train`` / ``data.n_test``; each key once, each value once."""
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
-    from clbench.sweep import GridAxis, split_list
+    from clbench.sweeps.plan import GridAxis, split_list
 
     axes: list[GridAxis] = []
     for item in items:
@@ -76,8 +76,8 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
     from clbench.mcit.loop import LoopConfig
     from clbench.mcit.methods import get_mcit_method
     from clbench.mcit.runner import PRESETS, apply_sets, data_identity, resolved_config
-    from clbench.results import run_dir
-    from clbench.sweep import _check_distinct, folder_name
+    from clbench.storage.results import run_dir
+    from clbench.sweeps.plan import _check_distinct, folder_name
 
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r} is unknown for the MCIT setting; use {' or '.join(PRESETS)}")
@@ -119,9 +119,9 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
 
 def run_spec(spec: RunSpec, out: Path) -> SimpleNamespace:
     """Run one MCIT spec in ``out`` (the sweep's staging folder), resuming after the last completed task of an
-    earlier attempt there; called by :func:`clbench.sweep.execute_run` in the launcher's worker."""
+    earlier attempt there; called by :func:`clbench.sweeps.plan.execute_run` in the launcher's worker."""
     from clbench.mcit.runner import run_mcit
-    from clbench.sweep import CHECKPOINT, staged_folder
+    from clbench.sweeps.plan import CHECKPOINT, staged_folder
 
     opts = dict(spec.options)
     (again,) = expand(spec.benchmark, [spec.method], (spec.seed,), (), list(spec.sets), spec.preset,
@@ -154,7 +154,7 @@ def prepare_backbone(backbone: str, preset: str, quiet: bool) -> None:
 
     steps = PRESETS[preset]["pretrain_steps"]
     if not tiny_llava_path(steps).exists() and not quiet:
-        from clbench.consoles import make_console
+        from clbench.cli.consoles import make_console
 
         make_console(stderr=True).print(f"note: pre-training the tiny LLaVA ({steps} steps, cached afterwards)",
                                         highlight=False)

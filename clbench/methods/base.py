@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from clbench.costs.profiler import Profiler
 from clbench.datasets.base import ClassSpan, Task
 from clbench.methods.state_checks import check_like_fresh
 from clbench.models.clip import ClipModel
-from clbench.profiling import Profiler
 
 
 @dataclass

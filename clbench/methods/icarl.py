@@ -17,6 +17,13 @@ Per training step of task t ≥ 1 the loss is ``CE_ls(task) + w_img·L_img + w_t
   image→class and class→image distributions ``S = scale · f e_refᵀ`` of the current model's (``f_cur``) and the
   reference model's (``f_ref``) image features of the exemplar batch [code].
 
+Cost, with the code's arithmetic unchanged: the current model encodes the task batch and the exemplar batch in one
+image-tower call (CLIP normalises per sample — LayerNorm — so the features equal two calls' up to float rounding;
+a backbone with BatchNorm in training mode gets two calls); the frozen reference's logits ``scale · f_ref e_refᵀ``
+of the whole memory are computed once per task and sliced per batch, where the code re-runs the reference on every
+exemplar batch (and re-encodes ``e_ref`` every step); the class prompts are tokenised once per task, as the
+code's ``texts``, and encoded by the current model at every step, as the code.
+
 Task 0 trains with ``CE_ls`` alone (the memory is empty; the code's ``pure_finetune``).
 
 The exemplar memory (after each task, profiled as ``exemplar_selection``; budget K = ``memory_size`` images):
@@ -78,6 +85,7 @@ from clbench.models.clip import ClipModel
 
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KEYS = ("exemplar_images", "exemplar_labels", "exemplar_tasks")
+REFERENCE_CHUNK = 256  # memory images per reference forward when the teacher's logits are computed
 
 
 @dataclass
@@ -146,6 +154,9 @@ class ICaRL(Method):
         self.tasks = torch.zeros(0, dtype=torch.long)
         self.candidates: list[int] = []  # candidate count of every task done (its share's cap)
         self.ref_text: Tensor | None = None
+        self.ref_logits: Tensor | None = None  # the teacher's logits of the memory under ref_text (per task)
+        self.tokens: tuple[tuple[str, ...], Tensor] | None = None
+        self.batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.cursor = 0
         self.task_name = ""
 
@@ -175,6 +186,7 @@ class ICaRL(Method):
             self.setup()
         with torch.no_grad(), self.profiler.section("reference_forward"):
             self.ref_text = self.reference.encode_text(self.reference.tokenize(task.prompts))
+        self.ref_logits = None
         self.cursor = 0
         self.task_name = task.name
 
@@ -184,29 +196,66 @@ class ICaRL(Method):
         return [{"params": self.params(), "lr": lr}] if lr is not None else self.params()
 
     def loss(self, images: Tensor, labels: Tensor, task: TaskContext) -> Tensor:
+        """``CE_ls`` on the task batch, plus the weighted distillation on the next exemplar batch once the memory
+        holds any. The current model encodes both batches in one call (CLIP's towers normalise per sample, so the
+        features are those of two calls; two calls where a BatchNorm in training mode would mix the batches)."""
         hp = self.hparams
-        text = self.model.encode_text(self.model.tokenize(task.prompts))
-        logits = self.model.logit_scale() * self.model.encode_image(images) @ text.T
+        text = self.model.encode_text(self.prompt_tokens(task.prompts))
+        distil = len(self.images) > 0 and (hp.image_loss > 0 or hp.text_loss > 0)
+        if not distil:
+            features = self.model.encode_image(images)
+        else:
+            rows = self.next_rows(len(images))
+            exemplars = self.images[rows].to(self.model.device, torch.float32, non_blocking=True)
+            if any(m.training for m in self.batch_norms):
+                features, f_cur = self.model.encode_image(images), self.model.encode_image(exemplars)
+            else:
+                both = self.model.encode_image(torch.cat([images.to(exemplars.dtype), exemplars]))
+                features, f_cur = both[: len(images)], both[len(images):]
+        logits = self.model.logit_scale() * features @ text.T
         total = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
-        if len(self.images) and (hp.image_loss > 0 or hp.text_loss > 0):
-            img_loss, txt_loss = self.distillation_losses(self.next_exemplars(len(images)))
+        if distil:
+            img_loss, txt_loss = self.distillation_losses(self.reference_logits()[rows], f_cur)
             total = total + hp.image_loss * img_loss + hp.text_loss * txt_loss
         return total
 
-    def next_exemplars(self, batch_size: int) -> Tensor:
-        """The next batch of the memory's images, on the model's device, as float32."""
-        rows, self.cursor = next_chunk(len(self.images), self.cursor, self.hparams.replay_batch_size or batch_size)
-        return self.images[rows].to(self.model.device, torch.float32, non_blocking=True)
+    def prompt_tokens(self, prompts: list[str]) -> Tensor:
+        """The tokens of ``prompts``, tokenised once per task (as the code's ``texts``; the encoding stays per step)."""
+        key = tuple(prompts)
+        if self.tokens is None or self.tokens[0] != key:
+            self.tokens = (key, self.model.tokenize(prompts))
+        return self.tokens[1]
 
-    def distillation_losses(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(L_img, L_txt)`` on exemplar ``images`` against the reference texts of the current task."""
+    def next_rows(self, batch_size: int) -> slice:
+        """The memory rows of the next exemplar batch (advancing the stream)."""
+        rows, self.cursor = next_chunk(len(self.images), self.cursor, self.hparams.replay_batch_size or batch_size)
+        return rows
+
+    @torch.no_grad()
+    def reference_logits(self) -> Tensor:
+        """``S_ref = scale · f_ref e_refᵀ`` of every memory image (memory rows × current classes).
+
+        The reference model is frozen and the memory is fixed during a task, so the teacher's logits of an
+        exemplar are the same at every step: they are computed once per task (on first use, in chunks) instead of
+        a reference forward per step, and sliced by the exemplar batch's rows."""
         if self.reference is None or self.ref_text is None:
             raise RuntimeError("ICaRL.setup() and before_task() must run before training")
-        scale = self.reference.logit_scale()
-        with torch.no_grad(), self.profiler.section("reference_forward"):
-            f_ref = self.reference.encode_image(images)
-        f_cur = self.model.encode_image(images)
-        s_ref, s_cur = scale * f_ref @ self.ref_text.T, scale * f_cur @ self.ref_text.T
+        if self.ref_logits is None:
+            with self.profiler.section("reference_forward"):
+                scale, chunks = self.reference.logit_scale(), []
+                for start in range(0, len(self.images), REFERENCE_CHUNK):
+                    chunk = self.images[start:start + REFERENCE_CHUNK]
+                    f_ref = self.reference.encode_image(chunk.to(self.model.device, torch.float32, non_blocking=True))
+                    chunks.append(scale * f_ref @ self.ref_text.T)
+                self.ref_logits = torch.cat(chunks) if chunks else torch.zeros(0, len(self.ref_text))
+        return self.ref_logits
+
+    def distillation_losses(self, s_ref: Tensor, f_cur: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L_img, L_txt)`` of an exemplar batch: the reference's logits ``s_ref`` against the current model's
+        image features ``f_cur`` scored on the reference texts of the current task."""
+        if self.reference is None or self.ref_text is None:
+            raise RuntimeError("ICaRL.setup() and before_task() must run before training")
+        s_cur = self.reference.logit_scale() * f_cur @ self.ref_text.T
         t = self.hparams.temperature
         return distillation(s_ref, s_cur, t), distillation(s_ref.T, s_cur.T, t)
 
@@ -233,6 +282,7 @@ class ICaRL(Method):
             self.labels = torch.cat([self.labels[keep], *(y for _, y in pairs)])
             self.tasks = torch.cat([self.tasks[keep], torch.full((len(order),), task.index, dtype=torch.long)])
             self.candidates.append(len(features))
+            self.ref_logits = None
 
     # ---- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
@@ -272,6 +322,7 @@ class ICaRL(Method):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.images, self.labels, self.tasks = (state[k].cpu() for k in KEYS)
+        self.ref_logits = None
 
     def load_extra_state(self, extra: dict) -> None:
         self.candidates = list(extra.get("candidates", []))

@@ -42,7 +42,7 @@ the run's rate is ``zscl.train.lr`` and the exceptions are ``zscl.lr_overrides=A
 (matched against the task's name; an optimiser group learning rate, which the harness's schedule uses as
 that group's peak). ``--preset paper`` sets both, with ZSCL's schedule: 1000 iterations, linear warm-up over
 100 steps, then cosine decay to 0 (``train.schedule=cosine``, ``train.warmup_steps=100``;
-:mod:`clbench.schedules`) [code].
+:mod:`clbench.engine.schedules`) [code].
 
 Cost centres: ``reference_forward`` (the frozen model's forwards: caption cache and reference images).
 State between tasks: the frozen reference model and the caption embeddings (``state_bytes``). Neither is

@@ -25,8 +25,8 @@ from clbench.errors import UserError
 from clbench.models.clip import ClipModel
 from clbench.models.pretrain import PretrainConfig, cache_dir, config_key, pretrain
 from clbench.models.shipped import load_shipped, shipped_weights
-from clbench.results import atomic_write_json, atomic_write_safetensors
-from clbench.safeio import check_regular
+from clbench.storage.results import atomic_write_json, atomic_write_safetensors
+from clbench.storage.safeio import check_regular
 
 TINY = "tiny"
 TINY_CONFIG = Path(__file__).parent / "configs" / "clbench-tiny.json"

@@ -58,7 +58,7 @@ def export_shipped(state: dict[str, torch.Tensor], recipe: dict, key: str, folde
     """Write ``state`` rounded to float16 and its recipe (with the float32 state's digest) for the package;
     the torch version and thread count default to this process's unless ``recipe`` (the cache's record of the
     pretraining run) names them."""
-    from clbench.results import atomic_write_json, atomic_write_safetensors
+    from clbench.storage.results import atomic_write_json, atomic_write_safetensors
 
     weights, recipe_path = shipped_paths(key, folder)
     weights.parent.mkdir(parents=True, exist_ok=True)

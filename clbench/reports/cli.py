@@ -1,4 +1,4 @@
-"""Command-line commands of this package, registered on the main app by clbench.cli."""
+"""Command-line commands of this package, registered on the main app by clbench.cli.app."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from clbench.consoles import make_console
+from clbench.cli.consoles import make_console
 from clbench.errors import UserError
 
 
@@ -52,7 +52,7 @@ def report(
     from clbench.reports.report import build_report, write_report
 
     if sensitivity:
-        from clbench.sensitivity import build_sensitivity_report
+        from clbench.reports.sensitivity import build_sensitivity_report
 
         if with_literature or costs or label:
             raise UserError("--sensitivity makes its own table; drop --with-literature, --costs and --label")

@@ -1,5 +1,5 @@
 """Find, read and check what a report is made of: run folders (the results contract of
-:mod:`clbench.results`) and external accuracy matrices.
+:mod:`clbench.storage.results`) and external accuracy matrices.
 
 Only runs whose ``manifest.json`` says ``complete`` are read; the others are skipped with a warning.
 Everything is checked before any output is written, so a bad input ends in one :class:`UserError` line
@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from clbench.config import DEFAULT_EVAL
+from clbench.engine.metrics import matrix_from_frame, metrics_from_json, mtil_metrics
 from clbench.errors import UserError
-from clbench.metrics import matrix_from_frame, metrics_from_json, mtil_metrics
 from clbench.reports.names import method_display, method_order_key
-from clbench.results import group_label, read_accuracy_csv, safe_component
-from clbench.safeio import check_path, json_object, read_json, text_stream
+from clbench.storage.results import group_label, read_accuracy_csv, safe_component
+from clbench.storage.safeio import check_path, json_object, read_json, text_stream
 
 RUN = "run here"
 EXTERNAL = "external matrix"

@@ -69,7 +69,7 @@ def method_order_key(name: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), name)
 
 
-# Profiled sections (clbench.profiling) as figure labels; unknown names are shown with spaces for underscores.
+# Profiled sections (clbench.costs.profiler) as figure labels; unknown names are shown with spaces for underscores.
 SECTION_NAMES: dict[str, str] = {
     "setup": "setup",
     "eval": "evaluation",

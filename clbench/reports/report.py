@@ -26,8 +26,8 @@ from clbench.reports.tables import (
     to_latex,
     to_markdown,
 )
-from clbench.results import atomic_write_bytes, atomic_write_text, group_label
-from clbench.safeio import check_path, exists, os_reason
+from clbench.storage.results import atomic_write_bytes, atomic_write_text, group_label
+from clbench.storage.safeio import check_path, exists, os_reason
 
 FORMATS = {"latex": ".tex", "markdown": ".md", "csv": ".csv"}
 
