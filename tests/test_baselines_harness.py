@@ -125,3 +125,14 @@ def test_sigkill_after_task_1_then_resume_gives_the_bytes_of_the_sweep(swept: Pa
     for name in RESULTS:
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
     assert not (folder / CHECKPOINT_NAME).exists() and not (folder / LOCK_NAME).exists()
+
+
+# ---- where they cannot run: the LLaVA (MCIT) setting has no form of them ------------------------------------
+@pytest.mark.parametrize("method", BASELINES)
+def test_the_mcit_setting_refuses_each_baseline_in_one_line(tmp_path: Path, capsys, method: str) -> None:
+    code = main(["run", "--benchmark", "synthetic-mcit", "--methods", method, "--preset", "smoke", "--quiet",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"method '{method}' has no LLaVA form" in err
+    assert not (tmp_path / "out").exists()
