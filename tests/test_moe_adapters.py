@@ -22,6 +22,7 @@ from clbench.methods.moe_adapters import (
     cv_squared,
     ddas_select,
     epoch_batches,
+    gather_rows,
     noisy_top_k_gating,
     prob_in_top_k,
 )
@@ -192,6 +193,51 @@ def test_block_adds_scaled_gated_experts_to_its_output(tiny_model) -> None:
                 hidden = torch.relu(x_mid[b] @ pool.down_w[i].T + pool.down_b[i])
                 expected[b] += 0.1 * weight * (hidden @ pool.up_w[i].T + pool.up_b[i])
     assert torch.allclose(adapted, expected, atol=1e-4)
+
+
+def test_gathered_expert_rows_get_the_sum_of_their_gradients_by_hand() -> None:
+    """``gather_rows(W, idx)`` is ``W[idx]``; W's gradient row e is the sum of the output gradients of every
+    position that picked e (rows never picked get 0)."""
+    table = torch.arange(6.0).view(3, 2).requires_grad_(True)
+    idx = torch.tensor([[0, 2], [0, 0]])
+    out = gather_rows(table, idx)
+    assert torch.equal(out, torch.tensor([[[0.0, 1.0], [4.0, 5.0]], [[0.0, 1.0], [0.0, 1.0]]]))
+    g = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[10.0, 20.0], [100.0, 200.0]]])
+    out.backward(g)
+    assert torch.equal(table.grad, torch.tensor([[111.0, 222.0], [0.0, 0.0], [3.0, 4.0]]))
+
+
+@pytest.fixture()
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_expert_gradients_are_the_same_bits_on_every_run_with_two_threads(tiny_model, two_threads) -> None:
+    """Through ``loss``: the same batch and seed give the same expert and router gradients bit for bit with two
+    CPU threads (torch's backward of ``W[idx]`` adds with atomics across threads in a varying order, so runs and
+    a resumed run drifted apart at float rounding; see :func:`gather_rows`)."""
+    method = build(tiny_model, experts=4, encoders="vision")
+    ctx = _context(_task("A", 3), 0)
+    method.before_task(ctx)
+    give_experts_outputs(method)
+    params = method.trainable_parameters()  # the router and every expert (none frozen yet)
+    tiny_model.requires_grad_(False)  # as the harness trains: CLIP frozen
+    x, y = images(8), torch.arange(8) % 3  # 8·2·64·128 gathered weights: enough for torch to add on two threads
+    tiny_model.train()
+    grads = []
+    for _ in range(3):
+        torch.manual_seed(0)  # the same router noise and dropout masks every time
+        for p in params:
+            p.grad = None
+        method.loss(x, y, ctx).backward()
+        grads.append([p.grad.clone() for p in params])
+    assert any(bool(g.abs().sum() > 0) for g in grads[0])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 # ---- activate-freeze ----------------------------------------------------------------------------------

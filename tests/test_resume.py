@@ -161,9 +161,7 @@ SMALLER = {"zscl": ["zscl.ref_image_count=48", "zscl.ref_caption_count=48", "zsc
 
 
 @pytest.mark.slow  # 4-12 s per method on a loaded 2-core machine
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(
-    reason="known bug (closing note): after merging with #27/#28, moe-adapters' expert weights differ after resume "
-           "at float rounding", strict=False)) if m == "moe-adapters" else m for m in RESUMABLE])
+@pytest.mark.parametrize("method", RESUMABLE)
 def test_resumed_run_ends_in_the_same_state(tmp_path: Path, monkeypatch, method: str) -> None:
     extra = SMALLER.get(method, [])
     reference = final_state(tmp_path / "a", method, monkeypatch, extra=extra)

@@ -107,7 +107,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys, args: list[str]
 
 @pytest.mark.slow
 def test_smoke_preset_trains_every_method_visibly(tmp_path: Path) -> None:
-    """Under ``--preset smoke`` every training method's matrix differs from zero-shot's and from every other's."""
+    """Under ``--preset smoke`` every training method's matrix differs from zero-shot's and from every other's (LwF
+    from fine-tuning only through its distillation terms, which the smoke preset weights 10)."""
     from clbench.methods import list_methods
 
     methods = list_methods()
@@ -119,8 +120,4 @@ def test_smoke_preset_trains_every_method_visibly(tmp_path: Path) -> None:
     for i, a in enumerate(trained):
         assert not matrices[a].equals(matrices["zeroshot"]), f"{a} trains nothing visible"
         for b in trained[i + 1:]:
-            if {a, b} == {"finetune", "lwf"}:
-                # known gap (closing note): LwF's distillation is zero where teacher = student at the task's start, and
-                # two smoke tasks of 24 test images do not resolve its small effect from fine-tuning's
-                continue
             assert not matrices[a].equals(matrices[b]), f"{a} and {b} give the same matrix"

@@ -201,6 +201,32 @@ def balance_loss(gating: Gating) -> Tensor:
     return cv_squared(gating.gates.sum(0)) + cv_squared(gating.load)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``table[index]`` along the first axis, whose backward sums each row's gradients with a one-hot matrix
+    product. Torch's own backward of ``table[index]`` accumulates with atomic float adds when the CPU runs more
+    than one thread, in an order that changes from run to run; that made two identical runs (and a resumed run)
+    differ in the last bits of the experts. A matrix product has a fixed summation order."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(index.numel(), -1)
+        with torch.autocast(grad.device.type, enabled=False):  # the sums in the gradient's dtype (no fp16 under amp)
+            onehot = F.one_hot(index.reshape(-1), ctx.rows).to(flat.dtype)
+            return (onehot.T @ flat).view(ctx.rows, *grad.shape[index.ndim:]), None
+
+
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` (index of any shape over the first axis) with a deterministic backward."""
+    return _GatherRows.apply(table, index)
+
+
 class ExpertPool(nn.Module):
     """The experts and task routers of one residual block."""
 
@@ -237,10 +263,10 @@ class ExpertPool(nn.Module):
     def experts_output(self, x: Tensor, gating: Gating, train: bool) -> Tensor:
         """``s · Σ_j w_j E_{i_j}(x)`` per sample (x: batch × tokens × width), only the selected experts run."""
         idx = gating.indices
-        down_w = torch.stack(list(self.down_w))[idx]  # (B, k, r, D)
-        down_b = torch.stack(list(self.down_b))[idx]  # (B, k, r)
-        up_w = torch.stack(list(self.up_w))[idx]      # (B, k, D, r)
-        up_b = torch.stack(list(self.up_b))[idx]      # (B, k, D)
+        down_w = gather_rows(torch.stack(list(self.down_w)), idx)  # (B, k, r, D)
+        down_b = gather_rows(torch.stack(list(self.down_b)), idx)  # (B, k, r)
+        up_w = gather_rows(torch.stack(list(self.up_w)), idx)      # (B, k, D, r)
+        up_b = gather_rows(torch.stack(list(self.up_b)), idx)      # (B, k, D)
         h = torch.relu(torch.einsum("bld,bkrd->bklr", x, down_w) + down_b[:, :, None, :])
         h = F.dropout(h, p=self.hp.dropout, training=train)
         out = torch.einsum("bklr,bkdr->bkld", h, up_w) + up_b[:, :, None, :]
