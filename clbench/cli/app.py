@@ -107,7 +107,7 @@ def run(
     if not names:
         raise UserError("--methods is empty; name at least one method, e.g. --methods lora")
     setting = setting_for_benchmark(benchmark)
-    # options a setting does not take are refused in one line there (tests/test_setting_options.py)
+    # options a setting does not take are refused in one line there (tests/cli/test_setting_options.py)
     setting.check_options("run", {
         "--pretrained": pretrained, "--precision": precision, "--eval": eval_, "--shots": shots,
         "--skip-bad-images": skip_bad_images, "--order": order != 1, "--track": track.strip(),

@@ -94,7 +94,7 @@ class Setting:
     benchmarks: ClassVar[tuple[str, ...]] = ()  # ``--benchmark`` values it serves; the first is its default
     embedded: ClassVar[tuple[str, ...]] = ()  # those drawn in memory (no data to check)
     extra: ClassVar[str | None] = None  # the optional extra (clbench/extras.py) it needs
-    # command -> options it refuses, each refused in one line (tests/test_setting_options.py tables them)
+    # command -> options it refuses, each refused in one line (tests/cli/test_setting_options.py tables them)
     refuses: ClassVar[dict[str, frozenset[str]]] = {}
 
     # ---- declarations checked before any work --------------------------------------------------------------

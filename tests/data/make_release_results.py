@@ -1,4 +1,4 @@
-"""Write the results folder of a release, with that release's code, for tests/test_release_results.py.
+"""Write the results folder of a release, with that release's code, for tests/storage/test_release_results.py.
 
     python tests/data/make_release_results.py --code /path/to/release/checkout [--out FOLDER]
 
@@ -166,7 +166,8 @@ def git(code: Path, *args: str) -> str:
 def readme(version: str, commit: str, record: dict, sizes: str) -> str:
     lines = [f"# Results written by clbench {version} (commit {commit[:7]})", "",
              "Made by `tests/data/make_release_results.py` with the release's own code, for "
-             "`tests/test_release_results.py` (results written before a change must still load, resume and report).",
+             "`tests/storage/test_release_results.py` (results written before a change must still load, resume and "
+             "report).",
              f"Commit: `{commit}` (clean checkout). Each command ran as `PYTHONPATH=<that checkout> clbench ...` in "
              "this folder, one thread, offline, caches and user configuration in a temporary folder:", ""]
     for name, args in COMMANDS.items():

@@ -12,7 +12,7 @@ import pytest
 from clbench.cli.app import main
 from clbench.engine.metrics import matrix_from_frame, mtil_metrics
 
-GOLDEN = Path(__file__).parent / "data" / "golden_zscl_order1.csv"
+GOLDEN = Path(__file__).parents[1] / "data" / "golden_zscl_order1.csv"
 
 
 def test_golden_zscl_order1() -> None:

@@ -68,7 +68,7 @@ def test_every_extra_of_pyproject_is_declared() -> None:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+    declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     for extra, modules in EXTRAS.items():
         names = {d.split(">")[0].split("<")[0].split("=")[0].strip().lower() for d in declared[extra]}

@@ -34,7 +34,7 @@ SYNTHETIC = ["--preset", "smoke", "--pretrained", "none", "--quiet", "--set", "d
 def smaller(methods: list[str]) -> list[str]:
     """The ``--set`` options of :data:`SMALLER` for ``methods`` (a setting of a method not run is refused)."""
     return [arg for m in methods for value in SMALLER.get(m, []) for arg in ("--set", value)]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = ("accuracy.csv", "zeroshot.csv", "metrics.json")
 
 

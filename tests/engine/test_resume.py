@@ -31,7 +31,7 @@ from clbench.storage.lock import LOCK_NAME, RunLock, pid_alive
 from clbench.storage.results import atomic_write_safetensors, atomic_write_text
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_folder(out: Path, method: str, seed: int = 0) -> Path:

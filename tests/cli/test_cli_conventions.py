@@ -15,7 +15,7 @@ from fake_runs import write_fake_run
 from clbench.cli.app import app, main
 from clbench.storage.results import accuracy_frame, atomic_write_csv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

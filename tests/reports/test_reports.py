@@ -2,7 +2,7 @@
 formats carrying the same cells, external matrices, the literature block, figures, costs and bad input.
 
 The LaTeX is checked structurally here (booktabs rules, column count, balanced braces, ``\\textbf`` /
-``\\underline`` on the right cells); tests/test_latex_compiles.py compiles it with pdflatex."""
+``\\underline`` on the right cells); tests/reports/test_latex_compiles.py compiles it with pdflatex."""
 
 from __future__ import annotations
 

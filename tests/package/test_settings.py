@@ -15,7 +15,7 @@ from clbench.errors import UserError
 from clbench.settings import SETTINGS, all_benchmarks, get_setting, setting_for_benchmark
 from clbench.settings.base import Setting
 
-ROOT = Path(__file__).resolve().parents[1] / "clbench"
+ROOT = Path(__file__).resolve().parents[2] / "clbench"
 # Where a setting's names may be spelled: its declaration and its implementation.
 ALLOWED = ("settings", "mcit")
 LLAVA_NAMES = ("synthetic-mcit", "ucit", "mllm-dcl")

@@ -1,5 +1,5 @@
 """User mistakes end in one line naming the problem and the fix, exit status 2, no traceback, and no new or
-changed file in the output folder (cases beyond tests/test_run.py::test_user_errors_are_one_line_exit_2)."""
+changed file in the output folder (cases beyond tests/engine/test_run.py::test_user_errors_are_one_line_exit_2)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from clbench.errors import UserError
 from clbench.storage.safeio import read_bytes, read_json
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from fake_runs import write_fake_run  # noqa: E402
 from test_bad_input import assert_one_line_error, snapshot  # noqa: E402
 

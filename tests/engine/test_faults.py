@@ -26,12 +26,12 @@ from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from clbench.storage.lock import LOCK_NAME
 from clbench.storage.results import missing_results
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from test_resume import Interrupt, dead_pid, record_checkpoints, run_folder, write_lock  # noqa: E402
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
 TWO = ["--set", "data.num_tasks=2"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # A `clbench run` in a fresh process that hurts itself at a chosen point (argv: mode, signal, n, then the CLI's).
 HURT = textwrap.dedent("""

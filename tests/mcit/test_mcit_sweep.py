@@ -194,7 +194,7 @@ def test_missing_extra_names_the_install_command(tmp_path, capsys, without_launc
 
 
 # The Ray launcher calls the same clbench.sweeps.plan.execute_run as the two launchers below; its own plumbing is
-# tested on CLIP specs (tests/test_sweep.py::test_ray_launcher_matches_local). An MCIT copy of that test took
+# tested on CLIP specs (tests/sweeps/test_sweep.py::test_ray_launcher_matches_local). An MCIT copy of that test took
 # 7 minutes on the 2-core CI machine (Ray workers importing torch and transformers) and was dropped.
 
 

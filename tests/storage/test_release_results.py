@@ -27,7 +27,7 @@ import torch
 import clbench
 from clbench.cli.app import main
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 RELEASES = sorted(DATA.glob("release-*/commands.json"))
 LABELS = {"zeroshot": "Zero-shot", "lora": "LoRA"}  # the report's row labels of the methods stored
 TOL = 2e-4  # the CSVs hold 4 decimals; the report prints 4

@@ -28,7 +28,7 @@ from clbench.methods import list_methods
 from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from clbench.storage.results import missing_results
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from test_faults import SMOKE, TWO, assert_one_line_error_ignoring_notes, snapshot, status  # noqa: E402
 from test_resume import Interrupt, record_checkpoints, run_folder  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "clbench"
+ROOT = Path(__file__).resolve().parents[2] / "clbench"
 
 # The command line, and the settings (their registry and declarations, and the LLaVA setting's implementation): what
 # the library below them never imports. The command line asks clbench.settings for the setting of a benchmark.

@@ -26,7 +26,7 @@ from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from clbench.storage.results import atomic_write_safetensors, run_dir
 
 SMOKE = ["--preset", "smoke", "--pretrained", "none", "--quiet"]
-PACKAGE = Path(__file__).resolve().parent.parent / "clbench"
+PACKAGE = Path(__file__).resolve().parents[2] / "clbench"
 
 
 class Plant:
