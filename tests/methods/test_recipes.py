@@ -67,7 +67,7 @@ def test_sources_are_checked() -> None:
 
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("name", ["keeplora", "keeplora+", "lora", "zscl", "finetune", "lwf", "lwf-vr", "wise-ft",
-                                  "moe-adapters"])
+                                  "moe-adapters", "icarl", "diki"])
 def test_values_come_from_the_preset(name: str, order: int) -> None:
     """Under the authors' preset every row keeps the card's provenance and shows the preset file's value."""
     cfg = build_config("paper", {"order": order}, [], [name])
@@ -85,6 +85,28 @@ def test_values_come_from_the_preset(name: str, order: int) -> None:
         assert (row.source, row.note) == (card.settings[key].kind, card.settings[key].note), key
     if name == "keeplora+" and order == 2:
         assert rows["train.epochs"].value == [5, 1, 1, 5, 5, 5, 5, 5, 5, 5, 5]
+
+
+# The authors' MTIL recipes, written out by hand from the official code (not read from paper.json): ZSCL's
+# mtil/scripts (lwf.sh's flags for iCaRL, with icarl.py's own learning rates and args.py's memory and T) and DIKI's
+# training config (SGD without momentum at lr 5.0, cosine without warm-up, 10 epochs, batch 128, 8 prompt tokens
+# in the first 8 blocks of both towers).
+OFFICIAL = {
+    "icarl": {"train.optimizer": "adamw", "train.lr": 1e-5, "train.weight_decay": 0.0, "train.schedule": "cosine",
+              "train.warmup_steps": 100, "train.max_steps": 1000, "train.batch_size": 64, "memory_size": 10000,
+              "temperature": 2.0, "label_smoothing": 0.2, "image_loss": 1.0, "text_loss": 1.0,
+              "lr_overrides": "Aircraft:5e-5,MNIST:5e-5"},
+    "diki": {"train.optimizer": "sgd", "train.lr": 5.0, "train.weight_decay": 0.0, "train.schedule": "cosine",
+             "train.warmup_steps": 0, "train.epochs": [10], "train.batch_size": 128, "prompt_length": 8,
+             "depth_vision": 8, "depth_text": 8},
+}
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_paper_preset_is_the_official_recipe(name: str, order: int) -> None:
+    rows = {row.key: row.value for row in recipe_rows(build_config("paper", {"order": order}, [], [name]), name)}
+    assert {key: rows[key] for key in OFFICIAL[name]} == OFFICIAL[name]
 
 
 def test_rows_say_where_a_departure_comes_from() -> None:
