@@ -90,6 +90,8 @@ the reference autoencoder, all in ``state_dict`` (their sizes in ``state_bytes``
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,6 +297,16 @@ class AutoEncoder(nn.Module):
         return (self(x) - x).square().mean(-1)
 
 
+@contextmanager
+def global_rng_untouched(device: torch.device) -> Iterator[None]:
+    """Restore torch's global random state (CPU, and ``device`` on CUDA) on exit: the reference autoencoder's
+    images, features and ``nn.Linear`` construction must not move the stream that training draws from, so
+    ``reference_autoencoder`` changes routing only."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 def ddas_input(features: Tensor) -> Tensor:
     """``σ(√D · f)`` of L2-normalised image features f (D = feature width)."""
     return torch.sigmoid(features.float() * math.sqrt(features.shape[-1]))
@@ -474,7 +486,8 @@ class MoEAdapters(Method):
                                               "TinyImageNet train (--set moe-adapters.ref_images="
                                               "/data/tiny-imagenet-200/train)")
             else:
-                self._ref_data, _ = embedded_reference(self.model, hp.ref_image_count, 1, hp.ref_seed)
+                with global_rng_untouched(self.model.device):
+                    self._ref_data, _ = embedded_reference(self.model, hp.ref_image_count, 1, hp.ref_seed)
 
     def before_task(self, task: TaskContext) -> None:
         if len(self.tasks) != task.index:
@@ -520,7 +533,7 @@ class MoEAdapters(Method):
         with self.profiler.section("ddas_train"):
             batch = self.train_autoencoder(task)
         if self.hparams.reference_autoencoder and self.reference_ae is None:
-            with self.profiler.section("ddas_reference"):
+            with self.profiler.section("ddas_reference"), global_rng_untouched(task.device):
                 self.train_reference_autoencoder(task.device, batch)
         self.tasks.append(task.name)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -662,3 +663,26 @@ def test_paper_preset_on_mtil_needs_the_reference_folder(tmp_path, capsys, monke
     assert "moe-adapters.reference_autoencoder on mtil needs reference images" in err[0]
     assert "moe-adapters.ref_images=IMAGEFOLDER" in err[0] and not out.exists()
 
+
+
+def _train_two_tasks(model, seed: int, **overrides) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    method = build(copy.deepcopy(model), experts=4, ddas_iterations=3, **overrides)
+    for index, task in enumerate((_task("A", 3), _task("B", 3, seed=1))):
+        ctx = _context(task, index)
+        method.before_task(ctx)
+        train_task(method, ctx, TRAIN, HarnessHooks(), "fp32")
+        method.after_task(ctx)
+    return {k: v for k, v in method.state_dict().items() if not k.startswith("reference/")}
+
+
+def test_the_reference_autoencoder_changes_routing_only_never_training(tiny_model) -> None:
+    """Its images, their features and its own initialisation draw from generators of their own and leave torch's
+    global random stream where it was: with the option on, every trained tensor (experts, routers, task
+    autoencoders, thresholds) has the bits of the run without it."""
+    off = _train_two_tasks(tiny_model, 3)
+    on = _train_two_tasks(tiny_model, 3, reference_autoencoder=True, reference_iterations=5, ref_image_count=16)
+    assert off.keys() == on.keys()
+    assert [k for k in off if not torch.equal(off[k], on[k])] == []
+    other = _train_two_tasks(tiny_model, 4)  # the check can fail: another global seed trains other experts
+    assert [k for k in off if not torch.equal(off[k], other[k])]
