@@ -25,34 +25,43 @@ from clbench.costs.profiler import Profiler
 from clbench.mcit.backbone import adapted_linears, projector_parameters
 from clbench.methods.registry import Registry
 from clbench.methods.state_checks import StateMismatch, tensor_entry
+from clbench.models.attention import LowRankDelta
 
 
 class LoRALinear(nn.Module):
-    """``y = W x + b + s · B (A dropout(x))``; ``A`` (``r × d_in``) and ``B`` (``d_out × r``) in PyTorch layout.
+    """``y = W x + b + s · B (A dropout(x))``: an ``nn.Linear`` with one low-rank adapter.
 
-    A frozen ``A`` is a buffer, not a parameter (KeepLoRA, LoRA-FA style).
+    The adapter is the CLIP setting's :class:`~clbench.models.attention.LowRankDelta` (one LoRA layer for both
+    settings): ``A`` is its ``down`` (``r × d_in``), ``B`` its ``up`` (``d_out × r``), PyTorch layout. A frozen
+    ``A`` is a buffer, not a parameter (KeepLoRA, LoRA-FA style).
     """
 
     def __init__(self, base: nn.Linear, A: Tensor, B: Tensor, scale: float, dropout: float, train_A: bool):
         super().__init__()
         self.base = base
-        if train_A:
-            self.A = nn.Parameter(A)
-        else:
-            self.register_buffer("A", A)
-        self.B = nn.Parameter(B)
-        self.scale = scale
+        self.delta = LowRankDelta(A, B, scale, train_down=train_A, train_up=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @property
+    def A(self) -> Tensor:
+        return self.delta.down
+
+    @property
+    def B(self) -> Tensor:
+        return self.delta.up
+
+    @property
+    def scale(self) -> float:
+        return self.delta.scale
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.scale * (self.dropout(x) @ self.A.T.to(x.dtype)) @ self.B.T.to(x.dtype)
+        return self.base(x) + self.delta(self.dropout(x))
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The base layer with ``s · B A`` added to its weight (the product in the factors' dtype whatever the
         caller's autocast)."""
-        with linalg.full_precision():
-            self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
+        self.base.weight += self.delta.delta().to(self.base.weight.dtype)
         return self.base
 
 
@@ -91,7 +100,7 @@ class McitMethod:
 
     def trainable_parameters(self) -> list[dict]:
         """Adapter factors at ``lr``, the projector at ``projector_lr`` (MCITlib's ``--mm_projector_lr``)."""
-        adapters = [p for layer in self.layers.values() for p in layer.parameters(recurse=False)]
+        adapters = [p for layer in self.layers.values() for p in layer.delta.parameters()]
         return [{"params": adapters, "lr": self.hparams.lr},
                 {"params": projector_parameters(self.model), "lr": self.hparams.projector_lr}]
 

@@ -65,7 +65,8 @@ class LowRankDelta(nn.Module):
             return self.scale * (self.up @ self.down)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.scale * F.linear(F.linear(x, self.down), self.up)
+        # the factors in the input's dtype (a no-op in fp32 and under autocast; LLaVA's half-precision linears)
+        return self.scale * F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
 
 
 class LoRAAttention(nn.Module):

@@ -90,7 +90,7 @@ def test_lora_linear_merge_is_exact():
     expected = x @ base.weight.T + base.bias + 0.5 * x @ (layer.B @ layer.A).T
     assert torch.allclose(layer(x), expected, atol=1e-6)
     assert torch.allclose(layer.merged()(x), expected, atol=1e-5)
-    assert "A" in dict(layer.named_buffers()) and "A" not in dict(layer.named_parameters())
+    assert "delta.down" in dict(layer.named_buffers()) and "delta.down" not in dict(layer.named_parameters())
 
 
 def _ctx(codec, task, t=0):
@@ -105,7 +105,7 @@ def test_lora_ft_hooks(tiny):
     method.before_task(_ctx(codec, task))
     assert len(method.layers) == 14
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(".A" in n or ".B" in n or "projector" in n for n in trainable)
+    assert all(n.endswith((".delta.down", ".delta.up")) or "projector" in n for n in trainable)
     groups = method.trainable_parameters()
     assert groups[1]["lr"] == method.hparams.projector_lr and groups[1]["params"]
     assert method.layers[next(iter(method.layers))].scale == pytest.approx(2.0)  # alpha = 2r
@@ -165,7 +165,7 @@ def test_keeplora_llava_init_and_memory(tiny):
         before = model(**batch).logits
     method.before_task(_ctx(codec, task))
     layer = method.layers[name]
-    assert torch.count_nonzero(layer.B) == 0 and "A" in dict(layer.named_buffers())  # B = 0, A frozen
+    assert torch.count_nonzero(layer.B) == 0 and "delta.down" in dict(layer.named_buffers())  # B = 0, A frozen
     assert layer.scale == pytest.approx(0.25)
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, before, atol=1e-6)  # no weight shift, output unchanged
