@@ -4,7 +4,7 @@ The names are those of the CLIP registry (``lora``, ``keeplora``), so ``clbench 
 means the same method family on either setting. A CLIP method without an LLaVA form is refused in one line by
 :func:`get_mcit_method`.
 
-Hooks, called by :mod:`clbench.mcit.loop`, named as in the CLIP contract (:mod:`clbench.methods.base`): ``setup()``
+Hooks, called by :mod:`clbench.mcit.loop`, are the shared contract's (:mod:`clbench.methods.contract`): ``setup()``
 once, ``before_task(ctx)``, ``trainable_parameters()`` for AdamW, ``after_task(ctx)``; ``state_dict()`` /
 ``check_state()`` / ``load_state_dict()`` for resume, ``state_bytes()`` by name; the typed hyperparameters are
 ``self.hparams``. Costly steps are timed in ``self.profiler`` sections named as for CLIP.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from clbench import linalg
 from clbench.costs.profiler import Profiler
 from clbench.mcit.backbone import adapted_linears, projector_parameters
+from clbench.methods.contract import MethodContract
 from clbench.methods.registry import Registry
 from clbench.methods.state_checks import StateMismatch, tensor_entry
 from clbench.models.attention import LowRankDelta
@@ -81,19 +81,15 @@ class McitContext:
     batches: Callable[..., Iterator[dict[str, Tensor]]]  # (fraction, batch_size, evenly_spaced) -> batches
 
 
-class McitMethod:
-    """Base: trains the projector only at ``projector_lr``; subclasses add adapters."""
-
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    Hparams: ClassVar[type]
+class McitMethod(MethodContract):
+    """Base of the LLaVA setting's methods (the shared :class:`~clbench.methods.contract.MethodContract`): trains
+    the projector only at ``projector_lr``; subclasses add adapters. ``generator`` draws the method's random
+    numbers (adapter inits, sketches) and is part of its resumable state."""
 
     def __init__(self, model: nn.Module, hparams, profiler: Profiler, generator: torch.Generator):
-        self.model, self.hparams, self.profiler, self.generator = model, hparams, profiler, generator
+        super().__init__(model, hparams, profiler)
+        self.generator = generator
         self.layers: dict[str, LoRALinear] = {}
-
-    def setup(self) -> None:
-        """Once before the first task."""
 
     def before_task(self, ctx: McitContext) -> None:
         raise NotImplementedError
@@ -127,10 +123,6 @@ class McitMethod:
 
     def after_task(self, ctx: McitContext) -> None:
         self.merge()
-
-    def state_bytes(self) -> dict[str, int]:
-        """Bytes held between tasks, by name, for the cost profile (the CLIP contract's)."""
-        return {}
 
     def state_dict(self) -> dict[str, Tensor]:
         """What the method keeps between tasks (its adapters are merged after every task): its generator's state

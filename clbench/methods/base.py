@@ -1,4 +1,4 @@
-"""The method contract: lifecycle hooks the harness calls, identical for every method.
+"""The CLIP setting's method base: the shared contract (:mod:`clbench.methods.contract`) and the CLIP hooks.
 
 The harness owns data, batching, optimiser and schedule, evaluation, metrics and storage. A method sees
 the model, its own typed hyperparameters and the current task, and supplies:
@@ -32,15 +32,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from clbench.costs.profiler import Profiler
 from clbench.datasets.base import ClassSpan, Task
+from clbench.methods.contract import MethodContract
 from clbench.methods.state_checks import check_like_fresh
 from clbench.models.clip import ClipModel
 
@@ -82,11 +82,10 @@ class TaskContext:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-class Method:
-    """Base class: zero-shot behaviour (no training) with the default loss and logits."""
+class Method(MethodContract):
+    """Base of the CLIP setting's methods (the shared :class:`~clbench.methods.contract.MethodContract` plus the
+    CLIP hooks): zero-shot behaviour (no training) with the default loss and logits."""
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     Hparams: ClassVar[type] = NoHparams
     # True for methods whose trained modules stay beside the frozen CLIP at inference instead of being merged into
     # its weights (MoE-Adapters' experts and routers, DIKI's prompts); every other method evaluates a plain CLIP.
@@ -95,22 +94,9 @@ class Method:
     # validate()/setup(), for methods whose inputs depend on it (ZSCL's reference data).
     benchmark: str = "synthetic"
 
-    def __init__(self, model: ClipModel, hparams: Any, profiler: Profiler) -> None:
-        self.model = model
-        self.hparams = hparams
-        self.profiler = profiler
+    model: ClipModel
 
-    # ---- lifecycle ------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Once, before the first task."""
-
-    def before_task(self, task: TaskContext) -> None:
-        """Before training task ``task``."""
-
-    def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
-        """Parameters (or optimiser groups) trained on the current task; empty means no training."""
-        return []
-
+    # ---- lifecycle (setup, before_task, trainable_parameters, after_task: the shared contract's) -------------
     def train_modules(self) -> None:
         """Put modules into train mode for the training steps (CLIP has no dropout; kept explicit)."""
         self.model.train()
@@ -130,9 +116,6 @@ class Method:
 
     def after_step(self, task: TaskContext, step: int) -> None:
         """After every batch's optimiser step(s)."""
-
-    def after_task(self, task: TaskContext) -> None:
-        """After training task ``task``, before it is evaluated."""
 
     # ---- evaluation -----------------------------------------------------------------------------
     def eval_image_features(self, images: Tensor, dataset: str | None) -> Tensor:
@@ -161,10 +144,6 @@ class Method:
         return self.model.logit_scale() * image_features @ text_features.T
 
     # ---- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        """Method state beyond the model weights (tensors only; JSON-able extras via ``extra_state``)."""
-        return {}
-
     def check_state(self, state: dict[str, Tensor], extra: dict, tasks: list[Task]) -> None:
         """Refuse restored state (``state_dict()`` tensors and ``extra_state()`` JSON, saved after ``tasks``) that
         does not fit this method on this model, with a :class:`~clbench.methods.state_checks.StateMismatch`
@@ -174,17 +153,3 @@ class Method:
         now (finite where floating), and JSON shaped like its own ``extra_state()``. A method whose state grows
         over tasks (bases, memories, per-task heads) overrides this with its own rules."""
         check_like_fresh(state, extra, self.state_dict(), self.extra_state())
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state:
-            raise ValueError(f"{self.name} keeps no state but was given {len(state)} tensors")
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, extra: dict) -> None:
-        """Restore JSON state saved by :meth:`extra_state`."""
-
-    def state_bytes(self) -> dict[str, int]:
-        """Bytes held between tasks, by name (e.g. ``basis``), for the cost profile."""
-        return {}
