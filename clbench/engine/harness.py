@@ -27,16 +27,20 @@ from clbench.config import TrainConfig
 from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, Task, union_spans
 from clbench.engine.schedules import build_scheduler
+from clbench.errors import RecordedFailure
 from clbench.methods.base import Method, TaskContext
 
 
-class DivergenceError(RuntimeError):
-    """The training loss became non-finite."""
+class DivergenceError(RecordedFailure, RuntimeError):
+    """The training loss became non-finite: the run is recorded ``failed`` at that task and step."""
 
     def __init__(self, task: str, step: int, loss: float) -> None:
         super().__init__(f"training diverged on task {task!r} at step {step}: loss is {loss}; "
                          "lower train.lr or check the data")
         self.task, self.step = task, step
+
+    def record(self) -> dict:
+        return {"failed_task": self.task, "failed_step": self.step}
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""One ``clbench run``: build the benchmark and backbone once, then run each method over the sequence and
-write its results directory (the results contract in :mod:`clbench.storage.results`).
+"""One ``clbench run`` of the CLIP setting: build the benchmark and backbone once, then run each method over the
+sequence and write its results directory (the results contract in :mod:`clbench.storage.results`). The run's control
+flow is the engine's, shared with the LLaVA setting (:mod:`clbench.engine.session`); this module supplies its
+:class:`ClipRunJob`.
 
 Order of events: every input is validated (nothing written yet); each run folder is locked
 (:mod:`clbench.storage.lock`); a run's first write happens when its first task ends (``config.json``, ``manifest.json``
@@ -14,10 +16,7 @@ import copy
 import dataclasses
 import os
 import sys
-import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,29 +24,19 @@ import torch
 from clbench.config import RunConfig, method_run_config, run_id, train_config_for
 from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, ImageSpec, Task, duplicate_classnames
-from clbench.engine.harness import DivergenceError, Hooks, SequenceResult, check_precision, resolve_device, run_sequence
-from clbench.engine.interrupt import RunInterrupted, critical, handling_signals, mark_interrupted
+from clbench.engine.harness import Hooks, SequenceResult, check_precision, resolve_device, run_sequence
 from clbench.engine.metrics import json_safe, metrics_from_json, mtil_metrics
 from clbench.engine.rundir import (
     RunPlan,
     bad_checkpoint,
     check_something_to_resume,
     decide_start,
-    leftovers,
-    load_planned_checkpoint,
-    lock_all,
     make_checkpoint,
-    read_manifest,
     read_run_json,
-    remove_empty,
     restore_model,
     restore_profiler_and_rng,
-    resumed_entry,
-    tidy_done,
-    write_complete,
-    write_failed,
-    write_start,
 )
+from clbench.engine.session import RunJob, RunOutcome, run_jobs
 from clbench.errors import UserError
 from clbench.methods import get_method
 from clbench.methods.state_checks import StateMismatch
@@ -56,7 +45,6 @@ from clbench.models.clip import ClipModel
 from clbench.storage.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
-    save_checkpoint,
 )
 from clbench.storage.results import (
     accuracy_frame,
@@ -64,18 +52,10 @@ from clbench.storage.results import (
     atomic_write_json,
     environment_info,
     missing_results,
-    remove_temporaries,
     run_dir,
 )
 
-
-@dataclass
-class MethodOutcome:
-    method: str
-    path: Path
-    status: str
-    metrics: dict | None
-    error: str | None = None
+MethodOutcome = RunOutcome  # how one method's run ended (the engine's record, shared by every setting)
 
 
 def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
@@ -174,29 +154,11 @@ def run_methods(
     notes: list[str] = []  # said once everything is checked and locked, so an error stays the only line
     plans = [plan_run(cfg, name, base_model, benchmark, device, paths[name], resume, notes.append)
              for name in methods]
-    # a complete run is locked only to tidy what a kill left (a checkpoint, temporaries, a stale lock)
-    locks, made = lock_all([p for p in plans if p.mode != "done" or leftovers(p.path)], notes.append)
     if cfg.benchmark == "synthetic":
         notes.insert(0, "no MTIL data configured: running the embedded default (synthetic sequence)")
-    for note in notes:
-        notify(note)
-    by_path = {lock.folder: lock for lock in locks}
-    outcomes = []
-    try:
-        with handling_signals():
-            for plan in plans:
-                try:
-                    outcomes.append(_run_one(cfg, plan, base_model, benchmark, device,
-                                             hooks_for(plan.name) if hooks_for else Hooks(), notify))
-                finally:  # a finished run keeps no lock while the next method runs
-                    lock = by_path.pop(plan.path, None)
-                    if lock is not None:
-                        lock.release()
-        return outcomes
-    finally:
-        for lock in by_path.values():
-            lock.release()
-        remove_empty(made)  # folders made for a lock whose run wrote nothing (a user error in its first task)
+    jobs = [ClipRunJob(cfg, plan, base_model, benchmark, device, hooks_for(plan.name) if hooks_for else Hooks(),
+                       notify) for plan in plans]
+    return run_jobs(jobs, notify, notes)
 
 
 def check_path_options(cfg: RunConfig, out: Path) -> None:
@@ -293,93 +255,75 @@ RECALL_NAME = "selection_recall.csv"
 STALE = (RECALL_NAME, "accuracy.csv", "zeroshot.csv", "metrics.json", "profile.csv", "state_bytes.csv", CHECKPOINT_NAME)
 
 
-def _run_one(cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Benchmark, device: torch.device,
-             hooks: Hooks, notify: Callable[[str], None]) -> MethodOutcome:
-    name, path = plan.name, plan.path
-    if plan.mode == "done":
-        tidy_done(path)  # locked by us (to tidy): a kill's leftovers are not results
-        metrics = metrics_from_json(read_run_json(path / "metrics.json")) if (path / "metrics.json").exists() else None
-        return MethodOutcome(name, path, "complete", metrics)
-    remove_temporaries(path)  # under the lock: temporaries of writes a kill interrupted
-    method_cls = get_method(name)
-    train = train_config_for(cfg, name)
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(base_model)
-    profiler = Profiler(device=device)
-    method = method_cls(model, method_cls.Hparams(**cfg.methods[name]), profiler)
-    method.benchmark = cfg.benchmark
-    started = time.time()
-    ckpt_path = path / CHECKPOINT_NAME
-    result = None
-    env = environment_info(device)
-    manifest = {"status": "running", "run_id": plan.run_id, "method": name, "seed": cfg.seed,
-                "benchmark": cfg.benchmark, "order": cfg.order, "started": started, "environment": env,
-                "weights": getattr(base_model, "weights", cfg.pretrained or "embedded"),
-                "evaluation": evaluation_info(cfg.eval, benchmark), "benchmark_info": benchmark.info,
-                "classes": {t.name: len(t.classnames) for t in benchmark.tasks},
-                "preprocess": dataclasses.asdict(base_model.image_spec),
-                "datasets": benchmark.task_names, "selection": cfg.data.datasets}
-    expected = {t.name: t.info["expected_classes"] for t in benchmark.tasks if "expected_classes" in t.info}
-    if expected:  # real data: the protocol's class count beside the one found (they differ only when allowed)
-        manifest["expected_classes"] = expected
-    if plan.mode == "resume":
-        ckpt = load_planned_checkpoint(plan, union=cfg.eval == "union")
-        stored = read_manifest(path)
-        for key in ("error", "traceback", "finished", "seconds", "failed_task", "failed_step"):
-            stored.pop(key, None)
-        manifest = {**manifest, **stored, "status": "running", "run_id": plan.run_id}
-        manifest["resumed"] = [*stored.get("resumed", []), resumed_entry(ckpt.completed, started, environment=env)]
-        profiler.task = -1
-        method.setup()  # on the pretrained weights, as the interrupted run did; then its state replaces it
-        result = restore(ckpt, model, method, profiler, benchmark.tasks[: ckpt.completed], ckpt_path)
-        del ckpt
-    written = False
+class ClipRunJob(RunJob):
+    """One CLIP method's run over the benchmark (the shared control flow is :func:`clbench.engine.session.execute`):
+    a copy of the base model, the method, the harness's task loop, and the CLIP result files."""
 
-    def commit() -> None:
-        """First write of this run: clear what a previous run left, then config.json and the manifest."""
-        nonlocal written
-        if not written:
-            write_start(path, manifest, plan.resolved, plan.mode == "resume", STALE)
-            written = True
+    stale = STALE
 
-    if plan.mode == "resume":
-        commit()
+    def __init__(self, cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Benchmark,
+                 device: torch.device, hooks: Hooks, notify: Callable[[str], None]) -> None:
+        super().__init__(plan)
+        self.cfg, self.base_model, self.benchmark, self.device = cfg, base_model, benchmark, device
+        self.hooks, self.notify = hooks, notify
+        self.result: SequenceResult | None = None
 
-    def on_task_end(index: int, res: SequenceResult) -> None:
-        commit()
-        with critical():
-            write_results(path, res, profiler)
-            save_checkpoint(ckpt_path, capture(plan.run_id, res, model, method, profiler))
-            manifest["completed_tasks"] = index + 1
-            atomic_write_json(path / "manifest.json", manifest)
+    def checkpoint_checks(self) -> dict:
+        return {"union": self.cfg.eval == "union"}
 
-    try:
-        result = run_sequence(method, benchmark, train, profiler, device, cfg.seed, cfg.data.prompt,
-                              cfg.precision, hooks, start_task=plan.completed, result=result,
-                              on_task_end=on_task_end, eval_rule=cfg.eval)
-        commit()
-        with critical():
-            metrics = write_results(path, result, profiler)
-            write_complete(path, manifest)
-        return MethodOutcome(name, path, "complete", metrics)
-    except RunInterrupted as exc:
-        commit()
-        mark_interrupted(exc, manifest, path, name, len(benchmark.task_names), plan.completed)
-        raise
-    except DivergenceError as exc:
-        commit()
-        atomic_write_csv(path / "profile.csv", profiler.frame())
-        write_failed(path, manifest, str(exc), failed_task=exc.task, failed_step=exc.step)
-        return MethodOutcome(name, path, "failed", None, str(exc))
-    except UserError:
-        if not written:  # e.g. an unreadable image in the first task: the folder stays as it was
-            raise
-        write_failed(path, manifest, str(sys.exc_info()[1]))
-        raise
-    except BaseException as exc:
-        commit()
-        write_failed(path, manifest, f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        raise
+    def start(self, started: float) -> dict:
+        cfg, benchmark, base_model, name = self.cfg, self.benchmark, self.base_model, self.plan.name
+        method_cls = get_method(name)
+        torch.manual_seed(cfg.seed)
+        self.model = copy.deepcopy(base_model)
+        self.profiler = Profiler(device=self.device)
+        self.method = method_cls(self.model, method_cls.Hparams(**cfg.methods[name]), self.profiler)
+        self.method.benchmark = cfg.benchmark
+        manifest = {"status": "running", "run_id": self.plan.run_id, "method": name, "seed": cfg.seed,
+                    "benchmark": cfg.benchmark, "order": cfg.order, "started": started,
+                    "environment": environment_info(self.device),
+                    "weights": getattr(base_model, "weights", cfg.pretrained or "embedded"),
+                    "evaluation": evaluation_info(cfg.eval, benchmark), "benchmark_info": benchmark.info,
+                    "classes": {t.name: len(t.classnames) for t in benchmark.tasks},
+                    "preprocess": dataclasses.asdict(base_model.image_spec),
+                    "datasets": benchmark.task_names, "selection": cfg.data.datasets}
+        expected = {t.name: t.info["expected_classes"] for t in benchmark.tasks if "expected_classes" in t.info}
+        if expected:  # real data: the protocol's class count beside the one found (they differ only when allowed)
+            manifest["expected_classes"] = expected
+        return manifest
+
+    def resume(self, ckpt: Checkpoint) -> None:
+        self.profiler.task = -1
+        self.method.setup()  # on the pretrained weights, as the interrupted run did; then its state replaces it
+        self.result = restore(ckpt, self.model, self.method, self.profiler,
+                              self.benchmark.tasks[: ckpt.completed], self.plan.path / CHECKPOINT_NAME)
+
+    def run(self, on_task_end: Callable[[int], None]) -> None:
+        def task_end(index: int, res: SequenceResult) -> None:
+            self.result = res
+            on_task_end(index + 1)
+
+        cfg = self.cfg
+        self.result = run_sequence(self.method, self.benchmark, train_config_for(cfg, self.plan.name), self.profiler,
+                                   self.device, cfg.seed, cfg.data.prompt, cfg.precision, self.hooks,
+                                   start_task=self.plan.completed, result=self.result, on_task_end=task_end,
+                                   eval_rule=cfg.eval)
+
+    def capture(self) -> Checkpoint:
+        return capture(self.plan.run_id, self.result, self.model, self.method, self.profiler)
+
+    def write_partial(self) -> None:
+        write_results(self.plan.path, self.result, self.profiler)
+
+    def write_results(self) -> dict:
+        return write_results(self.plan.path, self.result, self.profiler)
+
+    def on_failure(self) -> None:
+        atomic_write_csv(self.plan.path / "profile.csv", self.profiler.frame())
+
+    def done_metrics(self) -> dict | None:
+        path = self.plan.path / "metrics.json"
+        return metrics_from_json(read_run_json(path)) if path.exists() else None
 
 
 def capture(run: str, result: SequenceResult, model: ClipModel, method, profiler: Profiler) -> Checkpoint:

@@ -20,7 +20,6 @@ from clbench.engine.rundir import (
     RunPlan,
     bad_checkpoint,
     decide_start,
-    load_planned_checkpoint,
     make_checkpoint,
     restore_model,
     restore_profiler_and_rng,
@@ -49,11 +48,11 @@ def capture(run_id: str, state: dict, tasks: list[str], model, method, profiler:
                            profiler)
 
 
-def restore(plan: RunPlan, model, method, profiler: Profiler) -> dict:
-    """Load ``plan``'s checkpoint into ``model``, ``method`` and ``profiler``; returns the loop's start state.
-    A checkpoint that does not fit (edited, another method's, another model's) is one line."""
+def restore(plan: RunPlan, ckpt: Checkpoint, model, method, profiler: Profiler) -> dict:
+    """Load ``plan``'s checkpoint ``ckpt`` (loaded and checked against the plan by the engine) into ``model``,
+    ``method`` and ``profiler``; returns the loop's start state. A checkpoint that does not fit (edited, another
+    method's, another model's) is one line."""
     path = plan.path / CHECKPOINT_NAME
-    ckpt = load_planned_checkpoint(plan, upper=SCORE_BOUND)
     extra = ckpt.method_extra
     generator = extra.get("generator")
     if not (isinstance(extra.get("details"), list) and len(extra["details"]) == ckpt.completed

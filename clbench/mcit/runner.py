@@ -4,16 +4,15 @@ A results folder holds ``accuracy.csv`` (the full T x T matrix, rows = after tas
 (the base model's scores), ``metrics.json`` (MFT / MFN / MAA / BWT / Transfer, caption details, losses),
 ``profile.csv`` (cost sections per task), and ``manifest.json`` (resolved config, run id, status, seeds, data-file
 SHA-256, backbone, package versions, git revision, device); ``resume.safetensors`` while the run is unfinished
-(:mod:`clbench.mcit.resume`), ``run.lock`` while it runs. The folder's bookkeeping (start decision, locks, manifest
-records, checkpoint framing) is the one every runner shares, :mod:`clbench.engine.rundir`; this module builds the
-model, the tasks and the loop.
+(:mod:`clbench.mcit.resume`), ``run.lock`` while it runs. The run itself (locks, fresh or resumed start, the
+checkpoint after every task, interruption, the manifest's records) is the engine's, written once for every setting
+(:mod:`clbench.engine.session`); this module supplies its :class:`McitRunJob`: the backbone, the tasks, the loop and
+this setting's result files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,36 +22,22 @@ import torch
 
 from clbench.config import list_presets, load_preset, run_id, set_field
 from clbench.costs.profiler import Profiler
-from clbench.engine.interrupt import RunInterrupted, critical, mark_interrupted
-from clbench.engine.rundir import (
-    RunPlan,
-    check_something_to_resume,
-    leftovers,
-    lock_all,
-    read_manifest,
-    read_run_json,
-    remove_empty,
-    resumed_entry,
-    tidy_done,
-    write_complete,
-    write_failed,
-    write_start,
-)
+from clbench.engine.rundir import RunPlan, check_something_to_resume, read_run_json
+from clbench.engine.session import RunJob, RunOutcome, run_jobs
 from clbench.errors import UserError
 from clbench.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
 from clbench.mcit.codec import VICUNA_SYSTEM, Codec
 from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
 from clbench.mcit.methods import get_mcit_method
 from clbench.mcit.metrics import mcit_metrics
-from clbench.mcit.resume import capture, plan_run, restore
-from clbench.storage.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from clbench.mcit.resume import SCORE_BOUND, capture, plan_run, restore
+from clbench.storage.checkpoint import CHECKPOINT_NAME
 from clbench.storage.results import (
     accuracy_frame,
     atomic_write_csv,
     atomic_write_json,
     environment_info,
     git_revision,
-    remove_temporaries,
     run_dir,
 )
 
@@ -61,12 +46,7 @@ PRESETS = {name: load_preset(name, "mcit") for name in list_presets("mcit")}
 SETTING = "MCIT setting"  # how the one-line errors name it
 
 
-@dataclass
-class McitOutcome:
-    method: str
-    path: Path
-    metrics: dict = field(default_factory=dict)
-    seconds: float = 0.0
+McitOutcome = RunOutcome  # how one method's run ended (the engine's record, shared by every setting)
 
 
 @dataclass
@@ -179,18 +159,13 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
         raise ValueError("a folder name is for one method's run")
     if resume is True:
         check_something_to_resume({plan.name: plan.path for plan in plans}, "--out/--seed")
-    plans = [plan_run(plan, resume, notify) for plan in plans]
-    # every folder locked before any work: a live run elsewhere stops this one now (a complete run only to tidy)
-    locks, made = lock_all([plan for plan in plans if plan.mode != "done" or leftovers(plan.path)], notify)
-    try:
-        settings = {"benchmark": benchmark, "preset": preset, "loop": loop, "backbone": backbone,
-                    "steps": p["pretrain_steps"], "seed": seed, "data": data_info, "device": dev}
-        return [_run_one(plan, classes[plan.name], hparams[plan.name], tasks, settings, notify, on_task)
-                for plan in plans]
-    finally:
-        for lock in locks:
-            lock.release()
-        remove_empty(made)  # folders made for a lock whose run wrote nothing
+    notes: list[str] = []  # said once everything is checked and locked, so an error stays the only line
+    plans = [plan_run(plan, resume, notes.append) for plan in plans]
+    settings = {"benchmark": benchmark, "preset": preset, "loop": loop, "backbone": backbone,
+                "steps": p["pretrain_steps"], "seed": seed, "data": data_info, "device": dev}
+    jobs = [McitRunJob(plan, classes[plan.name], hparams[plan.name], tasks, settings, notify, on_task)
+            for plan in plans]
+    return run_jobs(jobs, notify, notes)
 
 
 STALE = ("accuracy.csv", "base.csv", "profile.csv", "metrics.json", CHECKPOINT_NAME)
@@ -206,56 +181,59 @@ def _write_results(path: Path, state: dict, names: list[str], profiler: Profiler
     return metrics
 
 
-def _run_one(plan: RunPlan, cls, hparams, tasks: list[McitTask], settings: dict, notify: Callable[[str], None],
-             on_task: Callable[[str, int, str, list[float]], None] | None) -> McitOutcome:
-    """One method's run in its locked folder: fresh or resumed, checkpointed after every task."""
-    path, name, names = plan.path, plan.name, plan.tasks
-    if plan.mode == "done":
-        tidy_done(path)  # locked by us only to tidy: a kill's leftovers are not results
-        seconds = read_manifest(path).get("seconds", 0.0)
-        return McitOutcome(name, path, read_run_json(path / "metrics.json"), float(seconds))
-    remove_temporaries(path)  # under the lock: temporaries of writes a kill interrupted
-    dev, seed = settings["device"], settings["seed"]
-    started = time.time()
-    model, codec, backbone_id = _backbone(settings["backbone"], settings["steps"], notify)
-    model.to(dev)
-    profiler = Profiler(device=dev)
-    method = cls(model, hparams, profiler, torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    manifest = {"setting": "mcit", "benchmark": settings["benchmark"], "method": name, "seed": seed,
-                "preset": settings["preset"], "run_id": plan.run_id,
-                "hparams": dataclasses.asdict(hparams), "loop": dataclasses.asdict(settings["loop"]),
-                "backbone": backbone_id, "data": settings["data"], "tasks": names, "status": "running",
+class McitRunJob(RunJob):
+    """One LLaVA method's run over the MCIT tasks (the shared control flow is :func:`clbench.engine.session.execute`):
+    the backbone, the method, the MCIT loop, and this setting's result files and checkpoint part
+    (:mod:`clbench.mcit.resume`)."""
+
+    stale = STALE
+
+    def __init__(self, plan: RunPlan, cls, hparams, tasks: list[McitTask], settings: dict,
+                 notify: Callable[[str], None],
+                 on_task: Callable[[str, int, str, list[float]], None] | None) -> None:
+        super().__init__(plan)
+        self.cls, self.hparams, self.tasks, self.settings = cls, hparams, tasks, settings
+        self.notify, self.on_task = notify, on_task
+        self.start_state: dict | None = None
+        self.state: dict = {}
+
+    def checkpoint_checks(self) -> dict:
+        return {"upper": SCORE_BOUND}
+
+    def start(self, started: float) -> dict:
+        settings, dev, seed = self.settings, self.settings["device"], self.settings["seed"]
+        self.model, self.codec, backbone_id = _backbone(settings["backbone"], settings["steps"], self.notify)
+        self.model.to(dev)
+        self.profiler = Profiler(device=dev)
+        self.method = self.cls(self.model, self.hparams, self.profiler, torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        return {"setting": "mcit", "benchmark": settings["benchmark"], "method": self.plan.name, "seed": seed,
+                "preset": settings["preset"], "run_id": self.plan.run_id,
+                "hparams": dataclasses.asdict(self.hparams), "loop": dataclasses.asdict(settings["loop"]),
+                "backbone": backbone_id, "data": settings["data"], "tasks": self.plan.tasks, "status": "running",
                 "started": started,
                 "environment": {**environment_info(dev), "transformers": _transformers_version()},
                 "git": git_revision()}
-    start = None
-    ckpt_path = path / CHECKPOINT_NAME
-    if plan.mode == "resume":
-        start = restore(plan, model, method, profiler)
-        stored = read_manifest(path)
-        manifest["resumed"] = [*stored.get("resumed", []), resumed_entry(plan.completed, started)]
-        manifest["started"] = stored.get("started", started)
-    write_start(path, manifest, plan.resolved, plan.mode == "resume", STALE)
 
-    def on_task_end(state: dict) -> None:
-        with critical():
-            save_checkpoint(ckpt_path, capture(plan.run_id, state, names, model, method, profiler))
-            manifest["completed_tasks"] = len(state["matrix"])
-            atomic_write_json(path / "manifest.json", manifest)
+    def resume(self, ckpt) -> None:
+        self.start_state = restore(self.plan, ckpt, self.model, self.method, self.profiler)
 
-    try:
-        result = run_sequence(model, codec, tasks, method, settings["loop"], profiler, dev, seed,
-                              on_task=(lambda t, n, row: on_task(name, t, n, row)) if on_task else None,
-                              start=start, on_task_end=on_task_end)
-        with critical():
-            metrics = _write_results(path, result, names, profiler)
-            seconds = write_complete(path, manifest)
-        return McitOutcome(name, path, metrics, seconds)
-    except RunInterrupted as exc:
-        mark_interrupted(exc, manifest, path, name, len(names), plan.completed)
-        raise
-    except BaseException as exc:
-        write_failed(path, manifest, f"{type(exc).__name__}: {' '.join(str(exc).split())}",
-                     traceback=traceback.format_exc())
-        raise
+    def run(self, on_task_end: Callable[[int], None]) -> None:
+        def task_end(state: dict) -> None:
+            self.state = state
+            on_task_end(len(state["matrix"]))
+
+        name, on_task = self.plan.name, self.on_task
+        self.state = run_sequence(self.model, self.codec, self.tasks, self.method, self.settings["loop"],
+                                  self.profiler, self.settings["device"], self.settings["seed"],
+                                  on_task=(lambda t, n, row: on_task(name, t, n, row)) if on_task else None,
+                                  start=self.start_state, on_task_end=task_end)
+
+    def capture(self):
+        return capture(self.plan.run_id, self.state, self.plan.tasks, self.model, self.method, self.profiler)
+
+    def write_results(self) -> dict:
+        return _write_results(self.plan.path, self.state, self.plan.tasks, self.profiler)
+
+    def done_metrics(self) -> dict | None:
+        return read_run_json(self.plan.path / "metrics.json")

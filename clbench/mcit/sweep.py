@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 
+from clbench.engine.session import RunOutcome
 from clbench.errors import UserError
 from clbench.sweeps.plan import GridAxis, RunSpec
 
@@ -117,7 +117,7 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
     return specs
 
 
-def run_spec(spec: RunSpec, out: Path) -> SimpleNamespace:
+def run_spec(spec: RunSpec, out: Path) -> RunOutcome:
     """Run one MCIT spec in ``out`` (the sweep's staging folder), resuming after the last completed task of an
     earlier attempt there; called by :func:`clbench.sweeps.plan.execute_run` in the launcher's worker."""
     from clbench.mcit.runner import run_mcit
@@ -134,7 +134,7 @@ def run_spec(spec: RunSpec, out: Path) -> SimpleNamespace:
                           opts["data_root"], opts["device"], list(spec.sets),
                           notify=lambda m: print(f"note: {m}", flush=True),
                           resume="auto" if (staged_folder(spec) / CHECKPOINT).exists() else False)
-    return SimpleNamespace(status="complete", error=None, metrics=outcome.metrics)
+    return outcome
 
 
 def prepare_backbone(backbone: str, preset: str, quiet: bool) -> None:

@@ -63,7 +63,7 @@ CLBENCH = "import importlib, sys; sys.exit(importlib.import_module('clbench.' + 
 INTERRUPT = """
 import importlib, os, signal, sys
 try:
-    import clbench.engine.runner as runner
+    import clbench.engine.session as runner  # where the run's checkpoint is saved since the one run engine
 except ModuleNotFoundError:
     runner = importlib.import_module("clbench." + "runner")  # at the package root up to 0.1.0
 save, stop_after = runner.save_checkpoint, int(sys.argv.pop(1))

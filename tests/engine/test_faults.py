@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import clbench.engine.runner as runner
+import clbench.engine.session as session
 from clbench.cli.app import main
 from clbench.config import build_config
 from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
@@ -40,13 +41,14 @@ HURT = textwrap.dedent("""
     torch.set_num_threads(1)
     mode, sig, n = sys.argv[1], getattr(signal, sys.argv[2]), int(sys.argv[3])
     import clbench.engine.runner as runner
+    import clbench.engine.session as session
     if mode == "after_checkpoint":  # inside the section that writes a task's files: the signal must wait
-        save = runner.save_checkpoint
+        save = session.save_checkpoint
         def spy(path, ckpt):
             save(path, ckpt)
             if ckpt.completed == n:
                 os.kill(os.getpid(), sig)
-        runner.save_checkpoint = spy
+        session.save_checkpoint = spy
     elif mode == "phase":  # at the n-th progress phase (evaluation or training of some task)
         import clbench.engine.progress as progress
         calls, make = [0], progress.RunProgress.hooks_for
@@ -63,7 +65,7 @@ HURT = textwrap.dedent("""
         progress.RunProgress.hooks_for = hooks_for
     elif mode.startswith(("before:", "after:")):  # around the n-th atomic JSON write of a file
         when, name = mode.split(":")
-        write, calls = runner.atomic_write_json, [0]
+        write, calls = session.atomic_write_json, [0]
         def spy(path, data):
             hit = path.name == name and calls[0] + 1 == n
             calls[0] += path.name == name
@@ -73,7 +75,7 @@ HURT = textwrap.dedent("""
             if hit and when == "after":
                 os.kill(os.getpid(), sig)
         import clbench.engine.rundir as rundir  # the run folder's first and last records (both runners)
-        runner.atomic_write_json = rundir.atomic_write_json = spy
+        session.atomic_write_json = rundir.atomic_write_json = spy
     from clbench.cli.app import main
     sys.exit(main(sys.argv[4:]))
 """)
@@ -302,7 +304,7 @@ def test_complete_run_left_with_a_checkpoint_lock_and_temporaries_is_tidied(comp
 def test_a_finished_method_releases_its_lock_before_the_next_starts(tmp_path: Path, monkeypatch) -> None:
     cfg = build_config("smoke", {"pretrained": "none"}, ["data.num_tasks=2"], ["zeroshot", "lora"])
     seen_locks: list[bool] = []
-    save = runner.save_checkpoint
+    save = session.save_checkpoint
 
     def spy(path: Path, ckpt: Checkpoint) -> None:
         save(path, ckpt)
@@ -310,7 +312,7 @@ def test_a_finished_method_releases_its_lock_before_the_next_starts(tmp_path: Pa
             seen_locks.append((run_folder(tmp_path, "zeroshot") / LOCK_NAME).exists())
             raise Interrupt  # stands for a kill during the second method
 
-    monkeypatch.setattr(runner, "save_checkpoint", spy)
+    monkeypatch.setattr(session, "save_checkpoint", spy)
     with pytest.raises(Interrupt):
         runner.run_methods(cfg, ["zeroshot", "lora"], tmp_path, notify=lambda msg: None)
     assert seen_locks == [False]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import clbench.engine.runner as runner
+import clbench.engine.session as session
 from clbench.cli.app import main
 from clbench.config import TrainConfig, build_config
 from clbench.engine.harness import make_loader_factory
@@ -62,12 +63,13 @@ KILLER = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[1]))
     import clbench.engine.runner as runner
-    kill_after, save = int(sys.argv[2]), runner.save_checkpoint
+    import clbench.engine.session as session
+    kill_after, save = int(sys.argv[2]), session.save_checkpoint
     def save_then_die(path, ckpt):
         save(path, ckpt)
         if ckpt.completed == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-    runner.save_checkpoint = save_then_die
+    session.save_checkpoint = save_then_die
     from clbench.cli.app import main
     sys.exit(main(sys.argv[3:]))
 """)
@@ -107,7 +109,7 @@ class Interrupt(BaseException):
 def record_checkpoints(monkeypatch, stop_after: int | None = None) -> list[Checkpoint]:
     """Keep every checkpoint the runner writes; optionally interrupt after the one of ``stop_after`` tasks."""
     seen: list[Checkpoint] = []
-    save = runner.save_checkpoint
+    save = session.save_checkpoint
 
     def spy(path: Path, ckpt: Checkpoint) -> None:
         save(path, ckpt)
@@ -115,7 +117,7 @@ def record_checkpoints(monkeypatch, stop_after: int | None = None) -> list[Check
         if ckpt.completed == stop_after:
             raise Interrupt
 
-    monkeypatch.setattr(runner, "save_checkpoint", spy)
+    monkeypatch.setattr(session, "save_checkpoint", spy)
     return seen
 
 

@@ -229,18 +229,19 @@ def test_the_static_guard_sees_unsafe_calls() -> None:
 
 def test_an_interrupted_run_folder_holds_only_json_csv_and_safetensors(tmp_path: Path, monkeypatch) -> None:
     import clbench.engine.runner as runner
+    import clbench.engine.session as session
     from clbench.config import build_config
 
     class Stop(BaseException):
         pass
 
-    save = runner.save_checkpoint
+    save = session.save_checkpoint
 
     def save_then_stop(path: Path, ckpt: Checkpoint) -> None:
         save(path, ckpt)
         raise Stop
 
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(session, "save_checkpoint", save_then_stop)
     cfg = build_config("smoke", {"pretrained": "none"}, ["data.num_tasks=2"], ["keeplora+"])
     with pytest.raises(Stop):
         runner.run_methods(cfg, ["keeplora+"], tmp_path, notify=lambda msg: None)
