@@ -50,10 +50,11 @@ def profile(
     names = _split(methods)
     if not names:
         raise UserError("--methods is empty; name at least one method, e.g. --methods keeplora,inflora")
-    if backbone.startswith("llava"):  # the MCIT setting: KeepLoRA's LLaVA-form linear algebra on random weights
-        from clbench.mcit.cli import profile_command
+    from clbench.settings import setting_for_profile
 
-        profile_command(backbone, names, set_ or [], seed, device, out, layers, svd_max_dim)
+    other = setting_for_profile(backbone)  # e.g. a LLaVA shape: KeepLoRA's LLaVA-form linear algebra
+    if other is not None:
+        other.profile(backbone, names, set_ or [], seed, device, out, layers, svd_max_dim)
         return
     if layers is not None or svd_max_dim is not None:
         raise UserError("--layers and --svd-max-dim apply to LLaVA shapes (--backbone llava-1.5-7b); drop them")

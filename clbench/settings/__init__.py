@@ -15,7 +15,7 @@ from clbench.settings.mcit import MCIT
 SETTINGS: tuple[Setting, ...] = (CLIP, MCIT)  # the first is the default (``--benchmark`` default, ``--setting``)
 
 __all__ = ["SETTINGS", "RunOptions", "Setting", "SweepOptions", "SweepPlan", "all_benchmarks", "get_setting",
-           "setting_for_benchmark", "setting_names"]
+           "setting_for_benchmark", "setting_for_profile", "setting_names"]
 
 
 def all_benchmarks() -> list[str]:
@@ -33,6 +33,12 @@ def setting_for_benchmark(benchmark: str) -> Setting:
         if benchmark in setting.benchmarks:
             return setting
     raise UserError(f"--benchmark {benchmark!r} is unknown; use one of {', '.join(all_benchmarks())}")
+
+
+def setting_for_profile(backbone: str) -> Setting | None:
+    """The setting other than the default whose ``clbench profile`` shapes include ``backbone`` (``None``: the
+    default setting's, an open_clip model)."""
+    return next((s for s in SETTINGS[1:] if s.profiles(backbone)), None)
 
 
 def get_setting(name: str) -> Setting:

@@ -152,6 +152,16 @@ class Setting:
         """``clbench data check``: a table of the benchmark's tasks on disk; one line (exit 2) if one is unusable."""
         raise NotImplementedError
 
+    # ---- cost profile ------------------------------------------------------------------------------------------
+    def profiles(self, backbone: str) -> bool:
+        """Whether ``clbench profile --backbone BACKBONE`` is this setting's (the first setting is the default)."""
+        return False
+
+    def profile(self, backbone: str, methods: list[str], sets: list[str], seed: int, device: str,
+                out: Path | None, layers: int | None, svd_max_dim: int | None) -> None:
+        """``clbench profile`` on this setting's backbone shapes."""
+        raise NotImplementedError
+
     @property
     def layout(self):
         """What a complete run folder of this setting holds (:class:`clbench.storage.results.ResultLayout`)."""

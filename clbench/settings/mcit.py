@@ -7,6 +7,8 @@ tokenizers) and a command of this setting without it ends in one line naming ``p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from clbench.errors import UserError
 from clbench.mcit import BENCHMARKS, LAYOUT
 from clbench.settings.base import RunOptions, Setting, SweepOptions, SweepPlan
@@ -80,6 +82,15 @@ class McitSetting(Setting):
         return SweepPlan(specs, out_dir,
                          lambda: mcit_sweep.prepare_backbone(options.backbone, options.preset, options.quiet),
                          self.metric_columns())
+
+    def profiles(self, backbone: str) -> bool:
+        return backbone.startswith("llava")  # the LLaVA shapes of clbench.mcit.costs.SHAPES (an unknown one: one line)
+
+    def profile(self, backbone: str, methods: list[str], sets: list[str], seed: int, device: str,
+                out: Path | None, layers: int | None, svd_max_dim: int | None) -> None:
+        from clbench.mcit.cli import profile_command
+
+        profile_command(backbone, methods, sets, seed, device, out, layers, svd_max_dim)
 
     def data_check(self, data_root: str, benchmark: str, allow_incomplete: bool, console) -> None:
         from clbench.datasets.mtil import resolve_data_root
