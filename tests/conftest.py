@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# Test modules share helpers across folders (``from test_resume import KILLER``): every folder of tests/ is on the
+# path, so a selection of folders (``pytest tests/storage``) imports them as the whole suite does.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name.isidentifier()):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 
 @pytest.fixture
