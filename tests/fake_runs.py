@@ -1,5 +1,6 @@
 """Synthetic run folders for report tests, written by the real writer (:func:`clbench.engine.runner.write_results`)
-with the same config.json / manifest.json layout as :func:`clbench.engine.runner._run_one`."""
+with the same config.json / manifest.json layout as :func:`clbench.engine.session.execute` (with
+:class:`clbench.engine.runner.ClipRunJob`)."""
 
 from __future__ import annotations
 
