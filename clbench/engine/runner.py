@@ -55,8 +55,6 @@ from clbench.storage.results import (
     run_dir,
 )
 
-MethodOutcome = RunOutcome  # how one method's run ended (the engine's record, shared by every setting)
-
 
 def build_benchmark(cfg: RunConfig, spec: ImageSpec) -> Benchmark:
     """The task sequence named by ``cfg.benchmark`` in ``cfg.order``."""
@@ -120,7 +118,7 @@ def run_methods(
     allow_torchscript: bool = False,
     notify: Callable[[str], None] | None = None,
     allow_download: bool = False,
-) -> list[MethodOutcome]:
+) -> list[RunOutcome]:
     """Run every method in ``methods`` on the configured benchmark; one results directory each.
 
     Everything is checked before anything is written: method names, hyperparameter ranges (adapter ranks
@@ -156,8 +154,8 @@ def run_methods(
              for name in methods]
     if cfg.benchmark == "synthetic":
         notes.insert(0, "no MTIL data configured: running the embedded default (synthetic sequence)")
-    jobs = [ClipRunJob(cfg, plan, base_model, benchmark, device, hooks_for(plan.name) if hooks_for else Hooks(),
-                       notify) for plan in plans]
+    jobs = [ClipRunJob(cfg, plan, base_model, benchmark, device, hooks_for(plan.name) if hooks_for else Hooks())
+            for plan in plans]
     return run_jobs(jobs, notify, notes)
 
 
@@ -262,10 +260,10 @@ class ClipRunJob(RunJob):
     stale = STALE
 
     def __init__(self, cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Benchmark,
-                 device: torch.device, hooks: Hooks, notify: Callable[[str], None]) -> None:
+                 device: torch.device, hooks: Hooks) -> None:
         super().__init__(plan)
         self.cfg, self.base_model, self.benchmark, self.device = cfg, base_model, benchmark, device
-        self.hooks, self.notify = hooks, notify
+        self.hooks = hooks
         self.result: SequenceResult | None = None
 
     def checkpoint_checks(self) -> dict:

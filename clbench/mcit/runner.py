@@ -46,9 +46,6 @@ PRESETS = {name: load_preset(name, "mcit") for name in list_presets("mcit")}
 SETTING = "MCIT setting"  # how the one-line errors name it
 
 
-McitOutcome = RunOutcome  # how one method's run ended (the engine's record, shared by every setting)
-
-
 @dataclass
 class DataSizes:
     """The size of each synthetic-mcit task (``--set data.n_train=...``); the real benchmarks use their files."""
@@ -123,7 +120,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
              backbone: str = "tiny", data_root: str = "", device: str = "cpu", sets: list[str] | None = None,
              notify: Callable[[str], None] = print,
              on_task: Callable[[str, int, str, list[float]], None] | None = None,
-             resume: bool | str = False, folder: str | None = None) -> list[McitOutcome]:
+             resume: bool | str = False, folder: str | None = None) -> list[RunOutcome]:
     """Run every method over the benchmark's sequence from the same base model; one results folder each.
 
     Every run folder is locked while it runs and checkpointed after every task; ``resume`` continues each run
