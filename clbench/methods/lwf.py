@@ -46,6 +46,11 @@ copies them, so it rebuilds the same teacher (never the original model). LwF-VR 
 sets to a function of (run seed, task) just before ``before_task``, so a resumed run draws the same batches.
 ``state_bytes``: the teacher copy and its text embeddings (and the VR token ids). Cost centre:
 ``reference_forward`` (the teacher's forwards).
+
+Speed, not math: the teacher is frozen for a task and the reference images are read without augmentation, so
+``f_t`` of an image is the same at every draw; it is encoded the first time the image is drawn in a task and
+served from memory after that (:class:`clbench.methods.zscl.FeatureMemo`; the code re-encodes every draw). A
+reference split without a test transform to swap in is read as it is and re-encoded every draw.
 """
 
 from __future__ import annotations
@@ -63,7 +68,14 @@ from clbench.methods.base import Method, TaskContext
 from clbench.methods.recipes import RecipeCard, code, harness
 from clbench.methods.registry import register_method
 from clbench.methods.state_checks import StateMismatch, check_like_fresh, tensor_entry
-from clbench.methods.zscl import ZSCL_TRAINING, ReferenceImages, distillation, parse_lr_overrides
+from clbench.methods.zscl import (
+    REF_FEATURE_MEMO_BYTES,
+    ZSCL_TRAINING,
+    FeatureMemo,
+    ReferenceImages,
+    distillation,
+    parse_lr_overrides,
+)
 from clbench.models.clip import ClipModel
 
 
@@ -93,17 +105,19 @@ def frozen_copy(model: ClipModel) -> ClipModel:
     return teacher
 
 
-def reference_view(task) -> Dataset | Tensor:
+def reference_view(task) -> tuple[Dataset | Tensor, bool]:
     """The task's training split read with its test transform (the code's reference dataset: the current task
-    built with ``test_preprocess``); in-memory splits (no transform) as one image tensor."""
+    built with ``test_preprocess``); in-memory splits (no transform) as one image tensor. The flag says whether an
+    image reads the same at every draw (a tensor, or the test transform: no augmentation), so its teacher features
+    may be memoised; a split without a transform to swap is read as it is, and not memoised."""
     train, test = task.train, task.test
     if isinstance(train, TensorDataset):
-        return train.tensors[0]
+        return train.tensors[0], True
     if hasattr(train, "transform") and hasattr(test, "transform"):
         view = copy.copy(train)
         view.transform = test.transform
-        return view
-    return train
+        return view, True
+    return train, False
 
 
 def vocabulary_size(model: ClipModel) -> int:
@@ -145,6 +159,7 @@ class LwF(Method):
         super().__init__(model, hparams, profiler)
         self.teacher: ClipModel | None = None
         self.ref_images: ReferenceImages | None = None
+        self.ref_features: FeatureMemo | None = None  # f_t of the reference images seen in this task
         self.ref_text: Tensor | None = None  # e_t: the teacher's embeddings of the reference texts
         self.task_name = ""
 
@@ -170,10 +185,12 @@ class LwF(Method):
         self.teacher = frozen_copy(self.model)
         with torch.no_grad(), self.profiler.section("reference_forward"):
             self.ref_text = self.teacher.encode_text(self.reference_tokens(task).to(self.model.device))
-        data = reference_view(task.task)
+        data, fixed = reference_view(task.task)
         workers = 0 if isinstance(data, Tensor) else hp.ref_workers
         # batch size 0 = that of the task's first training batch (set at the first step, before the first draw)
         self.ref_images = ReferenceImages(data, hp.ref_batch_size, torch.initial_seed(), workers)
+        # the teacher is frozen for the task: an image read without augmentation has the same f_t at every draw
+        self.ref_features = FeatureMemo(len(self.ref_images), REF_FEATURE_MEMO_BYTES if fixed else 0)
 
     def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
         """The full encoders; a per-dataset learning rate goes in as the group's ``lr``."""
@@ -189,31 +206,32 @@ class LwF(Method):
             return F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
         # the task batch and the reference batch in one pass of the student's image encoder (the same features as
         # two passes; one call is cheaper on small batches)
-        ref = self.reference_batch(len(images))
+        rows, ref = self.reference_batch(len(images))
         features = self.model.encode_image(torch.cat([images, ref]))
         logits = self.model.logit_scale() * features[: len(images)] @ text.T
         total = F.cross_entropy(logits, labels, label_smoothing=hp.label_smoothing)
-        img_loss, txt_loss = self.distillation_terms(ref, features[len(images) :])
+        img_loss, txt_loss = self.distillation_terms(rows, ref, features[len(images) :])
         return total + hp.image_loss * img_loss + hp.text_loss * txt_loss
 
-    def reference_batch(self, batch_size: int) -> Tensor:
-        """The next batch of the reference stream, on the model's device."""
+    def reference_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The next batch of the reference stream as ``(indices into the set, images on the model's device)``."""
         if self.teacher is None or self.ref_images is None or self.ref_text is None:
             raise RuntimeError(f"{self.name}: before_task() must run before training (it builds the teacher)")
         if not self.ref_images.batch_size:
             self.ref_images.batch_size = batch_size
-        return self.ref_images.next().to(self.model.device, non_blocking=True)
+        rows, images = self.ref_images.next_indexed()
+        return rows, images.to(self.model.device, non_blocking=True)
 
     def distillation_losses(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """``(D(S_t, S_s), D(S_tᵀ, S_sᵀ))`` on the next reference batch (see the module docstring)."""
-        images = self.reference_batch(batch_size)
-        return self.distillation_terms(images, self.model.encode_image(images))
+        rows, images = self.reference_batch(batch_size)
+        return self.distillation_terms(rows, images, self.model.encode_image(images))
 
-    def distillation_terms(self, images: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
-        """The two terms on reference ``images``, whose student image features are ``f_s``."""
+    def distillation_terms(self, rows: Tensor, images: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
+        """The two terms on reference ``images`` (rows ``rows`` of the set), whose student features are ``f_s``."""
         scale = self.teacher.logit_scale()
         with torch.no_grad(), self.profiler.section("reference_forward"):
-            f_t = self.teacher.encode_image(images)
+            f_t = self.ref_features(rows, images, self.teacher.encode_image)
         s_t, s_s = scale * f_t @ self.ref_text.T, scale * f_s @ self.ref_text.T
         T = self.hparams.temperature
         return distillation(s_t, s_s, T), distillation(s_t.T, s_s.T, T)

@@ -24,7 +24,10 @@ pool of ``experts`` (22) bottleneck adapters in parallel to its MLP, and one rou
   for all later tasks (the frozen set is the union over tasks); the current task's router may still select
   them [code ``src/models/finetune.py``, ``frozen_list``].
 - Training objective: CE with label smoothing 0.2 on the current task's classes, image and text features both
-  through the current task's router [code].
+  through the current task's router [code]. An expert that no sample of a step chose gets no gradient in that
+  step, so AdamW neither decays nor moves it (the code drops the empty experts' outputs, and torch 2's
+  ``zero_grad`` leaves their gradients ``None``) [code]; clbench up to 0.1.0 gave it a zero gradient, on which
+  AdamW still stepped by its moments.
 
 DDAS (Distribution Discriminative Auto-Selector). After each task t an autoencoder
 ``AE_t(x) = σ(W₂ ReLU(W₁ x + b₁) + b₂)`` (code width 100) is trained with the MSE to reconstruct
@@ -203,30 +206,18 @@ def balance_loss(gating: Gating) -> Tensor:
     return cv_squared(gating.gates.sum(0)) + cv_squared(gating.load)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``table[index]`` along the first axis, whose backward sums each row's gradients with a one-hot matrix
-    product. Torch's own backward of ``table[index]`` accumulates with atomic float adds when the CPU runs more
-    than one thread, in an order that changes from run to run; that made two identical runs (and a resumed run)
-    differ in the last bits of the experts. A matrix product has a fixed summation order."""
+def select_experts(params: nn.ParameterList, chosen: list[int], shape: torch.Size) -> Tensor:
+    """``stack(params)[index]`` for the flat expert ids ``chosen`` of an index of ``shape``, stacked from the chosen
+    experts alone (one copy of each selected slot, not of the whole pool and then the slots).
 
-    @staticmethod
-    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = table.shape[0]
-        return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        flat = grad.reshape(index.numel(), -1)
-        with torch.autocast(grad.device.type, enabled=False):  # the sums in the gradient's dtype (no fp16 under amp)
-            onehot = F.one_hot(index.reshape(-1), ctx.rows).to(flat.dtype)
-            return (onehot.T @ flat).view(ctx.rows, *grad.shape[index.ndim:]), None
-
-
-def gather_rows(table: Tensor, index: Tensor) -> Tensor:
-    """``table[index]`` (index of any shape over the first axis) with a deterministic backward."""
-    return _GatherRows.apply(table, index)
+    Its backward hands each slot's gradient to its expert and autograd sums an expert's slots in a fixed order, so
+    two runs (and a resumed run) get the same bits with any thread count (torch's backward of ``W[idx]`` adds with
+    atomics across threads in an order that changes from run to run). An expert no sample chose gets no gradient
+    at all (``None``), so AdamW leaves it as it is for that step, as in the official code, whose dispatcher drops
+    the outputs of the experts that got no sample (``clip/model.py``) before torch 2's ``zero_grad`` (gradients
+    set to ``None``) and AdamW (which skips a parameter without a gradient)."""
+    table = list(params)
+    return torch.stack([table[i] for i in chosen]).view(*shape, *table[0].shape)
 
 
 class ExpertPool(nn.Module):
@@ -265,10 +256,11 @@ class ExpertPool(nn.Module):
     def experts_output(self, x: Tensor, gating: Gating, train: bool) -> Tensor:
         """``s · Σ_j w_j E_{i_j}(x)`` per sample (x: batch × tokens × width), only the selected experts run."""
         idx = gating.indices
-        down_w = gather_rows(torch.stack(list(self.down_w)), idx)  # (B, k, r, D)
-        down_b = gather_rows(torch.stack(list(self.down_b)), idx)  # (B, k, r)
-        up_w = gather_rows(torch.stack(list(self.up_w)), idx)      # (B, k, D, r)
-        up_b = gather_rows(torch.stack(list(self.up_b)), idx)      # (B, k, D)
+        chosen = idx.reshape(-1).tolist()
+        down_w = select_experts(self.down_w, chosen, idx.shape)  # (B, k, r, D)
+        down_b = select_experts(self.down_b, chosen, idx.shape)  # (B, k, r)
+        up_w = select_experts(self.up_w, chosen, idx.shape)      # (B, k, D, r)
+        up_b = select_experts(self.up_b, chosen, idx.shape)      # (B, k, D)
         h = torch.relu(torch.einsum("bld,bkrd->bklr", x, down_w) + down_b[:, :, None, :])
         h = F.dropout(h, p=self.hp.dropout, training=train)
         out = torch.einsum("bklr,bkdr->bkld", h, up_w) + up_b[:, :, None, :]

@@ -44,7 +44,10 @@ that group's peak). ``--preset paper`` sets both, with ZSCL's schedule: 1000 ite
 100 steps, then cosine decay to 0 (``train.schedule=cosine``, ``train.warmup_steps=100``;
 :mod:`clbench.engine.schedules`) [code].
 
-Cost centres: ``reference_forward`` (the frozen model's forwards: caption cache and reference images).
+Cost centres: ``reference_forward`` (the frozen model's forwards: caption cache and reference images). The
+reference model's features of a reference image are encoded the first time it is drawn in a task and served
+from memory after that (:class:`FeatureMemo`: the model is frozen and the images are read without augmentation,
+so they cannot change; the code re-encodes every draw; sets whose features would pass 512 MiB are re-encoded).
 State between tasks: the frozen reference model and the caption embeddings (``state_bytes``). Neither is
 saved by ``state_dict``: ``setup()`` rebuilds both from the pretrained weights (the runner calls it before
 restoring a checkpoint), and ``before_task`` refuses to start at a later task without it rather than take
@@ -268,7 +271,7 @@ class ReferenceImages:
         stop = n - n % size if self.drop_last and n >= size else n
         return [order[i : min(i + size, stop)] for i in range(0, stop, size)]
 
-    def _epoch(self) -> Iterator[Tensor]:
+    def _epoch(self) -> Iterator[tuple[Tensor, Tensor]]:
         """One pass. The iterator holds no reference to ``self``: dropping the stream frees its loader (and stops
         its workers) at once, never later in a process forked meanwhile."""
         batches = self._plan()
@@ -279,9 +282,15 @@ class ReferenceImages:
                                                        num_workers=self.workers,
                                                        persistent_workers=self.workers > 0)
         self._sampler.batches = batches
-        return (images for images, _ in self._loader)
+        return ((torch.tensor(batch, dtype=torch.long), images)
+                for batch, (images, _) in zip(batches, self._loader, strict=True))
 
     def next(self) -> Tensor:
+        """The next batch of images."""
+        return self.next_indexed()[1]
+
+    def next_indexed(self) -> tuple[Tensor, Tensor]:
+        """The next batch as ``(indices into the set, images)`` (the indices key a :class:`FeatureMemo`)."""
         for _ in range(2):
             if self._it is None:
                 self._it = self._epoch()
@@ -292,9 +301,55 @@ class ReferenceImages:
         raise RuntimeError("the reference image set is empty")
 
 
-def _rows(data: Tensor, batches: list[list[int]]) -> Iterator[Tensor]:
+def _rows(data: Tensor, batches: list[list[int]]) -> Iterator[tuple[Tensor, Tensor]]:
     for batch in batches:
-        yield data[batch]
+        yield torch.tensor(batch, dtype=torch.long), data[batch]
+
+
+REF_FEATURE_MEMO_BYTES = 512 * 2**20  # a frozen model's features of a reference set up to this size are memoised
+
+
+class FeatureMemo:
+    """A frozen encoder's features of a fixed reference image set, each image encoded the first time it is drawn
+    and served from memory after that.
+
+    Exact reuse, not an approximation: while the memo lives the encoder is frozen and the images are read without
+    augmentation (the reference sets are read with the test transform), so an image's features cannot change. The
+    owner clears it whenever either may change (every task, which also keeps a resumed run's draws identical). A
+    set whose table would pass ``max_bytes`` is not memoised: every draw is encoded, as the official code does.
+    ``encoded`` counts the images that went through the encoder (what a test checks)."""
+
+    def __init__(self, size: int, max_bytes: int = REF_FEATURE_MEMO_BYTES) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self.table: Tensor | None = None
+        self.known: Tensor | None = None
+        self.too_large = False
+        self.encoded = 0
+
+    def clear(self) -> None:
+        """Forget every stored feature (the encoder or the images are about to change)."""
+        self.table, self.known, self.too_large = None, None, False
+
+    def __call__(self, indices: Tensor, images: Tensor, encode) -> Tensor:
+        """The features of ``images`` (the set's rows ``indices``, no repeats), encoding only those not seen yet."""
+        if self.table is None or self.known is None:
+            features = encode(images)
+            self.encoded += len(images)
+            if self.too_large or self.size * features[0].numel() * features.element_size() > self.max_bytes:
+                self.too_large = True
+                return features
+            self.table = features.new_zeros((self.size, *features.shape[1:]))
+            self.known = torch.zeros(self.size, dtype=torch.bool)
+            self.table[indices.to(features.device)] = features
+            self.known[indices] = True
+            return features
+        new = ~self.known[indices]
+        if bool(new.any()):
+            fresh = indices[new]
+            self.table[fresh.to(self.table.device)] = encode(images[new.to(images.device)])
+            self.known[fresh] = True
+            self.encoded += int(new.sum())
+        return self.table[indices.to(self.table.device)]
 
 
 def _decoded_bytes(data: torch.utils.data.Dataset) -> int:
@@ -343,6 +398,7 @@ class ZSCL(Method):
         super().__init__(model, hparams, profiler)
         self.reference: ClipModel | None = None
         self.ref_images: ReferenceImages | None = None
+        self.ref_features: FeatureMemo | None = None  # f_ref of the reference images seen in this task
         self.captions: list[str] = []
         self.caption_tokens: Tensor | None = None
         self.ref_text: Tensor | None = None  # e_ref: reference-model embeddings of every caption
@@ -390,6 +446,7 @@ class ZSCL(Method):
         else:
             images, self.captions = embedded_reference(model, hp.ref_image_count, hp.ref_caption_count, seed)
         self.ref_images = ReferenceImages(images, hp.ref_batch_size or 64, seed, reference_workers(hp.ref_workers))
+        self.ref_features = FeatureMemo(len(self.ref_images))
         self.caption_tokens = model.tokenize(self.captions)
         self.ref_text = None
         self.encode_reference_text()
@@ -423,6 +480,7 @@ class ZSCL(Method):
         # what a task draws depends on (ref_seed, task) only, so a resumed run draws the same batches
         seed = self.hparams.ref_seed * 1_000 + task.index
         self.ref_images.reseed(seed)
+        self.ref_features.clear()  # per task, so a resumed task encodes exactly what the uninterrupted one did
         self._caption_gen.manual_seed(seed + 1)
         self.start = [p.detach().clone() for p in self.params()]
         self.ensemble = [p.detach().clone() for p in self.params()]
@@ -449,15 +507,16 @@ class ZSCL(Method):
     def distillation_losses(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """``(L_img, L_txt)`` on one batch of reference images and the reference captions."""
         hp, ref, model = self.hparams, self._reference(), self.model
-        if self.ref_images is None:
+        if self.ref_images is None or self.ref_features is None:
             raise RuntimeError("ZSCL.setup() must run before training (it loads the reference data)")
         if not hp.ref_batch_size:
             self.ref_images.batch_size = batch_size
-        images = self.ref_images.next().to(model.device, non_blocking=True)
+        rows, images = self.ref_images.next_indexed()
+        images = images.to(model.device, non_blocking=True)
         e_ref = self.encode_reference_text()
         scale = ref.logit_scale()
         with torch.no_grad(), self.profiler.section("reference_forward"):
-            f_ref = ref.encode_image(images)
+            f_ref = self.ref_features(rows, images, ref.encode_image)
         f_cur = model.encode_image(images)
         if hp.text_distill == "official":
             s_ref, s_cur = scale * f_ref @ e_ref.T, scale * f_cur @ e_ref.T

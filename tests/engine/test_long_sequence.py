@@ -17,6 +17,7 @@ import torch
 
 import clbench.engine.harness as harness
 import clbench.engine.runner as runner
+import clbench.engine.session as session
 from clbench.config import build_config
 from clbench.storage.checkpoint import Checkpoint
 
@@ -56,7 +57,7 @@ def test_fifty_tasks_keep_bases_orthonormal_and_bounded(tmp_path: Path, monkeypa
     def no_eval(method_, benchmark, trained, *args, **kwargs) -> list[float]:
         return [0.0] * len(benchmark.tasks)
 
-    monkeypatch.setattr(runner, "save_checkpoint", check)
+    monkeypatch.setattr(session, "save_checkpoint", check)
     monkeypatch.setattr(harness, "evaluate", no_eval)
     both = ["inflora.encoders=vision,text"] if method == "inflora" else []  # InfLoRA's default is vision only
     cfg = build_config("smoke", {"pretrained": "none"}, [*SETTINGS, f"{method}.rank=2", *both], [method])

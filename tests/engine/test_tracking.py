@@ -45,6 +45,9 @@ def test_wandb_offline_run_holds_the_summary(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is clbench's default, not the environment's
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = _run(tmp_path, "wandb")
+    import wandb
+
+    wandb.teardown()  # the record stream is written by W&B's service process: wait for it to flush and exit
     run = out / "synthetic-order1" / "lora" / "seed0"
     (offline,) = (out / "tracking" / "wandb").glob("offline-run-*")
     (matrix_file,) = offline.glob("files/media/table/accuracy_matrix_2_*.table.json")  # logged at step 2
@@ -58,7 +61,9 @@ def test_wandb_offline_run_holds_the_summary(tmp_path: Path, monkeypatch) -> Non
     assert sections == list(dict.fromkeys(pd.read_csv(run / "profile.csv")["section"]))
     (history,) = offline.glob("run-*.wandb")
     data = history.read_bytes()  # the offline record stream: the scalars' keys are stored verbatim
-    assert all(key.encode() in data for key in ("metrics/transfer", "metrics/last", "accuracy/mean_over_trained"))
+    missing = [key for key in ("metrics/transfer", "metrics/last", "accuracy/mean_over_trained")
+               if key.encode() not in data]
+    assert not missing, missing
 
 
 def test_off_by_default(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from clbench.errors import UserError
 from clbench.methods.base import TaskContext
 from clbench.methods.lwf import LwF, LwFHparams, LwFVR, LwFVRHparams, reference_view
 from clbench.methods.state_checks import StateMismatch
+from clbench.methods.zscl import FeatureMemo
 from clbench.models.clip import ClipModel
 
 PER_CLASS = 6
@@ -150,8 +151,38 @@ def test_reference_view_reads_the_training_split_with_the_test_transform() -> No
 
     train, test = View("train crop"), View("test resize")
     task = Task("X", ["a"], ["{}"], train, test)
-    view = reference_view(task)
+    view, fixed = reference_view(task)
     assert view.transform == "test resize" and view.items is train.items and train.transform == "train crop"
+    assert fixed  # read with the test transform: the teacher's features of an image may be memoised
+
+
+def test_teacher_features_are_encoded_once_per_image_and_task_and_equal_fresh_ones(tiny_model: ClipModel) -> None:
+    """Two passes over each task's 18 images in batches of 6: the teacher encodes each image once a task, the new
+    task's teacher (new weights) encodes them again, and the terms equal a twin's that re-encodes every draw."""
+    method = LwF(tiny_model, LwFHparams(ref_batch_size=6), Profiler())
+    twin = LwF(copy.deepcopy(tiny_model), LwFHparams(ref_batch_size=6), Profiler())
+    method.setup()
+    twin.setup()
+    for index, task in enumerate([_task("A"), _task("B", seed=1)]):
+        ctx = _ctx(task, index)
+        for m in (method, twin):
+            torch.manual_seed(11 + index)  # the reference stream's seed: both draw the same batches
+            m.before_task(ctx)
+        twin.ref_features = FeatureMemo(len(twin.ref_images), max_bytes=0)
+        encoded: list[int] = []
+        real = method.teacher.encode_image
+        def counted(images, encoded=encoded, real=real):
+            encoded.append(len(images))
+            return real(images)
+
+        method.teacher.encode_image = counted
+        for m in (method.model, twin.model):
+            _perturb(m, seed=index)  # the same step for both students: the terms are not zero
+        for _ in range(6):
+            got, expected = method.distillation_losses(6), twin.distillation_losses(6)
+            for g, e in zip(got, expected, strict=True):
+                assert float(e.detach()) > 1e-5 and float(g.detach()) == pytest.approx(float(e.detach()), rel=1e-4)
+        assert sum(encoded) == 3 * PER_CLASS
 
 
 def test_lr_overrides_become_the_group_rate(tiny_model: ClipModel) -> None:

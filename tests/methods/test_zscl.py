@@ -3,6 +3,7 @@ reference captions are encoded once, reference data are required off the embedde
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from clbench.errors import UserError
 from clbench.methods.base import TaskContext
 from clbench.methods.zscl import (
     ZSCL,
+    FeatureMemo,
     ZSCLHparams,
     distillation,
     parse_lr_overrides,
@@ -134,6 +136,63 @@ def test_reference_text_embeddings_are_encoded_once(tiny_model: ClipModel, monke
         method.after_task(ctx)
     assert sum(encoded_by_reference) == len(method.captions)  # every caption once, in setup, never again
     assert method.text_encodings == 1
+
+
+def test_reference_image_features_are_encoded_once_per_image_and_task(tiny_model: ClipModel, monkeypatch) -> None:
+    """48 reference images drawn in batches of 16 for 6 steps a task (two passes): the frozen model encodes each
+    image once in a task and again in the next (the memo is cleared per task), and the distillation terms equal
+    those of a twin that re-encodes every draw (its memo holds nothing)."""
+    rows_by_reference: list[int] = []
+    real = ClipModel.encode_image
+
+    def counting(self: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        if self is method.reference:
+            rows_by_reference.append(len(images))
+        return real(self, images)
+
+    student = copy.deepcopy(tiny_model)
+    method = _method(student)
+    method.setup()  # the reference: the weights now
+    with torch.no_grad():  # then the student moves away from it, so the terms are not zero
+        gen = torch.Generator().manual_seed(7)
+        for p in student.clip.visual.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    twin = _method(copy.deepcopy(student))
+    twin.setup()
+    twin.reference.load_state_dict(method.reference.state_dict())
+    monkeypatch.setattr(ClipModel, "encode_image", counting)
+    for index in range(2):
+        ctx = _ctx(_task("AB"[index], seed=index), index, steps=6)
+        method.before_task(ctx)
+        twin.before_task(ctx)
+        twin.ref_features = FeatureMemo(len(twin.ref_images), max_bytes=0)
+        for _ in range(6):
+            got, expected = method.distillation_losses(16), twin.distillation_losses(16)
+            for g, e in zip(got, expected, strict=True):
+                assert float(e.detach()) > 1e-4 and float(g.detach()) == pytest.approx(float(e.detach()), rel=1e-4)
+        assert sum(rows_by_reference) == 48 * (index + 1)
+
+
+def test_feature_memo_encodes_each_row_once_and_returns_its_features() -> None:
+    table = torch.arange(20.0).reshape(10, 2)
+    calls: list[int] = []
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return images * 2
+
+    memo = FeatureMemo(10)
+    for rows in ([3, 1, 4], [1, 5, 9], [2, 6, 5], [3, 5, 8]):
+        index = torch.tensor(rows)
+        assert torch.equal(memo(index, table[index], encode), table[index] * 2)
+    assert calls == [3, 2, 2, 1]  # only rows not seen before: 3,1,4 / 5,9 / 2,6 / 8
+    memo.clear()
+    index = torch.tensor([3, 1])
+    assert torch.equal(memo(index, table[index], encode), table[index] * 2) and calls[-1] == 2
+    small = FeatureMemo(10, max_bytes=10 * 2 * 4 - 1)  # one byte short of the table: every draw is encoded
+    for _ in range(2):
+        assert torch.equal(small(index, table[index], encode), table[index] * 2)
+    assert calls[-2:] == [2, 2] and small.table is None
 
 
 def test_reference_model_is_the_frozen_original(tiny_model: ClipModel) -> None:
@@ -312,7 +371,7 @@ def test_loss_is_ce_plus_the_distillations_and_the_weight_constraint_re_derived(
     for p in tiny_model.encoder_parameters():
         p.requires_grad_(True)
     ref_batch = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    method.ref_images.next = lambda: ref_batch
+    method.ref_images.next_indexed = lambda: (torch.arange(6), ref_batch)
     images, labels = second_task.train.tensors[0][:8], second_task.train.tensors[1][:8]
     got = method.loss(images, labels, second)
 
