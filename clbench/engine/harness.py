@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from clbench.config import TrainConfig
 from clbench.costs.profiler import Profiler
 from clbench.datasets.base import Benchmark, Task, union_spans
+from clbench.engine.loop import Hooks, TaskSteps, run_tasks
 from clbench.engine.schedules import build_scheduler
 from clbench.errors import RecordedFailure
 from clbench.methods.base import Method, TaskContext
@@ -41,15 +42,6 @@ class DivergenceError(RecordedFailure, RuntimeError):
 
     def record(self) -> dict:
         return {"failed_task": self.task, "failed_step": self.step}
-
-
-@dataclass
-class Hooks:
-    """Callbacks for progress display and for saving after each task (resume)."""
-
-    on_phase: Callable[[str, int], None] = lambda name, total: None
-    on_advance: Callable[[int], None] = lambda n: None
-    on_row: Callable[[int, list[float]], None] = lambda task, row: None
 
 
 @dataclass
@@ -287,6 +279,59 @@ def steps_for(task: Task, train: TrainConfig, index: int) -> int:
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
+class ClipSteps(TaskSteps):
+    """The CLIP setting's steps of the task loop (:func:`clbench.engine.loop.run_tasks`): the zero-shot row, the
+    per-task seeding and loaders, the shared training loop, and one accuracy row per task under ``eval_rule``;
+    ``--precision amp`` on CUDA reaches the methods' own passes in ``before_task`` / ``after_task``."""
+
+    def __init__(self, method: Method, benchmark: Benchmark, train: TrainConfig, profiler: Profiler,
+                 device: torch.device, seed: int, prompt_policy: str, precision: str, hooks: Hooks | None,
+                 result: SequenceResult | None, eval_rule: str) -> None:
+        super().__init__(method, profiler, hooks, benchmark.task_names)
+        self.benchmark, self.train_cfg, self.device, self.seed = benchmark, train, device, seed
+        self.prompt_policy, self.precision, self.eval_rule = prompt_policy, precision, eval_rule
+        self.result = result
+        self.make_loader = make_loader_factory(train, device, seed)
+        use_amp = precision == "amp" and device.type == "cuda"
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.float16, enabled=use_amp)
+
+    def _row(self, trained: int) -> tuple[list[float], list[float] | None]:
+        return evaluate_row(self.method, self.benchmark, trained, self.train_cfg, self.prompt_policy, self.device,
+                            self.hooks, self.autocast, self.eval_rule)
+
+    def evaluate_base(self) -> None:
+        zeroshot, recall = self._row(0)
+        self.result = SequenceResult(self.benchmark.task_names, zeroshot, zeroshot_recall=recall)
+
+    def context(self, index: int) -> TaskContext:
+        """Reseeds torch's global generator with ``seed * 1000 + index`` and the loaders with :func:`loader_seed`,
+        so what a task draws does not depend on the tasks before it."""
+        task = self.benchmark.tasks[index]
+        torch.manual_seed(self.seed * 1_000 + index)
+        self.make_loader.start_task(index)
+        return TaskContext(index, task, len(self.benchmark.tasks), self.device, self.make_loader,
+                           steps_for(task, self.train_cfg, index),
+                           prompts=[p[0] for p in dataset_prompts(task, "first")])
+
+    def before_task(self, ctx: TaskContext) -> None:
+        with self.autocast():
+            self.method.before_task(ctx)
+
+    def train(self, index: int, ctx: TaskContext) -> None:
+        train_task(self.method, ctx, self.train_cfg, self.hooks, self.precision)
+
+    def after_task(self, ctx: TaskContext) -> None:
+        with self.autocast():
+            self.method.after_task(ctx)
+
+    def evaluate(self, index: int) -> list[float]:
+        row, recall = self._row(index + 1)
+        self.result.rows.append(row)
+        if recall is not None:
+            self.result.recall_rows.append(recall)
+        return row
+
+
 def run_sequence(
     method: Method,
     benchmark: Benchmark,
@@ -307,53 +352,12 @@ def run_sequence(
     To resume, pass the ``result`` so far and ``start_task`` = tasks already done (setup and the zero-shot
     evaluation are then skipped: the caller restored the method). ``on_task_end(index, result)`` runs after
     each task's row is added (the runner saves its checkpoint there). ``eval_rule`` is ``task`` or ``union``
-    (see the module docstring). Every task reseeds torch's global
-    generator with ``seed * 1000 + index`` and its loaders with :func:`loader_seed`, so what a task draws
-    does not depend on the tasks before it.
+    (see the module docstring). The loop itself is :func:`clbench.engine.loop.run_tasks`, the steps
+    :class:`ClipSteps`.
     """
-    hooks = hooks or Hooks()
     method.benchmark = benchmark.name
-    make_loader = make_loader_factory(train, device, seed)
-    num = len(benchmark.tasks)
-    use_amp = precision == "amp" and device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.float16, enabled=use_amp)
-
-    if result is None:
-        profiler.task = -1
-        with profiler.section("setup"):
-            method.setup()
-        hooks.on_phase("zero-shot eval", num)
-        with profiler.section("eval"):
-            zeroshot, zeroshot_recall = evaluate_row(method, benchmark, 0, train, prompt_policy, device, hooks,
-                                                     autocast, eval_rule)
-        result = SequenceResult(benchmark.task_names, zeroshot, zeroshot_recall=zeroshot_recall)
-    for index in range(start_task, num):
-        task = benchmark.tasks[index]
-        torch.manual_seed(seed * 1_000 + index)
-        make_loader.start_task(index)
-        profiler.task = index
-        ctx = TaskContext(index, task, num, device, make_loader, steps_for(task, train, index),
-                          prompts=[p[0] for p in dataset_prompts(task, "first")])
-        hooks.on_phase(f"prepare {task.name}", 0)
-        with autocast():  # --precision amp on CUDA reaches the methods' own passes (gradient, feature statistics)
-            method.before_task(ctx)
-        with profiler.section("train"):
-            train_task(method, ctx, train, hooks, precision)
-        hooks.on_phase(f"finish {task.name}", 0)
-        with autocast():
-            method.after_task(ctx)
-        for name, nbytes in method.state_bytes().items():
-            profiler.record_state(index, name, nbytes)
-        hooks.on_phase(f"eval after {task.name}", num)
-        with profiler.section("eval"):
-            row, recall = evaluate_row(method, benchmark, index + 1, train, prompt_policy, device, hooks, autocast,
-                                       eval_rule)
-        result.rows.append(row)
-        if recall is not None:
-            result.recall_rows.append(recall)
-        hooks.on_row(index, row)
-        if on_task_end is not None:
-            on_task_end(index, result)
-    return result
+    steps = ClipSteps(method, benchmark, train, profiler, device, seed, prompt_policy, precision, hooks, result,
+                      eval_rule)
+    run_tasks(steps, start_task, fresh=result is None,
+              on_task_end=None if on_task_end is None else (lambda index: on_task_end(index, steps.result)))
+    return steps.result
