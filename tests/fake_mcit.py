@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clbench.mcit.data import BENCHMARKS
+from clbench.settings.mcit.data import BENCHMARKS
 
 
 def write_fake(root: Path, benchmark: str, n_train: int = 3, n_test: int = 2) -> Path:

@@ -1,6 +1,6 @@
 """Run-folder bookkeeping, written once for every setting's runner (CLIP :mod:`clbench.engine.runner`, LLaVA
-:mod:`clbench.mcit.runner`): how a run starts (fresh, resumed after its last completed task, or done), the locks,
-the checkpoint's framing, and the manifest's ``running`` / ``complete`` / ``failed`` records.
+:mod:`clbench.settings.mcit.runner`): how a run starts (fresh, resumed after its last completed task, or done),
+the locks, the checkpoint's framing, and the manifest's ``running`` / ``complete`` / ``failed`` records.
 
 What stays in a setting: its model, its tasks, its loop, what its checkpoint's method part and result files hold.
 The file formats are the results contract of :mod:`clbench.storage.results` and :mod:`clbench.storage.checkpoint`

@@ -2,7 +2,7 @@
 
 A setting supplies a :class:`RunJob` per method (build its model and method, restore them from a checkpoint, run
 its task loop, write its result files); this module does the rest once for both settings (CLIP
-:mod:`clbench.engine.runner`, LLaVA :mod:`clbench.mcit.runner`):
+:mod:`clbench.engine.runner`, LLaVA :mod:`clbench.settings.mcit.runner`):
 
 - a run already complete is only tidied (a kill's checkpoint and temporaries removed);
 - a resumed run's checkpoint is loaded and checked against the plan, its manifest keeps what the stored one says

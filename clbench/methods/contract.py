@@ -2,7 +2,7 @@
 
 A setting's base class adds what only its loop calls: the CLIP setting's :class:`clbench.methods.base.Method`
 (losses over images and labels, evaluation features and logits, X-TAIL's union logits), the LLaVA setting's
-:class:`clbench.mcit.methods.McitMethod` (adapters on the language model's linears, a projector learning rate).
+:class:`clbench.settings.mcit.methods.McitMethod` (adapters on the language model's linears, a projector learning rate).
 The run engine (:mod:`clbench.engine`) needs no more than this contract to checkpoint, check and restore a method,
 so one resume path serves both settings. The split follows open_clip's ``task/base_task.py`` (one base, one task
 class per modality) and mammoth's ``ContinualModel`` (one model contract over many settings).

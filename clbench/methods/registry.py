@@ -1,8 +1,8 @@
 """Method registries: ``@register("name")`` next to the class it names (timm style).
 
 :class:`Registry` is the generic part, shared by the CLIP methods here and the LLaVA (MCIT) methods of
-:mod:`clbench.mcit.methods`; each setting keeps its own registry, so one name (``lora``, ``keeplora``) can name a
-method of the same family on either setting.
+:mod:`clbench.settings.mcit.methods`; each setting keeps its own registry, so one name (``lora``, ``keeplora``)
+can name a method of the same family on either setting.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ class SettingReport:
     build: Callable[..., Any]
 
 
-# Filled by each setting's report module when it is imported (clbench.mcit.report registers "mcit"; the report
+# Filled by each setting's report module when it is imported (clbench.settings.mcit.report registers "mcit"; the report
 # command imports it), so that reports never import a setting.
 SETTING_REPORTS: dict[str, SettingReport] = {}
 

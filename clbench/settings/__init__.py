@@ -10,7 +10,7 @@ from __future__ import annotations
 from clbench.errors import UserError
 from clbench.settings.base import RunOptions, Setting, SweepOptions, SweepPlan
 from clbench.settings.clip import CLIP
-from clbench.settings.mcit import MCIT
+from clbench.settings.mcit.setting import MCIT
 
 SETTINGS: tuple[Setting, ...] = (CLIP, MCIT)  # the first is the default (``--benchmark`` default, ``--setting``)
 

@@ -409,7 +409,7 @@ def _run(spec: RunSpec):
 
     if spec.error is not None:
         raise UserError(spec.error)
-    if spec.runner is not None:  # another setting's run (clbench.mcit.sweep.run_spec)
+    if spec.runner is not None:  # another setting's run (clbench.settings.mcit.sweep.run_spec)
         return spec.runner(spec, spec.staging / "out")
     cfg = build_config(spec.preset, dict(spec.options), list(spec.sets), [spec.method])
     rid = run_id(method_run_config(cfg, spec.method))

@@ -136,7 +136,7 @@ def recorded(monkeypatch, capsys):
     """Run ``clbench <args>`` with the runners replaced by recorders; returns (exit status, record, stderr)."""
     import clbench.cli.sweep as sweep_cli
     import clbench.engine.runner as runner
-    import clbench.mcit.runner as mcit_runner
+    import clbench.settings.mcit.runner as mcit_runner
 
     calls: list = []
 

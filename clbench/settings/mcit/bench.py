@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clbench.mcit import BENCHMARKS, data, synthetic
-from clbench.mcit.loop import McitTask
-from clbench.mcit.synthetic import Split
+from clbench.settings.mcit import BENCHMARKS, data, synthetic
+from clbench.settings.mcit.loop import McitTask
+from clbench.settings.mcit.synthetic import Split
 
 MCIT_BENCHMARKS = BENCHMARKS
 

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from clbench.cli.consoles import make_console
 from clbench.errors import UserError
-from clbench.mcit.bench import MCIT_BENCHMARKS
-from clbench.mcit.data import BENCHMARKS, inspect
+from clbench.settings.mcit.bench import MCIT_BENCHMARKS
+from clbench.settings.mcit.data import BENCHMARKS, inspect
 
 
 def data_check(root: Path, benchmark: str) -> None:
@@ -33,7 +33,7 @@ def data_check(root: Path, benchmark: str) -> None:
 
 def print_mcit_methods(console: Console) -> None:
     """The methods of the MCIT setting, one line each (``clbench methods``)."""
-    from clbench.mcit.methods import get_mcit_method, list_mcit_methods
+    from clbench.settings.mcit.methods import get_mcit_method, list_mcit_methods
 
     console.print(f"MCIT setting, LLaVA (--benchmark {', '.join(MCIT_BENCHMARKS)}):", highlight=False)
     for name in list_mcit_methods():
@@ -45,9 +45,9 @@ def print_mcit_card(console: Console, name: str, preset: str) -> None:
     import dataclasses
 
     from clbench.config import load_preset
-    from clbench.mcit.loop import LoopConfig
-    from clbench.mcit.methods import get_mcit_method
-    from clbench.mcit.runner import PRESETS, SETTING
+    from clbench.settings.mcit.loop import LoopConfig
+    from clbench.settings.mcit.methods import get_mcit_method
+    from clbench.settings.mcit.runner import PRESETS, SETTING
 
     cls = get_mcit_method(name)
     load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
@@ -79,8 +79,8 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
     checked before by the setting's declaration, :mod:`clbench.settings.mcit`)."""
     from clbench.costs.profiler import summarise_profile
     from clbench.engine.interrupt import handling_signals
-    from clbench.mcit.metrics import LABELS, ORDER
-    from clbench.mcit.runner import run_mcit
+    from clbench.settings.mcit.metrics import LABELS, ORDER
+    from clbench.settings.mcit.runner import run_mcit
 
     console = Console(stderr=True)
 
@@ -117,8 +117,8 @@ def profile_command(backbone: str, methods: list[str], sets: list[str], seed: in
 
     require_extra("mcit", f"--backbone {backbone} (the LLaVA setting)")
 
-    from clbench.mcit.costs import SHAPES, TEXT_TOKENS, profile_llava
-    from clbench.mcit.methods import get_mcit_method
+    from clbench.settings.mcit.costs import SHAPES, TEXT_TOKENS, profile_llava
+    from clbench.settings.mcit.methods import get_mcit_method
     from clbench.storage.results import atomic_write_csv
 
     for m in methods:

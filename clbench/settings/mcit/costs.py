@@ -92,7 +92,7 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def _transformers():
-    from clbench.mcit.backbone import _transformers as tf
+    from clbench.settings.mcit.backbone import _transformers as tf
 
     return tf()
 

@@ -1,4 +1,5 @@
-"""The MCIT task loop, top to bottom: for each task, ``before_task`` -> train -> ``after_task`` -> score every task.
+"""The LLaVA (MCIT) setting's steps of the one task loop (:func:`clbench.engine.loop.run_tasks`): for each task,
+``before_task`` -> train -> ``after_task`` -> score every task.
 
 Every task is evaluated after every task (the full T x T matrix, upper triangle included, as KeepLoRA's
 ``Eval_finetune1a.sh``), with greedy decoding. Training follows MCITlib's recipe: AdamW, weight decay 0, cosine
@@ -16,12 +17,13 @@ import torch
 from torch import Tensor
 
 from clbench.costs.profiler import Profiler
+from clbench.engine.loop import Hooks, TaskSteps, run_tasks
 from clbench.engine.schedules import warmup_cosine_lr
-from clbench.mcit import scorers
-from clbench.mcit.caption import caption_average, caption_scores
-from clbench.mcit.codec import Codec, generate
-from clbench.mcit.methods import McitContext, McitMethod
-from clbench.mcit.synthetic import Split
+from clbench.settings.mcit import scorers
+from clbench.settings.mcit.caption import caption_average, caption_scores
+from clbench.settings.mcit.codec import Codec, generate
+from clbench.settings.mcit.methods import McitContext, McitMethod
+from clbench.settings.mcit.synthetic import Split
 
 
 @dataclass
@@ -173,40 +175,58 @@ def evaluate_all(model, codec: Codec, tasks: list[McitTask], cfg: LoopConfig) ->
     return row, details
 
 
+class McitSteps(TaskSteps):
+    """The LLaVA setting's steps of the task loop (:func:`clbench.engine.loop.run_tasks`): the base model's scores,
+    the loop generator (one, seeded by the run's seed, carried through the checkpoint), MCITlib's training recipe,
+    and one row of official scores per task. ``state`` is what the run keeps: ``base``, ``matrix``, ``details``,
+    ``losses``."""
+
+    def __init__(self, model, codec: Codec, tasks: list[McitTask], method: McitMethod, cfg: LoopConfig,
+                 profiler: Profiler, device, seed: int, start: dict | None, hooks: Hooks | None) -> None:
+        super().__init__(method, profiler, hooks, [t.name for t in tasks])
+        self.model, self.codec, self.tasks, self.cfg, self.device = model, codec, tasks, cfg, device
+        self.gen = torch.Generator().manual_seed(seed)
+        if start is None:
+            self.state: dict = {"base": [], "matrix": [], "details": [], "losses": []}
+        else:
+            self.gen.set_state(torch.tensor(start["generator"], dtype=torch.uint8))
+            self.state = {k: list(start[k]) for k in ("base", "matrix", "details", "losses")}
+
+    def evaluate_base(self) -> None:
+        self.state["base"], _ = evaluate_all(self.model, self.codec, self.tasks, self.cfg)
+
+    def context(self, index: int) -> McitContext:
+        return _context(index, self.tasks[index], len(self.tasks), self.codec, self.device, self.gen)
+
+    def train(self, index: int, ctx: McitContext) -> None:
+        self.state["losses"].append(train_task(self.model, self.codec, self.tasks[index], self.method, self.cfg,
+                                               self.cfg.epochs_for(index), self.device, self.gen))
+
+    def evaluate(self, index: int) -> list[float]:
+        row, extra = evaluate_all(self.model, self.codec, self.tasks, self.cfg)
+        self.state["matrix"].append(row)
+        self.state["details"].append(extra)
+        return row
+
+    def checkpoint_state(self) -> dict:
+        """The state after the tasks done, with the loop generator's state (a byte list) for a resumed run."""
+        return {**self.state, "generator": self.gen.get_state().tolist()}
+
+
 def run_sequence(model, codec: Codec, tasks: list[McitTask], method: McitMethod, cfg: LoopConfig,
                  profiler: Profiler, device, seed: int,
                  on_task: Callable[[int, str, list[float]], None] | None = None,
                  start: dict | None = None, on_task_end: Callable[[dict], None] | None = None) -> dict:
     """Train ``method`` over ``tasks`` in order; returns the base row, the T x T matrix, caption details, losses.
 
-    ``start`` (a resumed run): the state after ``len(start["matrix"])`` tasks, as this function builds it
-    (``base``, ``matrix``, ``details``, ``losses``, ``generator``: the loop generator's state as a byte list); the
-    model and method must already hold their state after those tasks. ``on_task_end(state)`` gets that state
-    after every task (the runner's checkpoint), before ``on_task`` reports the row.
+    ``start`` (a resumed run): the state after ``len(start["matrix"])`` tasks, as :meth:`McitSteps.checkpoint_state`
+    builds it; the model and method must already hold their state after those tasks. ``on_task_end(state)`` gets
+    that state after every task (the runner's checkpoint), before ``on_task`` reports the row. The loop itself is
+    :func:`clbench.engine.loop.run_tasks`.
     """
-    gen = torch.Generator().manual_seed(seed)
-    if start is None:
-        with profiler.section("eval"):
-            base_row, _ = evaluate_all(model, codec, tasks, cfg)
-        method.setup()
-        state = {"base": base_row, "matrix": [], "details": [], "losses": []}
-    else:
-        gen.set_state(torch.tensor(start["generator"], dtype=torch.uint8))
-        state = {k: list(start[k]) for k in ("base", "matrix", "details", "losses")}
-    for t in range(len(state["matrix"]), len(tasks)):
-        task = tasks[t]
-        profiler.task = t
-        ctx = _context(t, task, len(tasks), codec, device, gen)
-        method.before_task(ctx)
-        with profiler.section("train"):
-            state["losses"].append(train_task(model, codec, task, method, cfg, cfg.epochs_for(t), device, gen))
-        method.after_task(ctx)
-        with profiler.section("eval"):
-            row, extra = evaluate_all(model, codec, tasks, cfg)
-        state["matrix"].append(row)
-        state["details"].append(extra)
-        if on_task_end:
-            on_task_end({**state, "generator": gen.get_state().tolist()})
-        if on_task:
-            on_task(t, task.name, row)
-    return state
+    names = [t.name for t in tasks]
+    hooks = Hooks(on_row=lambda t, row: on_task(t, names[t], row)) if on_task else None
+    steps = McitSteps(model, codec, tasks, method, cfg, profiler, device, seed, start, hooks)
+    run_tasks(steps, len(steps.state["matrix"]), fresh=start is None,
+              on_task_end=None if on_task_end is None else (lambda index: on_task_end(steps.checkpoint_state())))
+    return steps.state

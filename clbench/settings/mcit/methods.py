@@ -4,8 +4,8 @@ The names are those of the CLIP registry (``lora``, ``keeplora``), so ``clbench 
 means the same method family on either setting. A CLIP method without an LLaVA form is refused in one line by
 :func:`get_mcit_method`.
 
-Hooks, called by :mod:`clbench.mcit.loop`, are the shared contract's (:mod:`clbench.methods.contract`): ``setup()``
-once, ``before_task(ctx)``, ``trainable_parameters()`` for AdamW, ``after_task(ctx)``; ``state_dict()`` /
+Hooks, called by :mod:`clbench.settings.mcit.loop`, are the shared contract's (:mod:`clbench.methods.contract`):
+``setup()`` once, ``before_task(ctx)``, ``trainable_parameters()`` for AdamW, ``after_task(ctx)``; ``state_dict()`` /
 ``check_state()`` / ``load_state_dict()`` for resume, ``state_bytes()`` by name; the typed hyperparameters are
 ``self.hparams``. Costly steps are timed in ``self.profiler`` sections named as for CLIP.
 """
@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from clbench import linalg
 from clbench.costs.profiler import Profiler
-from clbench.mcit.backbone import adapted_linears, projector_parameters
 from clbench.methods.contract import MethodContract
 from clbench.methods.registry import Registry
 from clbench.methods.state_checks import StateMismatch, tensor_entry
 from clbench.models.attention import LowRankDelta
+from clbench.settings.mcit.backbone import adapted_linears, projector_parameters
 
 
 class LoRALinear(nn.Module):

@@ -12,9 +12,9 @@ the result is a pure function of :func:`recipe` (vocabulary, corpus version, mod
 its folder name carries a hash of it.
 
 Pre-training takes tens of minutes on two cores, so the package ships the default recipe's output
-(``clbench/mcit/weights/tiny-llava-<key>.safetensors``, ``save_pretrained``'s float32 file, with the recipe as
+(``clbench/settings/mcit/weights/tiny-llava-<key>.safetensors``, ``save_pretrained``'s float32 file, with the recipe as
 ``tiny-llava-<key>.json`` beside it); it is used only when ``<key>`` is the current recipe's, so any change to the
-corpus, model or settings pre-trains again into the cache instead. ``python -m clbench.mcit.pretrain --export``
+corpus, model or settings pre-trains again into the cache instead. ``python -m clbench.settings.mcit.pretrain --export``
 (maintainers) writes a new pair.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from clbench.mcit import synthetic
-from clbench.mcit.backbone import load_clip_tower, load_llava_checkpoint, tiny_llava, vision_tower
-from clbench.mcit.codec import Codec, tiny_processor
 from clbench.models.backbones import embedded_tiny_state, tiny_key
+from clbench.settings.mcit import synthetic
+from clbench.settings.mcit.backbone import load_clip_tower, load_llava_checkpoint, tiny_llava, vision_tower
+from clbench.settings.mcit.codec import Codec, tiny_processor
 
 STEPS = 1200
 EXTRA_WORDS = ("say", "how", "many", "it")
@@ -218,8 +218,8 @@ def export_shipped(model, steps: int = STEPS, seed: int = SEED, folder: Path | N
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(Path(tmp) / "model.safetensors", weights)
-    atomic_write_json(card, {"command": "python -m clbench.mcit.pretrain --export", "key": key,
-                             "corpus": "clbench.mcit.pretrain.pretrain_tiny", **recipe(steps, seed),
+    atomic_write_json(card, {"command": "python -m clbench.settings.mcit.pretrain --export", "key": key,
+                             "corpus": "clbench.settings.mcit.pretrain.pretrain_tiny", **recipe(steps, seed),
                              "torch": torch.__version__, "threads": torch.get_num_threads(),
                              "float32_sha256": state_digest(state)})
     return weights
@@ -234,6 +234,6 @@ if __name__ == "__main__":  # maintainers: pre-train with the current recipe and
     import sys
 
     if sys.argv[1:] != ["--export"]:
-        raise SystemExit("usage: python -m clbench.mcit.pretrain --export")
+        raise SystemExit("usage: python -m clbench.settings.mcit.pretrain --export")
     trained, _ = pretrain_tiny()
     print(export_shipped(trained))

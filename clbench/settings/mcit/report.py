@@ -19,7 +19,6 @@ import pandas as pd
 
 from clbench.engine.metrics import matrix_from_frame
 from clbench.errors import UserError
-from clbench.mcit.metrics import LABELS, ORDER, mcit_metrics
 from clbench.reports.latex import LatexLayout, set_table, std_format
 from clbench.reports.loading import (
     METRIC_TOLERANCE,
@@ -33,6 +32,7 @@ from clbench.reports.loading import (
 )
 from clbench.reports.names import method_display
 from clbench.reports.tables import BEST, SECOND, booktabs_rules, displayed, latex_escape
+from clbench.settings.mcit.metrics import LABELS, ORDER, mcit_metrics
 from clbench.storage.results import read_accuracy_csv, safe_component
 
 MCIT = "mcit"

@@ -24,8 +24,8 @@ from clbench.engine.rundir import (
     restore_model,
     restore_profiler_and_rng,
 )
-from clbench.mcit import LAYOUT
 from clbench.methods.state_checks import StateMismatch
+from clbench.settings.mcit import LAYOUT
 from clbench.storage.checkpoint import CHECKPOINT_NAME, Checkpoint
 from clbench.storage.results import missing_results
 

@@ -4,7 +4,7 @@ A results folder holds ``accuracy.csv`` (the full T x T matrix, rows = after tas
 (the base model's scores), ``metrics.json`` (MFT / MFN / MAA / BWT / Transfer, caption details, losses),
 ``profile.csv`` (cost sections per task), and ``manifest.json`` (resolved config, run id, status, seeds, data-file
 SHA-256, backbone, package versions, git revision, device); ``resume.safetensors`` while the run is unfinished
-(:mod:`clbench.mcit.resume`), ``run.lock`` while it runs. The run itself (locks, fresh or resumed start, the
+(:mod:`clbench.settings.mcit.resume`), ``run.lock`` while it runs. The run itself (locks, fresh or resumed start, the
 checkpoint after every task, interruption, the manifest's records) is the engine's, written once for every setting
 (:mod:`clbench.engine.session`); this module supplies its :class:`McitRunJob`: the backbone, the tasks, the loop and
 this setting's result files.
@@ -25,12 +25,12 @@ from clbench.costs.profiler import Profiler
 from clbench.engine.rundir import RunPlan, check_something_to_resume, read_run_json
 from clbench.engine.session import RunJob, RunOutcome, run_jobs
 from clbench.errors import UserError
-from clbench.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
-from clbench.mcit.codec import VICUNA_SYSTEM, Codec
-from clbench.mcit.loop import LoopConfig, McitTask, run_sequence
-from clbench.mcit.methods import get_mcit_method
-from clbench.mcit.metrics import mcit_metrics
-from clbench.mcit.resume import SCORE_BOUND, capture, plan_run, restore
+from clbench.settings.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
+from clbench.settings.mcit.codec import VICUNA_SYSTEM, Codec
+from clbench.settings.mcit.loop import LoopConfig, McitTask, run_sequence
+from clbench.settings.mcit.methods import get_mcit_method
+from clbench.settings.mcit.metrics import mcit_metrics
+from clbench.settings.mcit.resume import SCORE_BOUND, capture, plan_run, restore
 from clbench.storage.checkpoint import CHECKPOINT_NAME
 from clbench.storage.results import (
     accuracy_frame,
@@ -72,10 +72,10 @@ def apply_sets(sets: list[str], loop: LoopConfig, hparams: dict[str, object], da
 
 
 def _backbone(backbone: str, steps: int, notify: Callable[[str], None]):
-    from clbench.mcit.backbone import load_llava_checkpoint
+    from clbench.settings.mcit.backbone import load_llava_checkpoint
 
     if backbone == "tiny":
-        from clbench.mcit.pretrain import ensure_tiny_llava, is_ready
+        from clbench.settings.mcit.pretrain import ensure_tiny_llava, is_ready
 
         if not is_ready(steps):
             notify(f"pre-training the tiny LLaVA ({steps} steps, cached afterwards)")
@@ -87,7 +87,7 @@ def _backbone(backbone: str, steps: int, notify: Callable[[str], None]):
 
 
 def _transformers_version() -> str:
-    from clbench.mcit.backbone import _transformers
+    from clbench.settings.mcit.backbone import _transformers
 
     return _transformers().__version__
 
@@ -96,11 +96,11 @@ def data_identity(benchmark: str, sizes: dict, data_root: str) -> tuple[list[str
     """The task names and the data part of a run's identity: the synthetic sizes, or the data root and the
     SHA-256 of every data file (a missing root or file is a UserError)."""
     if benchmark == "synthetic-mcit":
-        from clbench.mcit import synthetic
+        from clbench.settings.mcit import synthetic
 
         return list(synthetic.TASKS), {"synthetic": dict(sizes)}
     from clbench.datasets.mtil import resolve_data_root
-    from clbench.mcit.data import BENCHMARKS, file_hashes
+    from clbench.settings.mcit.data import BENCHMARKS, file_hashes
 
     root = resolve_data_root(data_root, benchmark)
     return [t.name for t in BENCHMARKS[benchmark]], {"root": str(root), "sha256": file_hashes(root, benchmark)}
@@ -125,8 +125,8 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
 
     Every run folder is locked while it runs and checkpointed after every task; ``resume`` continues each run
     after its last completed task (a complete run is left as it is; ``"auto"``: see
-    :func:`~clbench.mcit.resume.plan_run`). ``folder`` names the method folder of a single method's run (a sweep's
-    grid point, ``keeplora,rank=4``)."""
+    :func:`~clbench.settings.mcit.resume.plan_run`). ``folder`` names the method folder of a single method's run (a
+    sweep's grid point, ``keeplora,rank=4``)."""
     if benchmark not in MCIT_BENCHMARKS:
         raise UserError(f"--benchmark {benchmark!r} is not an MCIT benchmark ({', '.join(MCIT_BENCHMARKS)})")
     load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
@@ -181,7 +181,7 @@ def _write_results(path: Path, state: dict, names: list[str], profiler: Profiler
 class McitRunJob(RunJob):
     """One LLaVA method's run over the MCIT tasks (the shared control flow is :func:`clbench.engine.session.execute`):
     the backbone, the method, the MCIT loop, and this setting's result files and checkpoint part
-    (:mod:`clbench.mcit.resume`)."""
+    (:mod:`clbench.settings.mcit.resume`)."""
 
     stale = STALE
 

@@ -8,12 +8,12 @@ and the skip / resume rules of :func:`clbench.sweeps.plan.run_status`; ``--dry-r
 
 - **Folders** as in CLIP sweeps: ``<out>/<benchmark>-order1/<method>[,key=value...]/seed<s>`` (the grid point in
   the method folder's name, :func:`clbench.sweeps.plan.folder_name`).
-- **Ids.** A run's id is the run id ``clbench run`` gives the same configuration (:func:`clbench.mcit.runner.
+- **Ids.** A run's id is the run id ``clbench run`` gives the same configuration (:func:`clbench.settings.mcit.runner.
   resolved_config`: hyperparameters, loop, backbone, data sizes or data files' SHA-256, tasks, seed).
 - **Skip, resume, replace** (:func:`clbench.sweeps.plan.run_status`): a folder whose manifest says ``complete``, whose
   ``config.json`` has this run's id and whose files back it is skipped; a run that failed or was stopped after a
   task resumes after it from its checkpoint in the sweep's staging folder (``<out>/.sweep/runs/<id>``, the
-  checkpoint of :mod:`clbench.mcit.resume`); anything else (new, failed before its first task, other settings)
+  checkpoint of :mod:`clbench.settings.mcit.resume`); anything else (new, failed before its first task, other settings)
   runs and replaces the folder. A failed run is recorded in its folder (``manifest.json``, ``error.txt``) and
   the sweep goes on.
 - Options of CLIP runs (``--orders``, ``--eval``, ``--pretrained``, ``--precision``, ``--shots``,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from pathlib import Path
 
 from clbench.engine.session import RunOutcome
@@ -34,8 +35,8 @@ from clbench.sweeps.plan import GridAxis, RunSpec
 def parse_grid(items: list[str], methods: list[str]) -> tuple[GridAxis, ...]:
     """``--grid key=v1,v2``: ``<method>.<hyperparameter>`` of a method in ``--methods``, ``loop.<field>`` or
     ``data.n_train`` / ``data.n_test``; each key once, each value once."""
-    from clbench.mcit.loop import LoopConfig
-    from clbench.mcit.methods import get_mcit_method
+    from clbench.settings.mcit.loop import LoopConfig
+    from clbench.settings.mcit.methods import get_mcit_method
     from clbench.sweeps.plan import GridAxis, split_list
 
     axes: list[GridAxis] = []
@@ -73,10 +74,10 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
     """Every run, in order (seed, method, grid point), with its run id and final folder; every run's settings are
     checked before any runs (a bad value is a UserError)."""
     from clbench.config import load_preset, run_id
-    from clbench.mcit import LAYOUT
-    from clbench.mcit.loop import LoopConfig
-    from clbench.mcit.methods import get_mcit_method
-    from clbench.mcit.runner import PRESETS, SETTING, apply_sets, data_identity, resolved_config
+    from clbench.settings.mcit import LAYOUT
+    from clbench.settings.mcit.loop import LoopConfig
+    from clbench.settings.mcit.methods import get_mcit_method
+    from clbench.settings.mcit.runner import PRESETS, SETTING, apply_sets, data_identity, resolved_config
     from clbench.storage.results import run_dir
     from clbench.sweeps.plan import _check_distinct, folder_name
 
@@ -120,7 +121,7 @@ def expand(benchmark: str, methods: list[str], seeds: tuple[int, ...], axes: tup
 def run_spec(spec: RunSpec, out: Path) -> RunOutcome:
     """Run one MCIT spec in ``out`` (the sweep's staging folder), resuming after the last completed task of an
     earlier attempt there; called by :func:`clbench.sweeps.plan.execute_run` in the launcher's worker."""
-    from clbench.mcit.runner import run_mcit
+    from clbench.settings.mcit.runner import run_mcit
     from clbench.sweeps.plan import CHECKPOINT, staged_folder
 
     opts = dict(spec.options)
@@ -141,13 +142,10 @@ def prepare_backbone(backbone: str, preset: str, quiet: bool) -> None:
     """Pre-train the embedded tiny LLaVA once here, so parallel runs do not each pre-train it."""
     if backbone != "tiny":
         return
-    from clbench.mcit.pretrain import ensure_tiny_llava, tiny_llava_path
-    from clbench.mcit.runner import PRESETS
+    from clbench.settings.mcit.pretrain import ensure_tiny_llava, tiny_llava_path
+    from clbench.settings.mcit.runner import PRESETS
 
     steps = PRESETS[preset]["pretrain_steps"]
     if not tiny_llava_path(steps).exists() and not quiet:
-        from clbench.cli.consoles import make_console
-
-        make_console(stderr=True).print(f"note: pre-training the tiny LLaVA ({steps} steps, cached afterwards)",
-                                        highlight=False)
+        print(f"note: pre-training the tiny LLaVA ({steps} steps, cached afterwards)", file=sys.stderr, flush=True)
     ensure_tiny_llava(steps=steps)

@@ -8,7 +8,7 @@ import pytest
 from fake_mcit import write_fake
 
 from clbench.errors import UserError
-from clbench.mcit import data
+from clbench.settings.mcit import data
 
 
 def test_orders_match_the_official_scripts():

@@ -14,7 +14,7 @@ from clbench.methods.registry import CLIP_METHODS, Registry
 
 pytest.importorskip("transformers", reason="the MCIT setting needs transformers (pip install 'clbench[mcit]')")
 
-from clbench.mcit.methods import get_mcit_method, list_mcit_methods  # noqa: E402
+from clbench.settings.mcit.methods import get_mcit_method, list_mcit_methods  # noqa: E402
 
 
 def test_listing_names_the_llava_methods_under_their_setting(capsys) -> None:

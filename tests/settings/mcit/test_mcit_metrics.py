@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from clbench.mcit.metrics import mcit_metrics
+from clbench.settings.mcit.metrics import mcit_metrics
 
 # rows: after task t; columns: task i (upper triangle = not yet trained)
 A = np.array([[80.0, 10.0, 20.0],

@@ -11,12 +11,12 @@ pytest.importorskip("transformers", reason="the MCIT setting needs transformers 
 from clbench import linalg  # noqa: E402
 from clbench.costs.profiler import Profiler  # noqa: E402
 from clbench.errors import UserError  # noqa: E402
-from clbench.mcit import synthetic  # noqa: E402
-from clbench.mcit.backbone import adapted_linears, load_llava_checkpoint, projector_parameters, tiny_llava  # noqa: E402
-from clbench.mcit.bench import synthetic_tasks  # noqa: E402
-from clbench.mcit.codec import Codec, tiny_processor  # noqa: E402
-from clbench.mcit.loop import LoopConfig, _context, train_task  # noqa: E402
-from clbench.mcit.methods import KeepLoraLlava, LoraFT, LoRALinear, get_mcit_method  # noqa: E402
+from clbench.settings.mcit import synthetic  # noqa: E402
+from clbench.settings.mcit.backbone import adapted_linears, load_llava_checkpoint, projector_parameters, tiny_llava  # noqa: E402
+from clbench.settings.mcit.bench import synthetic_tasks  # noqa: E402
+from clbench.settings.mcit.codec import Codec, tiny_processor  # noqa: E402
+from clbench.settings.mcit.loop import LoopConfig, _context, train_task  # noqa: E402
+from clbench.settings.mcit.methods import KeepLoraLlava, LoraFT, LoRALinear, get_mcit_method  # noqa: E402
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_keeplora_llava_a_is_the_top_r_of_the_projected_gradient(tiny):
 def test_keeplora_llava_share_is_the_official_linspace():
     """``extract_gradients.py``: ``int(N·f)`` items at ``torch.linspace(0, N − 1, int(N·f)).long()`` (first and last
     item included, positions truncated), written out here by hand."""
-    from clbench.mcit.loop import evenly_spaced_share
+    from clbench.settings.mcit.loop import evenly_spaced_share
 
     assert evenly_spaced_share(10, 0.25) == [0, 9]  # int(2.5) = 2 items; i·N/k would give [0, 5]
     assert evenly_spaced_share(7, 0.5) == [0, 3, 6]  # int(3.5) = 3; round() would take 4
@@ -262,12 +262,12 @@ def test_training_reduces_the_loss(tiny):
 
 
 def test_shipped_tiny_llava_matches_its_recipe_and_knows_colours(monkeypatch, tmp_path):
-    from clbench.mcit import pretrain
-    from clbench.mcit.loop import McitTask, predict, score
+    from clbench.settings.mcit import pretrain
+    from clbench.settings.mcit.loop import McitTask, predict, score
 
     shipped = pretrain.shipped_weights()
-    assert shipped is not None, "the package ships the default recipe's tiny LLaVA (python -m clbench.mcit.pretrain " \
-                                "--export after a recipe change)"
+    assert shipped is not None, ("the package ships the default recipe's tiny LLaVA (python -m "
+                                 "clbench.settings.mcit.pretrain --export after a recipe change)")
     card = __import__("json").loads(pretrain.shipped_paths(pretrain.recipe_key())[1].read_text())
     assert card["key"] == pretrain.recipe_key() and card["steps"] == pretrain.STEPS
     monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))

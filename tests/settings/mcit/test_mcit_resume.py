@@ -17,7 +17,7 @@ pytest.importorskip("transformers", reason="the MCIT setting needs transformers 
 from clbench.cli.app import main  # noqa: E402
 from clbench.engine.interrupt import RunInterrupted  # noqa: E402
 from clbench.errors import UserError  # noqa: E402
-from clbench.mcit.runner import run_mcit  # noqa: E402
+from clbench.settings.mcit.runner import run_mcit  # noqa: E402
 from clbench.storage.checkpoint import CHECKPOINT_NAME, read_info  # noqa: E402
 
 SETS = ["data.n_train=8", "data.n_test=2"]

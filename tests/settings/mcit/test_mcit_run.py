@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers", reason="the MCIT setting needs transformers (pip install 'clbench[mcit]')")
 
 from clbench.cli.app import main  # noqa: E402
-from clbench.mcit.metrics import mcit_metrics  # noqa: E402
+from clbench.settings.mcit.metrics import mcit_metrics  # noqa: E402
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_profile_llava_shapes(tmp_path, capsys):
 
 
 def test_profile_llava_extrapolates_wide_svds_and_says_so(capsys):
-    from clbench.mcit.costs import profile_llava
+    from clbench.settings.mcit.costs import profile_llava
 
     costs = profile_llava("llava-tiny", layers=2, rank=4, svd_max_dim=64)
     down = {c.section: c for c in costs if c.part == "down"}

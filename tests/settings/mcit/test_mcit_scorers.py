@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from clbench.mcit import caption as cap
-from clbench.mcit import scorers as sc
+from clbench.settings.mcit import caption as cap
+from clbench.settings.mcit import scorers as sc
 
 
 def test_exact_match_is_whole_string_case_insensitive():

@@ -152,7 +152,7 @@ def test_reissued_sweep_skips_complete_runs(inline_sweep, tmp_path, count_runs, 
 def test_run_failed_after_a_task_resumes_from_staging(inline_sweep, tmp_path, monkeypatch, capsys) -> None:
     """A crash after task 2 is recorded in the run's folder, its checkpoint stays staged, the dry run says resume,
     and the re-issued sweep finishes it with the numbers of the uninterrupted run."""
-    import clbench.mcit.runner as runner
+    import clbench.settings.mcit.runner as runner
 
     real = runner.run_sequence
 
