@@ -119,9 +119,12 @@ def run(
         import torch
 
         torch.set_num_threads(threads)  # recorded in the manifest's environment
-    setting.run(RunOptions(names, benchmark, order, seed, out, preset, backbone, pretrained, data_root, device,
-                           precision, eval_, shots, skip_bad_images, datasets, allow_incomplete, list(set_ or []),
-                           quiet, resume, trust_torchscript, track, allow_download), console, out_console)
+    setting.run(RunOptions(
+        methods=names, benchmark=benchmark, out=out, preset=preset, backbone=backbone, pretrained=pretrained,
+        data_root=data_root, device=device, precision=precision, eval=eval_, shots=shots,
+        skip_bad_images=skip_bad_images, datasets=datasets, allow_incomplete=allow_incomplete,
+        sets=list(set_ or []), quiet=quiet, order=order, seed=seed, resume=resume,
+        trust_torchscript=trust_torchscript, track=track, allow_download=allow_download), console, out_console)
 
 
 @app.command()

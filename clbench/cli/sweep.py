@@ -128,10 +128,12 @@ def sweep(
         "--shots": shots, "--skip-bad-images": skip_bad_images, "--datasets": datasets,
         "--allow-incomplete": allow_incomplete}, benchmark)
     setting.require(benchmark)
-    plan = setting.plan_sweep(SweepOptions(names, benchmark, orders, seeds, list(grid or []), eval_, out, preset,
-                                           backbone, pretrained, data_root, device, precision, shots,
-                                           skip_bad_images, datasets, allow_incomplete, list(set_ or []),
-                                           cpus_per_job, quiet), console)
+    plan = setting.plan_sweep(SweepOptions(
+        methods=names, benchmark=benchmark, out=out, preset=preset, backbone=backbone, pretrained=pretrained,
+        data_root=data_root, device=device, precision=precision, eval=eval_, shots=shots,
+        skip_bad_images=skip_bad_images, datasets=datasets, allow_incomplete=allow_incomplete,
+        sets=list(set_ or []), quiet=quiet, orders=orders, seeds=seeds, grid=list(grid or []),
+        cpus_per_job=cpus_per_job), console)
     _launch(plan.specs, plan.out, dry_run, quiet, launch, plan.prepare, plan.columns)
 
 

@@ -20,13 +20,12 @@ from clbench.errors import UserError
 
 
 @dataclass
-class RunOptions:
-    """The options of ``clbench run`` as parsed (the command line's defaults when not given)."""
+class CommandOptions:
+    """The options ``clbench run`` and ``clbench sweep`` share, as parsed (the command line's defaults when not
+    given); each command adds its own below."""
 
     methods: list[str]
     benchmark: str
-    order: int = 1
-    seed: int = 0
     out: Path = Path("results")
     preset: str = "default"
     backbone: str = "tiny"
@@ -41,6 +40,14 @@ class RunOptions:
     allow_incomplete: bool = False
     sets: list[str] = field(default_factory=list)
     quiet: bool = False
+
+
+@dataclass
+class RunOptions(CommandOptions):
+    """The options of ``clbench run``."""
+
+    order: int = 1
+    seed: int = 0
     resume: bool = False
     trust_torchscript: bool = False
     track: str = ""
@@ -48,29 +55,13 @@ class RunOptions:
 
 
 @dataclass
-class SweepOptions:
+class SweepOptions(CommandOptions):
     """The options of ``clbench sweep`` that plan its runs (the launcher's are the command line's)."""
 
-    methods: list[str]
-    benchmark: str
     orders: str = "1"
     seeds: str = "0"
     grid: list[str] = field(default_factory=list)
-    eval: str | None = None
-    out: Path = Path("results")
-    preset: str = "default"
-    backbone: str = "tiny"
-    pretrained: str = ""
-    data_root: str = ""
-    device: str = "auto"
-    precision: str | None = None
-    shots: int | None = None
-    skip_bad_images: bool = False
-    datasets: str = ""
-    allow_incomplete: bool = False
-    sets: list[str] = field(default_factory=list)
     cpus_per_job: int = 1
-    quiet: bool = False
 
 
 @dataclass
