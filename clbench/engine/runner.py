@@ -154,8 +154,7 @@ def run_methods(
              for name in methods]
     if cfg.benchmark == "synthetic":
         notes.insert(0, "no MTIL data configured: running the embedded default (synthetic sequence)")
-    jobs = [ClipRunJob(cfg, plan, base_model, benchmark, device, hooks_for(plan.name) if hooks_for else Hooks())
-            for plan in plans]
+    jobs = [ClipRunJob(cfg, plan, base_model, benchmark, device, hooks_for) for plan in plans]
     return run_jobs(jobs, notify, notes)
 
 
@@ -260,10 +259,11 @@ class ClipRunJob(RunJob):
     stale = STALE
 
     def __init__(self, cfg: RunConfig, plan: RunPlan, base_model: ClipModel, benchmark: Benchmark,
-                 device: torch.device, hooks: Hooks) -> None:
+                 device: torch.device, hooks_for: Callable[[str], Hooks] | None = None) -> None:
         super().__init__(plan)
         self.cfg, self.base_model, self.benchmark, self.device = cfg, base_model, benchmark, device
-        self.hooks = hooks
+        self.hooks_for = hooks_for
+        self.hooks = Hooks()
         self.result: SequenceResult | None = None
 
     def checkpoint_checks(self) -> dict:
@@ -271,6 +271,9 @@ class ClipRunJob(RunJob):
 
     def start(self, started: float) -> dict:
         cfg, benchmark, base_model, name = self.cfg, self.benchmark, self.base_model, self.plan.name
+        # the progress and tracking hooks of this method, made when its run starts (a tracker opens the method's
+        # log here and closes the previous method's, so each log holds its own method's rows and metrics)
+        self.hooks = self.hooks_for(name) if self.hooks_for else Hooks()
         method_cls = get_method(name)
         torch.manual_seed(cfg.seed)
         self.model = copy.deepcopy(base_model)

@@ -40,6 +40,26 @@ def test_tensorboard_holds_rows_and_metrics(tmp_path: Path) -> None:
     assert {"config", "accuracy_matrix", "costs"} <= {t.split("/")[0] for t in events.Tags()["tensors"]}
 
 
+def test_each_method_of_a_run_gets_its_own_rows_and_metrics(tmp_path: Path) -> None:
+    """Two methods in one ``clbench run``: each method's log holds its own per-task rows and its own final
+    metrics (a tracked run is opened when its method starts and closed when the next one starts)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "results"
+    assert main(["run", "--methods", "zeroshot,lora", "--out", str(out), "--track", "tensorboard", *SMOKE]) == 0
+    for method in ("zeroshot", "lora"):
+        run = out / "synthetic-order1" / method / "seed0"
+        logdir = out / "tracking" / "tensorboard" / "synthetic-order1" / method / "seed0"
+        events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+        accuracy = pd.read_csv(run / "accuracy.csv").set_index("trained_on")
+        first = accuracy.columns[0]
+        assert [e.value for e in events.Scalars(f"accuracy/{first}")] == pytest.approx(
+            accuracy[first].tolist(), abs=1e-4), method
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert events.Scalars("metrics/last")[-1].value == pytest.approx(metrics["last"], abs=1e-4), method
+
+
 def test_wandb_offline_run_holds_the_summary(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is clbench's default, not the environment's
