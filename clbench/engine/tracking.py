@@ -1,8 +1,9 @@
-"""Optional experiment tracking (``clbench run --track tensorboard,wandb``; the ``tracking`` extra): per task the
-accuracy on every dataset, at the end Transfer / Average / Last / BWT, the accuracy matrix and the cost of each
-profiled section. Off by default; Weights & Biases runs offline unless ``WANDB_MODE`` says otherwise.
+"""Optional experiment tracking (``clbench run --track tensorboard,wandb``; the ``tracking`` extra), for every
+setting: per task the score on every dataset or task, at the end the setting's metrics (CLIP: Transfer / Average /
+Last / BWT; LLaVA: MFT / MFN / MAA / BWT / Transfer), the score matrix and the cost of each profiled section. Off by
+default; Weights & Biases runs offline unless ``WANDB_MODE`` says otherwise.
 
-Everything is read from what the run itself records (the per-task rows through :class:`~clbench.engine.harness.Hooks`,
+Everything is read from what the run itself records (the per-task rows through :class:`~clbench.engine.loop.Hooks`,
 then ``metrics.json``, ``accuracy.csv`` and ``profile.csv``), so a tracker never changes a result. Logs go under
 ``<out>/tracking/``: TensorBoard event files in ``tensorboard/<run folder>``, W&B's offline runs in ``wandb/``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -165,10 +167,12 @@ class Tracker:
 
 
 def _datasets(path: Path) -> list[str] | None:
+    """The run's column names: its ``config.json``'s ``datasets`` (CLIP) or ``tasks`` (LLaVA)."""
     try:
-        names = json.loads((path / "config.json").read_text()).get("datasets")
+        config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    names = config.get("datasets", config.get("tasks"))
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
@@ -178,8 +182,10 @@ def run_summary(path: Path) -> dict:
     metrics = {}
     if (path / "metrics.json").is_file():
         data = json.loads((path / "metrics.json").read_text())
-        metrics = {f"metrics/{k}": float(data[k]) for k in ("transfer", "average", "last", "bwt")
-                   if data.get(k) is not None}  # a one-task run's Transfer is null (undefined)
+        # every number at the top of metrics.json: CLIP's Transfer / Average / Last / BWT, MCITlib's MFT / MFN / MAA /
+        # BWT / Transfer; a one-task run's Transfer is null or NaN (undefined) and left out
+        metrics = {f"metrics/{k}": float(v) for k, v in data.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
     matrix = pd.read_csv(path / "accuracy.csv") if (path / "accuracy.csv").is_file() else None
     costs = None
     if (path / "profile.csv").is_file():

@@ -54,7 +54,7 @@ RUN_OPTIONS: dict[str, tuple[dict[str, list[str]], dict[str, str]]] = {
     "--trust-torchscript": ({"clip": ["--trust-torchscript"], "mcit": ["--trust-torchscript"]},
                             {"clip": WORKS, "mcit": REFUSED}),
     "--track": ({"clip": ["--track", "tensorboard"], "mcit": ["--track", "tensorboard"]},
-                {"clip": WORKS, "mcit": REFUSED}),
+                {"clip": WORKS, "mcit": WORKS}),
     "--allow-download": ({"clip": ["--allow-download"], "mcit": ["--allow-download"]},
                          {"clip": WORKS, "mcit": REFUSED}),
 }

@@ -74,9 +74,11 @@ def print_mcit_card(console: Console, name: str, preset: str) -> None:
 
 
 def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset: str, backbone: str,
-                data_root: str, device: str, sets: list[str], quiet: bool, resume: bool = False) -> None:
-    """``clbench run`` on an MCIT benchmark: run, print the metric table (the options it refuses, and its extra, are
-    checked before by the setting's declaration, :mod:`clbench.settings.mcit`)."""
+                data_root: str, device: str, sets: list[str], quiet: bool, resume: bool = False,
+                track: str = "") -> None:
+    """``clbench run`` on an MCIT benchmark: run (logged to the ``--track`` backends), print the metric table (the
+    options it refuses, and its extra, are checked before by the setting's declaration,
+    :mod:`clbench.settings.mcit.setting`)."""
     from clbench.costs.profiler import summarise_profile
     from clbench.engine.interrupt import handling_signals
     from clbench.settings.mcit.metrics import LABELS, ORDER
@@ -89,11 +91,22 @@ def run_command(benchmark: str, methods: list[str], out: Path, seed: int, preset
             cells = " ".join(f"{v:5.1f}" for v in row)
             console.print(f"{method}: after task {t + 1} ({name}): {cells}", highlight=False)
 
-    with handling_signals():  # SIGTERM / SIGINT stop after a safe point; the run is marked interrupted
-        outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
-                            notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True),
-                            on_task=on_task,
-                            resume=resume)
+    tracker = None
+    if track.strip():
+        from clbench.engine.tracking import Tracker, parse_backends
+        from clbench.storage.results import run_dir
+
+        config = {"setting": "mcit", "benchmark": benchmark, "seed": seed, "preset": preset, "backbone": backbone,
+                  "sets": list(sets)}
+        tracker = Tracker(parse_backends(track), out, lambda m: run_dir(out, benchmark, 1, m, seed), config)
+    try:
+        with handling_signals():  # SIGTERM / SIGINT stop after a safe point; the run is marked interrupted
+            outcomes = run_mcit(benchmark, methods, out, seed, preset, backbone, data_root, device, sets,
+                                notify=lambda msg: console.print(f"note: {msg}", highlight=False, soft_wrap=True),
+                                on_task=on_task, resume=resume, tracker=tracker)
+    finally:
+        if tracker is not None:
+            tracker.finish()
     table = Table(title=f"{benchmark}: MCITlib metrics (percent; caption tasks: caption average)")
     for col in ("method", *(LABELS[k] for k in ORDER), "minutes", "results"):
         table.add_column(col, justify="left" if col in ("method", "results") else "right")

@@ -22,8 +22,10 @@ import torch
 
 from clbench.config import list_presets, load_preset, run_id, set_field
 from clbench.costs.profiler import Profiler
+from clbench.engine.loop import Hooks
 from clbench.engine.rundir import RunPlan, check_something_to_resume, read_run_json
 from clbench.engine.session import RunJob, RunOutcome, run_jobs
+from clbench.engine.tracking import Tracker
 from clbench.errors import UserError
 from clbench.settings.mcit.bench import MCIT_BENCHMARKS, real_tasks, synthetic_tasks
 from clbench.settings.mcit.codec import VICUNA_SYSTEM, Codec
@@ -120,13 +122,15 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
              backbone: str = "tiny", data_root: str = "", device: str = "cpu", sets: list[str] | None = None,
              notify: Callable[[str], None] = print,
              on_task: Callable[[str, int, str, list[float]], None] | None = None,
-             resume: bool | str = False, folder: str | None = None) -> list[RunOutcome]:
+             resume: bool | str = False, folder: str | None = None, tracker: Tracker | None = None
+             ) -> list[RunOutcome]:
     """Run every method over the benchmark's sequence from the same base model; one results folder each.
 
     Every run folder is locked while it runs and checkpointed after every task; ``resume`` continues each run
     after its last completed task (a complete run is left as it is; ``"auto"``: see
     :func:`~clbench.settings.mcit.resume.plan_run`). ``folder`` names the method folder of a single method's run (a
-    sweep's grid point, ``keeplora,rank=4``)."""
+    sweep's grid point, ``keeplora,rank=4``). ``tracker`` (``--track``) logs each method's rows and summary, as in
+    the CLIP setting (:mod:`clbench.engine.tracking`)."""
     if benchmark not in MCIT_BENCHMARKS:
         raise UserError(f"--benchmark {benchmark!r} is not an MCIT benchmark ({', '.join(MCIT_BENCHMARKS)})")
     load_preset(preset, "mcit", SETTING)  # an unknown preset: one line
@@ -160,7 +164,7 @@ def run_mcit(benchmark: str, methods: list[str], out: Path, seed: int = 0, prese
     plans = [plan_run(plan, resume, notes.append) for plan in plans]
     settings = {"benchmark": benchmark, "preset": preset, "loop": loop, "backbone": backbone,
                 "steps": p["pretrain_steps"], "seed": seed, "data": data_info, "device": dev}
-    jobs = [McitRunJob(plan, classes[plan.name], hparams[plan.name], tasks, settings, notify, on_task)
+    jobs = [McitRunJob(plan, classes[plan.name], hparams[plan.name], tasks, settings, notify, on_task, tracker)
             for plan in plans]
     return run_jobs(jobs, notify, notes)
 
@@ -187,10 +191,12 @@ class McitRunJob(RunJob):
 
     def __init__(self, plan: RunPlan, cls, hparams, tasks: list[McitTask], settings: dict,
                  notify: Callable[[str], None],
-                 on_task: Callable[[str, int, str, list[float]], None] | None) -> None:
+                 on_task: Callable[[str, int, str, list[float]], None] | None,
+                 tracker: Tracker | None = None) -> None:
         super().__init__(plan)
         self.cls, self.hparams, self.tasks, self.settings = cls, hparams, tasks, settings
-        self.notify, self.on_task = notify, on_task
+        self.notify, self.on_task, self.tracker = notify, on_task, tracker
+        self.hooks = Hooks()
         self.start_state: dict | None = None
         self.state: dict = {}
 
@@ -204,6 +210,11 @@ class McitRunJob(RunJob):
         self.profiler = Profiler(device=dev)
         self.method = self.cls(self.model, self.hparams, self.profiler, torch.Generator().manual_seed(seed))
         torch.manual_seed(seed)
+        name, names, on_task = self.plan.name, self.plan.tasks, self.on_task
+        # the row printer and, with --track, the method's log (opened now, when this method's run starts)
+        self.hooks = Hooks(on_row=(lambda t, row: on_task(name, t, names[t], row)) if on_task else Hooks().on_row)
+        if self.tracker is not None:
+            self.hooks = self.tracker.hooks_for(name, self.hooks)
         return {"setting": "mcit", "benchmark": settings["benchmark"], "method": self.plan.name, "seed": seed,
                 "preset": settings["preset"], "run_id": self.plan.run_id,
                 "hparams": dataclasses.asdict(self.hparams), "loop": dataclasses.asdict(settings["loop"]),
@@ -220,11 +231,9 @@ class McitRunJob(RunJob):
             self.state = state
             on_task_end(len(state["matrix"]))
 
-        name, on_task = self.plan.name, self.on_task
         self.state = run_sequence(self.model, self.codec, self.tasks, self.method, self.settings["loop"],
                                   self.profiler, self.settings["device"], self.settings["seed"],
-                                  on_task=(lambda t, n, row: on_task(name, t, n, row)) if on_task else None,
-                                  start=self.start_state, on_task_end=task_end)
+                                  start=self.start_state, on_task_end=task_end, hooks=self.hooks)
 
     def capture(self):
         return capture(self.plan.run_id, self.state, self.plan.tasks, self.model, self.method, self.profiler)

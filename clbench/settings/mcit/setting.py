@@ -15,9 +15,9 @@ from clbench.settings.mcit import BENCHMARKS, LAYOUT
 from clbench.storage.layout import ResultLayout
 
 # Options of the CLIP setting only: the LLaVA setting loads local llava-hf folders (no download, no TorchScript),
-# has one task order, one evaluation rule, no few-shot or dataset selection, and no tracker yet.
+# has one task order, one evaluation rule, no few-shot or dataset selection.
 RUN_REFUSED = frozenset({"--pretrained", "--precision", "--eval", "--shots", "--skip-bad-images", "--order",
-                         "--track", "--allow-download", "--trust-torchscript", "--datasets", "--allow-incomplete"})
+                         "--allow-download", "--trust-torchscript", "--datasets", "--allow-incomplete"})
 SWEEP_REFUSED = frozenset({"--orders", "--eval", "--pretrained", "--precision", "--shots", "--skip-bad-images",
                            "--datasets", "--allow-incomplete"})
 
@@ -65,7 +65,7 @@ class McitSetting(Setting):
 
         run_command(options.benchmark, options.methods, options.out, options.seed, options.preset,
                     options.backbone, options.data_root, options.device, options.sets, options.quiet,
-                    resume=options.resume)
+                    resume=options.resume, track=options.track)
 
     def plan_sweep(self, options: SweepOptions, console) -> SweepPlan:
         from clbench.settings.mcit import sweep as mcit_sweep

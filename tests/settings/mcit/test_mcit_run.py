@@ -116,3 +116,28 @@ def test_profile_llava_refusals(args, needle, capsys):
     assert main(["profile", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_track_logs_each_methods_rows_and_mcitlib_metrics(tmp_path):
+    """``--track tensorboard`` in the LLaVA setting: every task's row under the task names, and MCITlib's metrics
+    (MFT / MFN / MAA / BWT) equal to the run's own metrics.json, for each of two methods."""
+    pytest.importorskip("tensorboard", reason="--track tensorboard needs the tracking extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "results"
+    assert main(["run", "--methods", "lora,keeplora", "--benchmark", "synthetic-mcit", "--preset", "smoke",
+                 "--out", str(out), "--quiet", "--track", "tensorboard", "--set", "data.n_train=16",
+                 "--set", "data.n_test=4"]) == 0
+    for method in ("lora", "keeplora"):
+        path = out / "synthetic-mcit-order1" / method / "seed0"
+        logdir = out / "tracking" / "tensorboard" / "synthetic-mcit-order1" / method / "seed0"
+        events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+        frame = pd.read_csv(path / "accuracy.csv").set_index("trained_on")
+        for task in frame.columns:
+            points = [(e.step, e.value) for e in events.Scalars(f"accuracy/{task}")]
+            assert [s for s, _ in points] == list(range(1, len(frame) + 1))
+            assert [v for _, v in points] == pytest.approx(frame[task].tolist(), abs=1e-4)
+        metrics = json.loads((path / "metrics.json").read_text())
+        for key in ("mft", "mfn", "maa", "bwt"):
+            assert events.Scalars(f"metrics/{key}")[-1].value == pytest.approx(metrics[key], abs=1e-4), (method, key)
