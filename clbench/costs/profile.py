@@ -22,7 +22,8 @@ from rich.table import Table
 from clbench.config import TrainConfig, method_hparams
 from clbench.costs.fake import random_benchmark, task_context
 from clbench.costs.profiler import FRAME_COLUMNS, Profiler, format_bytes
-from clbench.engine.harness import Hooks, evaluate, resolve_device, train_task
+from clbench.engine.harness import evaluate, resolve_device, train_task
+from clbench.engine.loop import Hooks
 from clbench.errors import UserError
 from clbench.methods import get_method
 from clbench.methods.base import Method

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clbench.engine.harness import Hooks
+from clbench.engine.loop import Hooks
 
 
 def format_duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clbench.engine.harness import Hooks
+from clbench.engine.loop import Hooks
 from clbench.errors import UserError
 from clbench.extras import missing, require
 
