@@ -316,28 +316,23 @@ class FeatureMemo:
     Exact reuse, not an approximation: while the memo lives the encoder is frozen and the images are read without
     augmentation (the reference sets are read with the test transform), so an image's features cannot change. The
     owner clears it whenever either may change (every task, which also keeps a resumed run's draws identical). A
-    set whose table would pass ``max_bytes`` is not memoised: every draw is encoded, as the official code does.
-    ``encoded`` counts the images that went through the encoder (what a test checks)."""
+    set whose table would pass ``max_bytes`` is not memoised: every draw is encoded, as the official code does."""
 
     def __init__(self, size: int, max_bytes: int = REF_FEATURE_MEMO_BYTES) -> None:
         self.size, self.max_bytes = size, max_bytes
         self.table: Tensor | None = None
         self.known: Tensor | None = None
-        self.too_large = False
-        self.encoded = 0
 
     def clear(self) -> None:
         """Forget every stored feature (the encoder or the images are about to change)."""
-        self.table, self.known, self.too_large = None, None, False
+        self.table, self.known = None, None
 
     def __call__(self, indices: Tensor, images: Tensor, encode) -> Tensor:
         """The features of ``images`` (the set's rows ``indices``, no repeats), encoding only those not seen yet."""
         if self.table is None or self.known is None:
             features = encode(images)
-            self.encoded += len(images)
-            if self.too_large or self.size * features[0].numel() * features.element_size() > self.max_bytes:
-                self.too_large = True
-                return features
+            if self.size * features[0].numel() * features.element_size() > self.max_bytes:
+                return features  # too large to keep: the next draw is encoded (and measured) again
             self.table = features.new_zeros((self.size, *features.shape[1:]))
             self.known = torch.zeros(self.size, dtype=torch.bool)
             self.table[indices.to(features.device)] = features
@@ -348,7 +343,6 @@ class FeatureMemo:
             fresh = indices[new]
             self.table[fresh.to(self.table.device)] = encode(images[new.to(images.device)])
             self.known[fresh] = True
-            self.encoded += int(new.sum())
         return self.table[indices.to(self.table.device)]
 
 
