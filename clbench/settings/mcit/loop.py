@@ -214,22 +214,15 @@ class McitSteps(TaskSteps):
 
 
 def run_sequence(model, codec: Codec, tasks: list[McitTask], method: McitMethod, cfg: LoopConfig,
-                 profiler: Profiler, device, seed: int,
-                 on_task: Callable[[int, str, list[float]], None] | None = None,
-                 start: dict | None = None, on_task_end: Callable[[dict], None] | None = None,
-                 hooks: Hooks | None = None) -> dict:
+                 profiler: Profiler, device, seed: int, start: dict | None = None,
+                 on_task_end: Callable[[dict], None] | None = None, hooks: Hooks | None = None) -> dict:
     """Train ``method`` over ``tasks`` in order; returns the base row, the T x T matrix, caption details, losses.
 
     ``start`` (a resumed run): the state after ``len(start["matrix"])`` tasks, as :meth:`McitSteps.checkpoint_state`
     builds it; the model and method must already hold their state after those tasks. ``on_task_end(state)`` gets
-    that state after every task (the runner's checkpoint), before ``on_task`` (or ``hooks``, the progress and
-    tracking callbacks; not both) reports the row. The loop itself is :func:`clbench.engine.loop.run_tasks`.
+    that state after every task (the runner's checkpoint), before ``hooks`` (the row printer, the tracker) report
+    the row. The loop itself is :func:`clbench.engine.loop.run_tasks`.
     """
-    names = [t.name for t in tasks]
-    if on_task is not None:
-        if hooks is not None:
-            raise ValueError("pass on_task or hooks, not both")
-        hooks = Hooks(on_row=lambda t, row: on_task(t, names[t], row))
     steps = McitSteps(model, codec, tasks, method, cfg, profiler, device, seed, start, hooks)
     run_tasks(steps, len(steps.state["matrix"]), fresh=start is None,
               on_task_end=None if on_task_end is None else (lambda index: on_task_end(steps.checkpoint_state())))

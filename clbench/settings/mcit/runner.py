@@ -212,7 +212,7 @@ class McitRunJob(RunJob):
         torch.manual_seed(seed)
         name, names, on_task = self.plan.name, self.plan.tasks, self.on_task
         # the row printer and, with --track, the method's log (opened now, when this method's run starts)
-        self.hooks = Hooks(on_row=(lambda t, row: on_task(name, t, names[t], row)) if on_task else Hooks().on_row)
+        self.hooks = Hooks(on_row=lambda t, row: on_task(name, t, names[t], row)) if on_task else Hooks()
         if self.tracker is not None:
             self.hooks = self.tracker.hooks_for(name, self.hooks)
         return {"setting": "mcit", "benchmark": settings["benchmark"], "method": self.plan.name, "seed": seed,
